@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print JSON and compare against a same-run baseline."""

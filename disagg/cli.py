@@ -1,0 +1,121 @@
+"""The ``disagg`` command: one entry point, one subcommand per job.
+
+    disagg generate "prompt" ...    offline generation with the engine
+    disagg bench engine --json      engine throughput vs transformers generate
+
+Later subcommands (serve, node roles, replay) register here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from disagg.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that starts an engine."""
+    d = EngineConfig()
+    p.add_argument("--model", default=d.model,
+                   help="'default' (embedded SmolLM2-135M-Instruct), a local HF directory, or a hub id")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int,
+                   default=d.tensor_parallel_size, help="tensor-parallel degree (must divide the heads)")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--kv-cache-memory", default="256MiB", help="KV cache budget per rank, e.g. 512MiB")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="override the block count")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="per-step token budget (decodes + prefill chunks)")
+    p.add_argument("--max-prefill-chunk", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--attention-backend", default=d.attention_backend,
+                   choices=["auto", "torch", "flashinfer"])
+    p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
+                   help="'dummy' = random weights at the model's real shapes (speed tests only)")
+
+
+def engine_config_from_args(a: argparse.Namespace, **overrides) -> EngineConfig:
+    """Build an :class:`EngineConfig` from parsed ``add_engine_args`` flags."""
+    kw = dict(model=a.model, tensor_parallel_size=a.tensor_parallel_size, dtype=a.dtype,
+              device=a.device, block_size=a.block_size, kv_cache_memory=a.kv_cache_memory,
+              num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
+              max_num_batched_tokens=a.max_num_batched_tokens,
+              max_prefill_chunk=a.max_prefill_chunk, max_model_len=a.max_model_len,
+              enable_prefix_caching=not a.no_prefix_caching,
+              attention_backend=a.attention_backend, load_format=a.load_format)
+    kw.update(overrides)
+    return EngineConfig(**kw)
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from disagg.engine import LLMEngine
+    from disagg.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                            top_k=a.top_k, seed=a.seed, stop=tuple(a.stop or ()))
+    with LLMEngine(engine_config_from_args(a)) as engine:
+        prompts = a.prompts
+        if a.chat and engine.tokenizer is not None:
+            prompts = [engine.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts]
+        outs = engine.generate(prompts, params, progress=True)
+    for prompt, out in zip(a.prompts, outs):
+        if a.json:
+            print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.output_token_ids,
+                              "finish_reason": out.finish_reason}))
+        else:
+            print(f"--- {prompt!r}\n{out.text}\n[{out.finish_reason}, {len(out.output_token_ids)} tokens]")
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from disagg.bench.engine import run_engine_bench
+    result = run_engine_bench(a)
+    print(json.dumps(result, indent=None if a.json else 2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disagg", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text offline with the engine")
+    g.add_argument("prompts", nargs="+")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    g.add_argument("--json", action="store_true")
+    add_engine_args(g)
+    g.set_defaults(func=_cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks (print JSON)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    from disagg.bench.engine import add_bench_args
+    e = bsub.add_parser("engine", help="engine throughput vs transformers generate")
+    add_bench_args(e)
+    add_engine_args(e)
+    e.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as e:
+        print(f"disagg: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Engine configuration: one frozen dataclass shared by every node role.
+
+A role (``"colocated"``, ``"prefill"`` or ``"decode"``) is configuration, not a
+separate code path: it only selects which KV-connector half is active and how
+the scheduler treats requests that carry KV-transfer parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+ROLES = ("colocated", "prefill", "decode")
+DTYPES = ("float32", "bfloat16", "float16")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``"512MiB"``, ``"2G"``, ``"1048576"`` into bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot parse size {text!r}; use e.g. 512MiB, 2GiB or a byte count")
+    unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs to start.
+
+    model: ``"default"`` (the embedded SmolLM2-135M-Instruct), a local Hugging
+        Face directory, or a hub id (fetched only when named; fails offline).
+    kv_cache_memory: bytes of KV cache per rank; the block count follows from
+        it unless ``num_kv_blocks`` is given explicitly.
+    max_num_batched_tokens: the per-step token budget shared by decodes and
+        prefill chunks (continuous batching with chunked prefill).
+    max_prefill_chunk: cap on the tokens one request may prefill in one step
+        (``None`` = only the step budget limits it).
+    """
+
+    model: str = "default"
+    tensor_parallel_size: int = 1
+    role: str = "colocated"
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_memory: int = 256 << 20
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_prefill_chunk: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+    torch_threads: int | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kv_cache_memory", parse_size(self.kv_cache_memory))
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _positive("block_size", self.block_size)
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("kv_cache_memory", self.kv_cache_memory)
+        for name in ("num_kv_blocks", "max_prefill_chunk", "max_model_len", "torch_threads"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+
+    @property
+    def torch_dtype(self):
+        import torch
+        return getattr(torch, self.dtype)
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

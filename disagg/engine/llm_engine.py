@@ -1,0 +1,252 @@
+"""The engine: one step is schedule → run → postprocess (nano-vllm's shape).
+
+The same class serves every role. A prefill node submits requests with
+``kv_mode=KVMode.PREFILL_ONLY`` and exports their pinned blocks; a decode
+node submits ``KVMode.LOAD_REMOTE`` requests, fills the reserved blocks from
+outside and calls :meth:`LLMEngine.notify_kv_ready`; a colocated engine does
+neither.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+from disagg.config import EngineConfig
+from disagg.connector.base import make_connector
+from disagg.engine.block_manager import BlockManager
+from disagg.engine.model_runner import ModelRunner, kv_block_bytes
+from disagg.engine.outputs import RequestOutput
+from disagg.engine.request import KVMode, Request, RequestStatus
+from disagg.engine.sampler import Sampler, make_generator
+from disagg.engine.scheduler import Scheduler
+from disagg.engine.step_input import build_step_input
+from disagg.engine.stop_strings import StopStringChecker
+from disagg.engine.tp_worker import TPWorkers, threads_per_rank
+from disagg.model import ModelConfig, resolve_model_dir
+from disagg.sampling_params import SamplingParams
+
+
+class LLMEngine:
+    """A paged-KV, continuously batching LLM engine with optional TP ranks."""
+
+    def __init__(self, config: EngineConfig, connector: str = "noop") -> None:
+        self.config = config
+        self.model_dir: Path = resolve_model_dir(config.model)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        self.model_config.validate_tp(config.tensor_parallel_size)
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        self.num_blocks = config.num_kv_blocks or config.kv_cache_memory // kv_block_bytes(
+            self.model_config, config)
+        if self.num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of "
+                             f"{kv_block_bytes(self.model_config, config)} bytes")
+        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_config)
+        sched_half, worker_cls = make_connector(connector)
+        self.workers: TPWorkers | None = None
+        self.runner: ModelRunner | None = None
+        if config.tensor_parallel_size > 1:
+            self.workers = TPWorkers(config, self.model_config, self.model_dir, self.num_blocks,
+                                     worker_cls)
+            self.workers.wait_ready()
+        else:
+            torch.set_num_threads(threads_per_rank(config))
+            self.runner = ModelRunner(config, self.model_config, self.model_dir, self.num_blocks,
+                                      worker_cls())
+        self.scheduler = Scheduler(
+            BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching),
+            sched_half, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_prefill_chunk=config.max_prefill_chunk, max_model_len=self.max_model_len)
+        self.sampler = Sampler()
+        self.stops = StopStringChecker(self.tokenizer) if self.tokenizer is not None else None
+        self._stop_hits: dict[str, tuple[str, int]] = {}
+        self._ids = itertools.count()
+
+    # ---- requests ---------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, kv_mode: KVMode = KVMode.LOCAL) -> str:
+        """Queue a request; bad input raises ``ValueError`` and changes nothing."""
+        params = params or SamplingParams()
+        ids = self._tokenize(prompt)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.scheduler.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context length is "
+                             f"{self.max_model_len}, leaving no room to generate")
+        if -(-len(ids) // self.config.block_size) > self.num_blocks:
+            raise ValueError(f"prompt of {len(ids)} tokens needs more KV blocks than the "
+                             f"{self.num_blocks} this engine has (raise kv_cache_memory)")
+        if params.stop and self.stops is None:
+            raise ValueError("stop strings need a tokenizer; this model directory has none")
+        gen = make_generator(params.seed, self.runner.device if self.runner else "cpu") \
+            if not params.greedy else None
+        req = Request(rid, ids, params, eos_token_ids=self.eos_token_ids, kv_mode=KVMode(kv_mode),
+                      generator=gen)
+        self.scheduler.add(req)
+        return rid
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token ids instead")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks; False if unknown."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        self._forget(request_id)
+        return True
+
+    def notify_kv_ready(self, request_id: str, first_token_id: int) -> None:
+        """Hook 2: the reserved blocks of a LOAD_REMOTE request now hold its prompt KV."""
+        self.scheduler.kv_ready(request_id, first_token_id)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Hook 1: unpin a finished prefill-only request's blocks; False if not pinned."""
+        req = self.scheduler.pinned.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
+        return True
+
+    def cached_prefix(self, token_ids: list[int]) -> list[int]:
+        """Hook 3: hashes of the leading full blocks of ``token_ids`` cached here."""
+        return self.scheduler.blocks.cached_prefix_blocks(list(token_ids))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def kv_caches(self) -> list[torch.Tensor]:
+        """Rank 0's per-layer KV tensors (TP 1 only; for connectors and tests)."""
+        if self.runner is None:
+            raise RuntimeError("KV tensors live in the TP worker processes when TP > 1")
+        return self.runner.kv_caches
+
+    # ---- the step ---------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample, and report every request that moved."""
+        sched = self.scheduler.schedule()
+        outputs = [self._output(req, [], kv_load=target) for req, target in sched.kv_loads]
+        outputs += [self._output(req, []) for req in sched.finished]
+        if not sched.scheduled:
+            return outputs
+        step = build_step_input(sched.scheduled, self.config.block_size)
+        sampling = [req for req, n in sched.scheduled
+                    if req.num_computed_tokens + n == req.num_tokens]
+        step.return_argmax = all(r.params.greedy and r.params.logprobs is None for r in sampling)
+        logits = self.runner.execute(step) if self.runner else self.workers.execute(step)
+        sampled, logprobs = {}, {}
+        if sampling:
+            if step.return_argmax and self.workers is not None:
+                token_ids, lps = logits.tolist(), [None] * len(sampling)
+            else:
+                out = self.sampler(logits, [r.params for r in sampling],
+                                   [r.generator for r in sampling])
+                token_ids, lps = out.token_ids, out.logprobs
+            for req, tok, lp in zip(sampling, token_ids, lps):
+                sampled[req.request_id], logprobs[req.request_id] = tok, lp
+        for req in self.scheduler.postprocess(sched, sampled):
+            lp = logprobs[req.request_id]
+            status = self.scheduler.check_stop(req) or self._check_stop_string(req)
+            if status is not None:
+                self.scheduler.finish(req, status)
+            outputs.append(self._output(req, [req.token_ids[-1]], [lp] if lp else []))
+        return outputs
+
+    def _check_stop_string(self, req: Request) -> RequestStatus | None:
+        if not req.params.stop:
+            return None
+        hit = self.stops.check(req.request_id, req.output_token_ids, req.params.stop)
+        if hit is None:
+            return None
+        self._stop_hits[req.request_id] = hit
+        req.stop_reason = hit[0]
+        return RequestStatus.FINISHED_STOPPED
+
+    def _output(self, req: Request, new: list[int], logprobs=None, kv_load=None) -> RequestOutput:
+        done = req.status.finished or req.status is RequestStatus.PINNED
+        out = RequestOutput(req.request_id, new, req.output_token_ids, req.num_prompt_tokens,
+                            max(req.num_cached_tokens, 0), finished=done,
+                            logprobs=logprobs or [], kv_load=kv_load)
+        if done:
+            out.finish_reason = "length" if req.status is RequestStatus.PINNED else req.status.value
+            out.stop_reason = req.stop_reason
+            if req.status is RequestStatus.PINNED:
+                out.kv_export = self.scheduler.kv_export(req)
+            if self.stops is not None:
+                out.text = self.stops.final_text(req.request_id, req.output_token_ids,
+                                                 self._stop_hits.pop(req.request_id, None),
+                                                 req.params.include_stop_str_in_output)
+        return out
+
+    def _forget(self, request_id: str) -> None:
+        self._stop_hits.pop(request_id, None)
+        if self.stops is not None:
+            self.stops.forget(request_id)
+
+    # ---- offline convenience ----------------------------------------------
+    def generate(self, prompts: list[str | list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Run ``prompts`` to completion; final outputs in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(rids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+            if progress:
+                print(f"\r{len(final)}/{len(rids)} requests done", end="", file=sys.stderr)
+        if progress:
+            print(file=sys.stderr)
+        return [final[r] for r in rids]
+
+    def shutdown(self) -> None:
+        """Stop the TP worker processes (idempotent)."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _load_tokenizer(model_dir: Path):
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _eos_token_ids(model_dir: Path, cfg: ModelConfig) -> tuple[int, ...]:
+    """EOS ids from config.json and generation_config.json (as transformers uses them)."""
+    ids = set(cfg.eos_token_ids)
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        import json
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return tuple(sorted(ids))

@@ -1,0 +1,94 @@
+"""One TP rank's model, KV cache and attention backend (nano-vllm's ModelRunner).
+
+Every rank owns a shard of the weights and the KV heads it is responsible
+for; all ranks run :meth:`ModelRunner.execute` on the same :class:`StepInput`.
+Only rank 0 returns logits: the driver samples and broadcasts nothing back,
+because the sampled tokens come back in the next step's input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from disagg.attention import AttentionMetadata, make_backend
+from disagg.attention.layer import ForwardContext, forward_context
+from disagg.config import EngineConfig
+from disagg.distributed import get_tp_rank, get_tp_size
+from disagg.engine.step_input import StepInput
+from disagg.model import ModelConfig, load_model
+
+
+def kv_block_bytes(model_cfg: ModelConfig, config: EngineConfig) -> int:
+    """Bytes one KV block takes on one rank, over all layers."""
+    itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
+    tp = config.tensor_parallel_size
+    return (model_cfg.num_layers * 2 * model_cfg.num_kv_heads_per_rank(tp)
+            * config.block_size * model_cfg.head_dim * itemsize)
+
+
+class ModelRunner:
+    """Holds the device state of one rank and executes steps on it."""
+
+    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, model_dir: Path | None,
+                 num_blocks: int, connector_worker=None) -> None:
+        self.config = config
+        self.rank, self.tp = get_tp_rank(), get_tp_size()
+        self.device = torch.device(config.device if config.device == "cpu" or self.tp == 1
+                                   else f"cuda:{self.rank}")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model = load_model(model_cfg, model_dir, dtype=config.torch_dtype, device=self.device,
+                                load_format=config.load_format)
+        heads = model_cfg.num_heads_per_rank(self.tp)
+        kv_heads = model_cfg.num_kv_heads_per_rank(self.tp)
+        self.kv_caches = [
+            torch.zeros(num_blocks, 2, kv_heads, config.block_size, model_cfg.head_dim,
+                        dtype=config.torch_dtype, device=self.device)
+            for _ in range(model_cfg.num_layers)]                      # HND, one per layer
+        self.backend = make_backend(config.attention_backend, num_heads=heads,
+                                    num_kv_heads=kv_heads, head_dim=model_cfg.head_dim,
+                                    block_size=config.block_size, dtype=config.torch_dtype,
+                                    device=self.device)
+        self.connector = connector_worker
+        if connector_worker is not None:
+            connector_worker.register_kv_caches(self.kv_caches)
+
+    def _metadata(self, step: StepInput) -> AttentionMetadata:
+        qsl = [0]
+        for n in step.query_lens:
+            qsl.append(qsl[-1] + n)
+        width = max(len(t) for t in step.block_tables)
+        tables = torch.zeros(len(step.block_tables), width, dtype=torch.int32)
+        for i, t in enumerate(step.block_tables):
+            tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(step.slot_mapping, dtype=torch.int64),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+            seq_lens=torch.tensor(step.seq_lens, dtype=torch.int32),
+            block_tables=tables, num_decodes=step.num_decodes,
+            query_lens_cpu=step.query_lens, seq_lens_cpu=step.seq_lens,
+            block_size=self.config.block_size)
+        return meta if self.device.type == "cpu" else meta.to(self.device)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor | None:
+        """Run one forward pass; rank 0 returns (len(logits_indices), vocab) fp32 logits."""
+        ids = torch.tensor(step.token_ids, dtype=torch.int64, device=self.device)
+        pos = torch.tensor(step.positions, dtype=torch.int64, device=self.device)
+        meta = self._metadata(step)
+        self.backend.plan(meta)
+        if self.connector is not None:
+            from disagg.connector.base import KVConnectorMetadata
+            self.connector.bind_metadata(KVConnectorMetadata.from_dict(step.connector_meta))
+        ctx = ForwardContext(attn_meta=meta, kv_caches=self.kv_caches, backend=self.backend,
+                             connector=self.connector)
+        with forward_context(ctx):
+            hidden = self.model(ids, pos)                               # (T, hidden)
+        if self.connector is not None:
+            self.connector.wait_for_save()
+        if self.rank != 0 or not step.logits_indices:
+            return None
+        idx = torch.tensor(step.logits_indices, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden[idx]).float()           # (N, vocab)

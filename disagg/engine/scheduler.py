@@ -1,0 +1,208 @@
+"""Continuous batching: turn the request queues into one step's batch.
+
+Each step has a token budget (``max_num_batched_tokens``). Running requests
+are served first, in arrival order: a decode takes one token, a request still
+prefilling takes the next chunk. Waiting requests are then admitted while the
+budget, ``max_num_seqs`` and free blocks allow, their cached prefix skipped::
+
+    budget 8 | r0 decode | r1 decode | r2 chunk (4) | r3 first chunk (2) |
+             |    1      |    1      |     4        |        2           |
+
+When a running request needs a block and none is free, the most recently
+arrived running request is preempted: its blocks are freed and it goes back
+to the front of the queue to be recomputed later (no request is lost).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from disagg.connector.base import KVConnectorScheduler
+from disagg.engine.block_manager import BlockManager
+from disagg.engine.outputs import KVExport, KVLoadTarget
+from disagg.engine.request import KVMode, Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's batch: requests with the number of new tokens each computes."""
+
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)   # decodes first
+    preempted: list[str] = field(default_factory=list)
+    kv_loads: list[tuple[Request, KVLoadTarget]] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)   # ended by the scheduler itself
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    """Owns request queues and, through the block manager, their blocks."""
+
+    def __init__(self, blocks: BlockManager, connector: KVConnectorScheduler, *,
+                 max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_chunk: int | None, max_model_len: int) -> None:
+        self.blocks = blocks
+        self.connector = connector
+        self.max_num_seqs = max_num_seqs
+        self.budget = max_num_batched_tokens
+        self.chunk = max_prefill_chunk or max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.waiting_for_kv: dict[str, Request] = {}
+        self.pinned: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0            # total, for stats and tests
+
+    # ---- queue management -------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """End a request and free its blocks (pins prefill-only requests instead)."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.waiting_for_kv.pop(req.request_id, None)
+        if req.kv_mode is KVMode.PREFILL_ONLY and status is not RequestStatus.FINISHED_ABORTED \
+                and req.request_id not in self.pinned:
+            req.status = RequestStatus.PINNED
+            self.pinned[req.request_id] = req
+            self.connector.on_prefill_finished(req.request_id, req.block_ids)
+            return
+        req.status = status
+        self.pinned.pop(req.request_id, None)
+        self.blocks.free(req)
+        self.requests.pop(req.request_id, None)
+        self.connector.on_request_freed(req.request_id)
+
+    def kv_export(self, req: Request) -> KVExport:
+        """Hook 1: what a pinned prefill-only request exports."""
+        n = req.num_prompt_tokens
+        nblk = self.blocks.blocks_needed(n)
+        hashes = self.blocks.update_hashes(req)[: n // self.blocks.block_size]
+        return KVExport(block_ids=req.block_ids[:nblk], block_hashes=list(hashes),
+                        epochs=[b.epoch for b in req.blocks[:nblk]], num_tokens=n,
+                        first_token_id=req.token_ids[n])
+
+    def kv_ready(self, request_id: str, first_token_id: int) -> Request:
+        """Hook 2: the outside filled a waiting request's KV; start decoding."""
+        req = self.waiting_for_kv.pop(request_id, None)
+        if req is None:
+            raise KeyError(f"request {request_id!r} is not waiting for KV")
+        req.num_computed_tokens = req.num_prompt_tokens
+        req.append_token(first_token_id)
+        self.blocks.cache_computed_blocks(req)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return req
+
+    # ---- the step ---------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.budget
+        scheduled: list[tuple[Request, int]] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk)
+            if n <= 0:
+                i += 1
+                continue
+            while not self.blocks.allocate(req, req.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                scheduled.append((req, n))
+                budget -= n
+                i += 1
+        if not out.preempted:
+            budget = self._admit(budget, scheduled, out)
+        scheduled.sort(key=lambda rn: rn[1] != 1)        # decodes (1 token) first, stable
+        out.scheduled = scheduled
+        return out
+
+    def _admit(self, budget: int, scheduled: list, out: SchedulerOutput) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            remote = req.kv_mode is KVMode.LOAD_REMOTE and req.num_preemptions == 0
+            prefix = self.blocks.match_prefix(req, leave_one=not remote)
+            cached = len(prefix) * self.blocks.block_size
+            if remote:
+                if not self.blocks.allocate(req, req.num_tokens, prefix):
+                    break
+                self.waiting.popleft()
+                req.num_cached_tokens = cached
+                req.status = RequestStatus.WAITING_FOR_KV
+                self.waiting_for_kv[req.request_id] = req
+                target = KVLoadTarget(req.block_ids, cached, req.num_tokens)
+                self.connector.on_blocks_allocated_for_load(req.request_id, req.block_ids, cached)
+                out.kv_loads.append((req, target))
+                continue
+            n = min(req.num_tokens - cached, budget, self.chunk)
+            if not self.blocks.allocate(req, cached + n, prefix):
+                if not self.running and not self.pinned and not self.waiting_for_kv:
+                    # Alone with an empty pool and still no room: it outgrew the
+                    # whole KV cache, so it can never continue.
+                    self.waiting.popleft()
+                    self.finish(req, RequestStatus.FINISHED_LENGTH)
+                    out.finished.append(req)
+                    continue
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append((req, n))
+            budget -= n
+        return budget
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.blocks.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+        out.preempted.append(req.request_id)
+
+    def postprocess(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance scheduled requests; append sampled tokens; return those that got one."""
+        got_token = []
+        for req, n in out.scheduled:
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens += n
+            self.blocks.cache_computed_blocks(req)
+            if req.request_id in sampled:
+                req.append_token(sampled[req.request_id])
+                got_token.append(req)
+        return got_token
+
+    def check_stop(self, req: Request) -> RequestStatus | None:
+        """The finish status a request reached with its newest token, if any."""
+        tok, p = req.token_ids[-1], req.params
+        if req.kv_mode is KVMode.PREFILL_ONLY:
+            return RequestStatus.FINISHED_LENGTH
+        if not p.ignore_eos and tok in req.eos_token_ids:
+            req.stop_reason = tok
+            return RequestStatus.FINISHED_STOPPED
+        if tok in p.stop_token_ids:
+            req.stop_reason = tok
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

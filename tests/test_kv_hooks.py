@@ -1,0 +1,65 @@
+"""The role hooks: prefill-only with pinned blocks, KV filled from outside,
+prefix look-up. The data plane here is a plain tensor copy between two
+engines in one process; the transport issue replaces it with real links."""
+
+from __future__ import annotations
+
+from conftest import random_prompts
+from disagg.config import EngineConfig
+from disagg.engine import KVMode, LLMEngine
+from disagg.sampling_params import SamplingParams
+
+PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def _run_until_finished(engine: LLMEngine, rid: str):
+    while True:
+        for out in engine.step():
+            if out.request_id == rid and out.finished:
+                return out
+
+
+def test_prefill_export_then_remote_decode_matches_single_engine(tiny_llama):
+    prompt = random_prompts(1, 256, 30, 31, seed=21)[0]             # 30 tokens, 7.5 blocks
+    cfg = dict(model=tiny_llama, block_size=4, num_kv_blocks=64)
+    with LLMEngine(EngineConfig(**cfg)) as single:
+        expected = single.generate([prompt], PARAMS)[0].output_token_ids
+
+    with LLMEngine(EngineConfig(role="prefill", **cfg)) as p, \
+            LLMEngine(EngineConfig(role="decode", **cfg)) as d:
+        d.generate([prompt[:17] + [3]], PARAMS)                     # d now caches 4 leading blocks
+        assert len(d.cached_prefix(prompt)) == 4
+
+        prid = p.add_request(prompt, PARAMS, kv_mode=KVMode.PREFILL_ONLY)
+        exported = _run_until_finished(p, prid)
+        exp = exported.kv_export
+        assert exp is not None and exp.num_tokens == 30 and len(exp.block_ids) == 8
+        assert len(exp.block_hashes) == 7 and exp.first_token_id == expected[0]
+        assert p.scheduler.blocks.pool.num_free_blocks == 64 - 8     # pinned
+
+        drid = d.add_request(prompt, PARAMS, kv_mode=KVMode.LOAD_REMOTE)
+        target = next(o.kv_load for o in d.step() if o.request_id == drid)
+        assert target.num_local_tokens == 16
+        skip = target.num_local_tokens // 4
+        moved = 0
+        for src_layer, dst_layer in zip(p.kv_caches, d.kv_caches):
+            for s, t in zip(exp.block_ids[skip:], target.block_ids[skip:]):
+                dst_layer[t].copy_(src_layer[s])
+                moved += 1
+        assert moved == (8 - 4) * len(p.kv_caches)                   # only missing blocks
+        assert d.step() == []                                        # still waiting for KV
+        d.notify_kv_ready(drid, exp.first_token_id)
+        assert p.release_kv(prid) and not p.release_kv(prid)
+        assert p.scheduler.blocks.pool.num_free_blocks == 64
+        out = _run_until_finished(d, drid)
+    assert out.output_token_ids == expected
+
+
+def test_abort_while_waiting_for_kv_frees_blocks(tiny_llama):
+    with LLMEngine(EngineConfig(model=tiny_llama, block_size=4, num_kv_blocks=32)) as d:
+        rid = d.add_request(list(range(3, 23)), PARAMS, kv_mode=KVMode.LOAD_REMOTE)
+        d.step()
+        assert d.scheduler.blocks.pool.num_free_blocks == 32 - 5
+        assert d.abort_request(rid)
+        assert d.scheduler.blocks.pool.num_free_blocks == 32
+        assert not d.has_unfinished()

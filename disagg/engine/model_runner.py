@@ -28,6 +28,18 @@ def kv_block_bytes(model_cfg: ModelConfig, config: EngineConfig) -> int:
             * config.block_size * model_cfg.head_dim * itemsize)
 
 
+def _transpose_weight_storage(model: torch.nn.Module) -> None:
+    """Store every 2-D weight column-major (same shape, transposed strides).
+
+    ``F.linear(x, w)`` then runs as ``x @ w.T`` on a contiguous ``w.T``, which
+    CPU BLAS streams about twice as fast for the skinny ``x`` of decode steps
+    (measured: lm_head at batch 1, 10.7 ms -> 5.3 ms on the 2-core machine).
+    """
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.data = p.data.t().contiguous().t()
+
+
 class ModelRunner:
     """Holds the device state of one rank and executes steps on it."""
 
@@ -38,9 +50,13 @@ class ModelRunner:
         self.device = torch.device(config.device if config.device == "cpu" or self.tp == 1
                                    else f"cuda:{self.rank}")
         if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.model = load_model(model_cfg, model_dir, dtype=config.torch_dtype, device=self.device,
                                 load_format=config.load_format)
+        if self.device.type == "cpu":
+            _transpose_weight_storage(self.model)
         heads = model_cfg.num_heads_per_rank(self.tp)
         kv_heads = model_cfg.num_kv_heads_per_rank(self.tp)
         self.kv_caches = [

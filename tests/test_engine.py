@@ -107,6 +107,8 @@ def test_abort_frees_blocks_and_others_continue(tiny_llama):
 
 def test_bad_input_raises_and_engine_keeps_serving(tiny_llama):
     with _engine(tiny_llama, max_model_len=64) as engine:
+        inflight = engine.add_request([9, 8, 7, 6], SamplingParams(max_tokens=6, **GREEDY))
+        engine.step()
         with pytest.raises(ValueError, match="context length"):
             engine.add_request(list(range(3, 70)), SamplingParams(max_tokens=4))
         with pytest.raises(ValueError, match="max_tokens"):
@@ -115,8 +117,15 @@ def test_bad_input_raises_and_engine_keeps_serving(tiny_llama):
             engine.add_request([5, 9999], SamplingParams(max_tokens=4))
         with pytest.raises(ValueError, match="empty"):
             engine.add_request([], SamplingParams(max_tokens=4))
-        out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, **GREEDY))[0]
-    assert out.output_token_ids == hf_greedy(tiny_llama, [5, 6, 7], 4, ignore_eos=True)
+        with pytest.raises(ValueError, match="already in use"):
+            engine.add_request([5, 6, 7], SamplingParams(max_tokens=4), request_id=inflight)
+        good = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, **GREEDY))
+        done = {}
+        while engine.has_unfinished():
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+        assert engine.scheduler.blocks.pool.num_free_blocks == 256
+    assert done[good].output_token_ids == hf_greedy(tiny_llama, [5, 6, 7], 4, ignore_eos=True)
+    assert done[inflight].output_token_ids == hf_greedy(tiny_llama, [9, 8, 7, 6], 6, ignore_eos=True)
 
 
 def test_generation_stops_at_context_length(tiny_llama):

@@ -63,3 +63,14 @@ def test_abort_while_waiting_for_kv_frees_blocks(tiny_llama):
         assert d.abort_request(rid)
         assert d.scheduler.blocks.pool.num_free_blocks == 32
         assert not d.has_unfinished()
+
+
+def test_prefill_role_defaults_to_prefill_only(tiny_llama):
+    cfg = EngineConfig(model=tiny_llama, role="prefill", block_size=4, num_kv_blocks=32)
+    with LLMEngine(cfg) as p:
+        out = p.generate([list(range(3, 13))], PARAMS)[0]
+        assert out.kv_export is not None and len(out.output_token_ids) == 1
+        assert out.kv_export.first_token_id == out.output_token_ids[0]
+        assert p.scheduler.blocks.pool.num_free_blocks == 32 - 3
+        assert p.release_kv(out.request_id)
+        assert p.scheduler.blocks.pool.num_free_blocks == 32

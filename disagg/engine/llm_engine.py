@@ -70,8 +70,14 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, kv_mode: KVMode = KVMode.LOCAL) -> str:
-        """Queue a request; bad input raises ``ValueError`` and changes nothing."""
+                    request_id: str | None = None, kv_mode: KVMode | None = None) -> str:
+        """Queue a request; bad input raises ``ValueError`` and changes nothing.
+
+        ``kv_mode`` defaults from the role: a prefill engine runs every request
+        prefill-only (hook 1); colocated and decode engines run them locally.
+        """
+        if kv_mode is None:
+            kv_mode = KVMode.PREFILL_ONLY if self.config.role == "prefill" else KVMode.LOCAL
         params = params or SamplingParams()
         ids = self._tokenize(prompt)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -149,7 +155,8 @@ class LLMEngine:
         outputs += [self._output(req, []) for req in sched.finished]
         if not sched.scheduled:
             return outputs
-        step = build_step_input(sched.scheduled, self.config.block_size)
+        meta = self.scheduler.connector.build_metadata([r.request_id for r, _ in sched.scheduled])
+        step = build_step_input(sched.scheduled, self.config.block_size, meta.to_dict())
         sampling = [req for req, n in sched.scheduled
                     if req.num_computed_tokens + n == req.num_tokens]
         step.return_argmax = all(r.params.greedy and r.params.logprobs is None for r in sampling)

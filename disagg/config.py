@@ -40,6 +40,10 @@ class EngineConfig:
         prefill chunks (continuous batching with chunked prefill).
     max_prefill_chunk: cap on the tokens one request may prefill in one step
         (``None`` = only the step budget limits it).
+    kv_load_timeout_s: how long a request waits for KV from outside before it
+        falls back to prefilling locally.
+    pin_lease_s: how long a finished prefill-only request's blocks stay pinned
+        without a ``release_kv`` before they are freed anyway.
     """
 
     model: str = "default"
@@ -59,6 +63,8 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0
     torch_threads: int | None = None
+    kv_load_timeout_s: float = 30.0
+    pin_lease_s: float = 30.0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +77,10 @@ class EngineConfig:
         for name in ("num_kv_blocks", "max_prefill_chunk", "max_model_len", "torch_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        for name in ("kv_load_timeout_s", "pin_lease_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.dtype not in DTYPES:

@@ -4,6 +4,10 @@ engines in one process; the transport issue replaces it with real links."""
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from conftest import random_prompts
 from disagg.config import EngineConfig
 from disagg.engine import KVMode, LLMEngine
@@ -74,3 +78,34 @@ def test_prefill_role_defaults_to_prefill_only(tiny_llama):
         assert p.scheduler.blocks.pool.num_free_blocks == 32 - 3
         assert p.release_kv(out.request_id)
         assert p.scheduler.blocks.pool.num_free_blocks == 32
+
+
+def test_kv_load_timeout_falls_back_to_local_prefill(tiny_llama):
+    prompt = random_prompts(1, 256, 22, 23, seed=5)[0]
+    cfg = dict(model=tiny_llama, block_size=4, num_kv_blocks=32)
+    with LLMEngine(EngineConfig(**cfg)) as single:
+        expected = single.generate([prompt], PARAMS)[0].output_token_ids
+    with LLMEngine(EngineConfig(kv_load_timeout_s=0.05, **cfg)) as d:
+        rid = d.add_request(prompt, PARAMS, kv_mode=KVMode.LOAD_REMOTE)
+        target = next(o.kv_load for o in d.step() if o.request_id == rid)
+        assert len(target.epochs) == len(target.block_ids) == 6
+        time.sleep(0.1)
+        out = _run_until_finished(d, rid)                            # nobody filled the KV
+        assert d.scheduler.num_kv_load_timeouts == 1
+        with pytest.raises(KeyError):
+            d.notify_kv_ready(rid, 5)                                # too late: harmless
+        assert d.scheduler.blocks.pool.num_free_blocks == 32
+    assert out.output_token_ids == expected
+
+
+def test_pin_lease_expiry_frees_blocks(tiny_llama):
+    cfg = EngineConfig(model=tiny_llama, role="prefill", block_size=4, num_kv_blocks=32,
+                       pin_lease_s=0.05)
+    with LLMEngine(cfg) as p:
+        out = p.generate([list(range(3, 13))], PARAMS)[0]
+        assert p.scheduler.blocks.pool.num_free_blocks == 32 - 3
+        time.sleep(0.1)
+        p.step()
+        assert p.scheduler.num_pin_expiries == 1
+        assert p.scheduler.blocks.pool.num_free_blocks == 32
+        assert not p.release_kv(out.request_id)                      # late release: harmless

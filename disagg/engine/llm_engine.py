@@ -62,7 +62,8 @@ class LLMEngine:
             BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching),
             sched_half, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_prefill_chunk=config.max_prefill_chunk, max_model_len=self.max_model_len)
+            max_prefill_chunk=config.max_prefill_chunk, max_model_len=self.max_model_len,
+            kv_load_timeout_s=config.kv_load_timeout_s, pin_lease_s=config.pin_lease_s)
         self.sampler = Sampler()
         self.stops = StopStringChecker(self.tokenizer) if self.tokenizer is not None else None
         self._stop_hits: dict[str, tuple[str, int]] = {}
@@ -122,7 +123,11 @@ class LLMEngine:
         return True
 
     def notify_kv_ready(self, request_id: str, first_token_id: int) -> None:
-        """Hook 2: the reserved blocks of a LOAD_REMOTE request now hold its prompt KV."""
+        """Hook 2: the reserved blocks of a LOAD_REMOTE request now hold its prompt KV.
+
+        Raises ``KeyError`` if the request is not waiting (unknown, aborted, or
+        already fell back to local prefill after ``kv_load_timeout_s``).
+        """
         self.scheduler.kv_ready(request_id, first_token_id)
 
     def release_kv(self, request_id: str) -> bool:

@@ -28,10 +28,14 @@ class KVLoadTarget:
 
     The first ``num_local_tokens // block_size`` blocks are local prefix-cache
     hits and already valid; the rest must be filled before calling
-    ``LLMEngine.notify_kv_ready``.
+    ``LLMEngine.notify_kv_ready``. If that does not happen within the
+    engine's ``kv_load_timeout_s`` the request falls back to local prefill and
+    the blocks may be reused: a writer must check ``epochs`` (each block's
+    allocation epoch) is still current before touching a block.
     """
 
     block_ids: list[int]
+    epochs: list[int]
     num_local_tokens: int
     num_tokens: int
 

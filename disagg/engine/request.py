@@ -69,6 +69,7 @@ class Request:
     num_preemptions: int = 0
     stop_reason: str | int | None = None
     first_token_time: float | None = None
+    deadline: float | None = None         # KV wait or pin lease ends (monotonic seconds)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -11,10 +11,16 @@ budget, ``max_num_seqs`` and free blocks allow, their cached prefix skipped::
 When a running request needs a block and none is free, the most recently
 arrived running request is preempted: its blocks are freed and it goes back
 to the front of the queue to be recomputed later (no request is lost).
+
+Nothing waits forever: a request whose KV should come from outside falls
+back to local prefill after ``kv_load_timeout_s``, and a prefill-only
+request's pinned blocks are freed when ``pin_lease_s`` passes without a
+release.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -32,6 +38,7 @@ class SchedulerOutput:
     preempted: list[str] = field(default_factory=list)
     kv_loads: list[tuple[Request, KVLoadTarget]] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)   # ended by the scheduler itself
+    kv_timeouts: list[str] = field(default_factory=list)    # KV loads that fell back to local
 
     @property
     def num_tokens(self) -> int:
@@ -43,7 +50,8 @@ class Scheduler:
 
     def __init__(self, blocks: BlockManager, connector: KVConnectorScheduler, *,
                  max_num_seqs: int, max_num_batched_tokens: int,
-                 max_prefill_chunk: int | None, max_model_len: int) -> None:
+                 max_prefill_chunk: int | None, max_model_len: int,
+                 kv_load_timeout_s: float = 30.0, pin_lease_s: float = 30.0) -> None:
         self.blocks = blocks
         self.connector = connector
         self.max_num_seqs = max_num_seqs
@@ -55,7 +63,11 @@ class Scheduler:
         self.waiting_for_kv: dict[str, Request] = {}
         self.pinned: dict[str, Request] = {}
         self.requests: dict[str, Request] = {}
-        self.num_preemptions = 0            # total, for stats and tests
+        self.kv_load_timeout_s = kv_load_timeout_s
+        self.pin_lease_s = pin_lease_s
+        self.num_preemptions = 0            # totals, for stats and tests
+        self.num_kv_load_timeouts = 0
+        self.num_pin_expiries = 0
 
     # ---- queue management -------------------------------------------------
     def add(self, req: Request) -> None:
@@ -75,6 +87,7 @@ class Scheduler:
         if req.kv_mode is KVMode.PREFILL_ONLY and status is not RequestStatus.FINISHED_ABORTED \
                 and req.request_id not in self.pinned:
             req.status = RequestStatus.PINNED
+            req.deadline = time.monotonic() + self.pin_lease_s
             self.pinned[req.request_id] = req
             self.connector.on_prefill_finished(req.request_id, req.block_ids)
             return
@@ -99,6 +112,7 @@ class Scheduler:
         if req is None:
             raise KeyError(f"request {request_id!r} is not waiting for KV")
         req.num_computed_tokens = req.num_prompt_tokens
+        req.deadline = None
         req.append_token(first_token_id)
         self.blocks.cache_computed_blocks(req)
         req.status = RequestStatus.RUNNING
@@ -106,8 +120,25 @@ class Scheduler:
         return req
 
     # ---- the step ---------------------------------------------------------
+    def expire(self, now: float, out: SchedulerOutput) -> None:
+        """Fall back on overdue KV loads; free blocks whose pin lease ran out."""
+        for req in [r for r in self.waiting_for_kv.values() if r.deadline <= now]:
+            del self.waiting_for_kv[req.request_id]
+            self.blocks.free(req)
+            self.connector.on_request_freed(req.request_id)
+            req.kv_mode, req.status, req.deadline = KVMode.LOCAL, RequestStatus.WAITING, None
+            req.num_computed_tokens = 0
+            self.waiting.appendleft(req)
+            self.num_kv_load_timeouts += 1
+            out.kv_timeouts.append(req.request_id)
+        for req in [r for r in self.pinned.values() if r.deadline <= now]:
+            self.finish(req, RequestStatus.FINISHED_LENGTH)
+            self.num_pin_expiries += 1
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.waiting_for_kv or self.pinned:
+            self.expire(time.monotonic(), out)
         budget = self.budget
         scheduled: list[tuple[Request, int]] = []
         i = 0
@@ -144,8 +175,10 @@ class Scheduler:
                 self.waiting.popleft()
                 req.num_cached_tokens = cached
                 req.status = RequestStatus.WAITING_FOR_KV
+                req.deadline = time.monotonic() + self.kv_load_timeout_s
                 self.waiting_for_kv[req.request_id] = req
-                target = KVLoadTarget(req.block_ids, cached, req.num_tokens)
+                target = KVLoadTarget(req.block_ids, [b.epoch for b in req.blocks], cached,
+                                      req.num_tokens)
                 self.connector.on_blocks_allocated_for_load(req.request_id, req.block_ids, cached)
                 out.kv_loads.append((req, target))
                 continue

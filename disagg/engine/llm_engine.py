@@ -223,12 +223,14 @@ class LLMEngine:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
         final: dict[str, RequestOutput] = {}
+        shown = -1
         while len(final) < len(rids):
             for out in self.step():
                 if out.finished:
                     final[out.request_id] = out
-            if progress:
-                print(f"\r{len(final)}/{len(rids)} requests done", end="", file=sys.stderr)
+            if progress and len(final) != shown:
+                shown = len(final)
+                print(f"\r{shown}/{len(rids)} requests done", end="", file=sys.stderr, flush=True)
         if progress:
             print(file=sys.stderr)
         return [final[r] for r in rids]

@@ -109,3 +109,15 @@ def test_pin_lease_expiry_frees_blocks(tiny_llama):
         assert p.scheduler.num_pin_expiries == 1
         assert p.scheduler.blocks.pool.num_free_blocks == 32
         assert not p.release_kv(out.request_id)                      # late release: harmless
+
+
+def test_remote_first_token_can_finish_the_request(tiny_llama):
+    cfg = EngineConfig(model=tiny_llama, block_size=4, num_kv_blocks=32)
+    with LLMEngine(cfg) as d:
+        rid = d.add_request(list(range(3, 12)), SamplingParams(max_tokens=1, temperature=0.0),
+                            kv_mode=KVMode.LOAD_REMOTE)
+        d.step()
+        d.notify_kv_ready(rid, 42)
+        (out,) = d.step()
+        assert out.finished and out.finish_reason == "length" and out.output_token_ids == [42]
+        assert d.scheduler.blocks.pool.num_free_blocks == 32 and not d.has_unfinished()

@@ -68,6 +68,7 @@ class LLMEngine:
         self.stops = StopStringChecker(self.tokenizer) if self.tokenizer is not None else None
         self._stop_hits: dict[str, tuple[str, int]] = {}
         self._ids = itertools.count()
+        self._pending: list[RequestOutput] = []   # finished outside step(), reported by it
 
     # ---- requests ---------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -128,7 +129,11 @@ class LLMEngine:
         Raises ``KeyError`` if the request is not waiting (unknown, aborted, or
         already fell back to local prefill after ``kv_load_timeout_s``).
         """
-        self.scheduler.kv_ready(request_id, first_token_id)
+        req = self.scheduler.kv_ready(request_id, first_token_id)
+        status = self.scheduler.check_stop(req) or self._check_stop_string(req)
+        if status is not None:                 # e.g. max_tokens=1, or EOS first
+            self.scheduler.finish(req, status)
+            self._pending.append(self._output(req, [first_token_id]))
 
     def release_kv(self, request_id: str) -> bool:
         """Hook 1: unpin a finished prefill-only request's blocks; False if not pinned."""
@@ -143,7 +148,13 @@ class LLMEngine:
         return self.scheduler.blocks.cached_prefix_blocks(list(token_ids))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        """Whether ``step()`` has work to do or outputs to report.
+
+        Requests waiting for remote KV or pinned after a prefill do not count:
+        they move only when ``notify_kv_ready`` / ``release_kv`` (or their
+        timeout) moves them.
+        """
+        return self.scheduler.has_work() or bool(self._pending)
 
     @property
     def kv_caches(self) -> list[torch.Tensor]:
@@ -156,7 +167,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, sample, and report every request that moved."""
         sched = self.scheduler.schedule()
-        outputs = [self._output(req, [], kv_load=target) for req, target in sched.kv_loads]
+        outputs, self._pending = self._pending, []
+        outputs += [self._output(req, [], kv_load=target) for req, target in sched.kv_loads]
         outputs += [self._output(req, []) for req in sched.finished]
         if not sched.scheduled:
             return outputs

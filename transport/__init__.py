@@ -1,2 +1,39 @@
-"""KV-block transport (to be built): ZeroMQ, shared memory and CUDA IPC
-implementations of the worker half of :mod:`disagg.connector`."""
+"""KV-block transport between prefill and decode ranks.
+
+Moves the KV of a request's blocks from a prefill rank's paged pool
+(``[num_blocks, 2, H_kv, block_size, head_dim]`` per layer, HND) into a decode
+rank's pool, re-sharding heads when the TP degrees differ, sending only the
+blocks the receiver lacks, pinning source blocks until ACK or lease expiry and
+checking block epochs so a reused block is never filled with someone else's KV.
+
+Modules:
+    wire / messages  versioned msgpack headers + raw frames, full validation
+    resharding       which prefill rank sends which KV head to which decode rank
+    base             TransportConfig, KVSender / KVReceiver, errors, missing_blocks
+    pins / pending   sender pin table with leases; receiver arrival tracking
+    zmq_transport    ZeroMQ (tcp:// or ipc://) sender and receiver
+    shm_transport    same-host CPU: receiver copies out of a shared-memory pool
+    cuda_ipc         same-host GPU via CUDA IPC handles (unverified on a GPU)
+
+Typical use (decode rank q, prefill rank r)::
+
+    rx = ZmqKVReceiver(TransportConfig(), kv_caches, tp_rank=q, tp_size=d)
+    rx.expect(rid, load.block_ids[skip:], load.epochs[skip:]); rx.wait_ready(rid)
+
+    tx = ZmqKVSender(TransportConfig(), kv_caches, ReshardPlan(K, p, d), tp_rank=r)
+    tx.connect(q, rx.endpoint)
+    tid = tx.send(rid, q, src_ids, dst_ids, dst_epochs); tx.wait(tid)
+"""
+
+from .base import (KVReceiver, KVSender, TransportConfig, TransportError, TransportTimeout,
+                   missing_blocks, pool_geometry)
+from .pins import PinTable
+from .resharding import ReshardPlan, kv_heads_of_rank
+from .shm_transport import ShmKVPool, ShmKVReceiver, ShmKVSender
+from .wire import ErrorCode, WireError, WireLimits, validate_kv_header
+from .zmq_transport import ZmqKVReceiver, ZmqKVSender
+
+__all__ = ["KVReceiver", "KVSender", "TransportConfig", "TransportError", "TransportTimeout",
+           "missing_blocks", "pool_geometry", "PinTable", "ReshardPlan", "kv_heads_of_rank",
+           "ShmKVPool", "ShmKVReceiver", "ShmKVSender", "ErrorCode", "WireError", "WireLimits",
+           "validate_kv_header", "ZmqKVReceiver", "ZmqKVSender"]

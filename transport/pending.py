@@ -1,0 +1,106 @@
+"""Receiver-side bookkeeping: which slices of each expected request have arrived.
+
+A request is announced with its destination blocks and their epochs. Arrival
+is tracked per ``(layer, block, local head)`` so a decode rank fed by several
+prefill ranks (p > d re-sharding) is ready only when every head came::
+
+    arrived[request] : bool (num_layers, num_blocks_expected, num_kv_heads_local)
+    ready  ⇔  arrived.all()          layer l ready ⇔ arrived[l].all()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .wire import ErrorCode, KVBlocks, WireError
+
+
+@dataclass
+class _Pending:
+    """One request: dst block id → (position, epoch), and the arrival mask."""
+
+    slots: dict[int, tuple[int, int]]
+    arrived: torch.Tensor      # (L, n, H) bool
+
+
+class PendingLoads:
+    """Expected KV per request on one receiver (pure bookkeeping)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int) -> None:
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self._reqs: dict[str, _Pending] = {}
+        self._ready: set[str] = set()
+
+    def expect(self, request_id: str, block_ids: list[int], epochs: list[int]) -> None:
+        """Announce a request's destination blocks and their current epochs."""
+        if request_id in self._reqs:
+            raise ValueError(f"request {request_id!r} is already expected")
+        if len(block_ids) != len(epochs) or len(set(block_ids)) != len(block_ids):
+            raise ValueError(f"need distinct block ids and one epoch each, got "
+                             f"{len(block_ids)} ids / {len(epochs)} epochs")
+        slots = {b: (i, e) for i, (b, e) in enumerate(zip(block_ids, epochs))}
+        arrived = torch.zeros(self.num_layers, len(block_ids), self.num_kv_heads, dtype=torch.bool)
+        self._reqs[request_id] = _Pending(slots, arrived)
+        if not block_ids:
+            self._ready.add(request_id)
+
+    def check(self, msg: KVBlocks) -> None:
+        """Raise :class:`WireError` unless ``msg`` targets expected blocks at their epochs."""
+        req = self._reqs.get(msg.request_id)
+        if req is None:
+            raise WireError(ErrorCode.UNKNOWN_REQUEST, f"request {msg.request_id!r} is not expected "
+                            f"here (never announced, finished, cancelled or timed out)")
+        for b, e in zip(msg.dst_block_ids, msg.epochs):
+            slot = req.slots.get(b)
+            if slot is None:
+                raise WireError(ErrorCode.NOT_EXPECTED, f"block {b} is not one of request "
+                                f"{msg.request_id!r}'s destination blocks")
+            if slot[1] != e:
+                raise WireError(ErrorCode.EPOCH, f"block {b} has epoch {slot[1]} here, message "
+                                f"carries {e}: the block was freed and reused")
+
+    def mark(self, msg: KVBlocks) -> bool:
+        """Record ``msg``'s slices as arrived (after :meth:`check`); return request readiness."""
+        req = self._reqs[msg.request_id]
+        pos = torch.tensor([req.slots[b][0] for b in msg.dst_block_ids])
+        heads = torch.tensor([h[1] for h in msg.heads])
+        first, last = msg.layers
+        req.arrived[first:last, pos[:, None], heads[None, :]] = True
+        if bool(req.arrived.all()):
+            self._ready.add(msg.request_id)
+            return True
+        return False
+
+    def is_ready(self, request_id: str, layer: int | None = None) -> bool:
+        """All slices (of ``layer``) arrived; False for unknown requests."""
+        req = self._reqs.get(request_id)
+        if req is None:
+            return False
+        mask = req.arrived if layer is None else req.arrived[layer]
+        return bool(mask.all())
+
+    def missing(self, request_id: str) -> tuple[int, int]:
+        """(missing, total) ``(layer, block, head)`` slices of a request."""
+        req = self._reqs.get(request_id)
+        if req is None:
+            return 0, 0
+        return int((~req.arrived).sum()), req.arrived.numel()
+
+    def pop_ready(self) -> set[str]:
+        """Ready request ids since the last call; their state is dropped."""
+        done, self._ready = self._ready, set()
+        for r in done:
+            self._reqs.pop(r, None)
+        return done
+
+    def cancel(self, request_id: str) -> None:
+        """Forget a request (no error if unknown)."""
+        self._reqs.pop(request_id, None)
+        self._ready.discard(request_id)
+
+    def request_ids(self) -> set[str]:
+        """Requests still tracked."""
+        return set(self._reqs)

@@ -1,0 +1,136 @@
+"""The wire format: a versioned msgpack header, then raw tensor frames.
+
+One message is one ZeroMQ multipart message::
+
+    frame 0          frame 1 .. N                       (N = last - first layers)
+    ┌────────────┐   ┌──────────────────────────────┐
+    │ msgpack    │   │ layer `first`:               │  each frame holds the sent
+    │ header     │   │ (n_blocks, 2, n_heads, B, D) │  blocks of one layer, only
+    │ (dict)     │   │ raw bytes, C order           │  the heads listed in "heads"
+    └────────────┘   └──────────────────────────────┘
+
+Headers are plain dicts of ints, strings, bools and lists (never pickle). A
+receiver calls :func:`validate_kv_header` before it touches any buffer: every
+field's type, every range and every frame length is checked against the
+receiver's own pool geometry (:class:`WireLimits`). Failures raise
+:class:`WireError` with a stable ``code`` that travels back in an ERROR reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import msgpack
+import torch
+
+from .messages import (WIRE_VERSION, Ack, Error, ErrorCode, Hello, Kind, KVBlocks, WireError,
+                       check_envelope)
+
+__all__ = ["WIRE_VERSION", "MAX_HEADER_BYTES", "DTYPES", "Kind", "ErrorCode", "WireError", "Hello",
+           "KVBlocks", "Ack", "Error", "WireLimits", "dtype_name", "encode", "decode_header",
+           "validate_kv_header", "check_envelope"]
+
+MAX_HEADER_BYTES = 1 << 20
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a torch dtype (``torch.float32`` → ``"float32"``)."""
+    for name, dt in DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} cannot travel on the wire; supported: {sorted(DTYPES)}")
+
+
+def encode(msg: Hello | KVBlocks | Ack | Error) -> bytes:
+    """Pack a message's header with msgpack."""
+    return msgpack.packb(msg.to_header(), use_bin_type=True)
+
+
+def decode_header(buf: Any) -> dict:
+    """Unpack a header frame; raises :class:`WireError` (never anything else)."""
+    if len(buf) > MAX_HEADER_BYTES:
+        raise WireError(ErrorCode.DECODE, f"header of {len(buf)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(buf, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise WireError(ErrorCode.DECODE, f"header is not valid msgpack: {exc}") from None
+    check_envelope(header)
+    return header
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """The receiver's pool geometry and size limits that incoming headers must fit."""
+
+    num_layers: int
+    num_blocks: int
+    num_kv_heads: int
+    block_size: int
+    head_dim: int
+    dtype: str
+    max_message_bytes: int
+    max_id_len: int = 256
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name != "dtype" and (not isinstance(v, int) or v <= 0):
+                raise ValueError(f"WireLimits.{f.name} must be a positive int, got {v!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"WireLimits.dtype {self.dtype!r} not in {sorted(DTYPES)}")
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the pool dtype."""
+        return DTYPES[self.dtype].itemsize
+
+
+def validate_kv_header(header: dict, frames: Sequence[Any], limits: WireLimits) -> KVBlocks:
+    """Check a KV_BLOCKS header and its frames against ``limits``; return the message.
+
+    Nothing is written before this returns; any failure raises
+    :class:`WireError` with the matching :class:`ErrorCode`.
+    """
+    msg = KVBlocks.from_header(header)
+    for name in ("request_id", "transfer_id"):
+        v = getattr(msg, name)
+        if not 0 < len(v) <= limits.max_id_len:
+            raise WireError(ErrorCode.REQUEST_ID, f"{name} length {len(v)} not in 1..{limits.max_id_len}")
+    if len(msg.layers) != 2 or not 0 <= msg.layers[0] < msg.layers[1] <= limits.num_layers:
+        raise WireError(ErrorCode.LAYER_RANGE, f"layer range {list(msg.layers)} is not "
+                        f"[first, last) within 0..{limits.num_layers}")
+    n = len(msg.dst_block_ids)
+    if n == 0 or len(msg.src_block_ids) != n or len(msg.epochs) != n:
+        raise WireError(ErrorCode.BLOCK_COUNT, f"block counts differ or are 0: dst {n}, "
+                        f"src {len(msg.src_block_ids)}, epochs {len(msg.epochs)}")
+    if any(not 0 <= b < limits.num_blocks for b in msg.dst_block_ids) \
+            or len(set(msg.dst_block_ids)) != n or min(msg.src_block_ids) < 0 or min(msg.epochs) < 0:
+        raise WireError(ErrorCode.BLOCK_ID, f"dst block ids must be distinct and within "
+                        f"0..{limits.num_blocks - 1}; src ids and epochs non-negative")
+    dst_heads = [p[1] for p in msg.heads if len(p) == 2]
+    if not msg.heads or len(dst_heads) != len(msg.heads) or len(set(dst_heads)) != len(dst_heads) \
+            or any(not 0 <= h < limits.num_kv_heads for h in dst_heads) \
+            or any(p[0] < 0 for p in msg.heads):
+        raise WireError(ErrorCode.HEADS, f"heads must be distinct [src, dst] pairs with dst in "
+                        f"0..{limits.num_kv_heads - 1}, got {[list(p) for p in msg.heads]}")
+    if msg.dtype != limits.dtype:
+        raise WireError(ErrorCode.DTYPE, f"dtype {msg.dtype!r} differs from the pool's {limits.dtype!r}")
+    shape = (n, 2, len(msg.heads), limits.block_size, limits.head_dim)
+    if msg.frame_shape != shape:
+        raise WireError(ErrorCode.SHAPE, f"frame shape {list(msg.frame_shape)} != expected {list(shape)}")
+    frame_bytes = n * 2 * len(msg.heads) * limits.block_size * limits.head_dim * limits.itemsize
+    if msg.total_bytes != frame_bytes * msg.num_layers:
+        raise WireError(ErrorCode.FRAME_SIZE, f"total_bytes {msg.total_bytes} != "
+                        f"{msg.num_layers} layers x {frame_bytes} bytes")
+    if msg.total_bytes > limits.max_message_bytes:
+        raise WireError(ErrorCode.TOO_LARGE, f"message of {msg.total_bytes} bytes exceeds the "
+                        f"limit of {limits.max_message_bytes} (TransportConfig.max_message_bytes)")
+    want_frames = 0 if msg.src_pool else msg.num_layers
+    if len(frames) != want_frames:
+        raise WireError(ErrorCode.FRAMES, f"{len(frames)} tensor frames, header declares {want_frames}")
+    for i, f in enumerate(frames):
+        if len(f) != frame_bytes:
+            raise WireError(ErrorCode.FRAME_SIZE, f"frame {i} has {len(f)} bytes, expected {frame_bytes}")
+    return msg

@@ -8,7 +8,7 @@ the scheduler treats requests that carry KV-transfer parameters.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ROLES = ("colocated", "prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -65,7 +65,6 @@ class EngineConfig:
     torch_threads: int | None = None
     kv_load_timeout_s: float = 30.0
     pin_lease_s: float = 30.0
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_cache_memory", parse_size(self.kv_cache_memory))

@@ -73,6 +73,12 @@ class WireLimits:
     max_message_bytes: int
     max_id_len: int = 256
 
+    @classmethod
+    def for_pool(cls, hello: Hello, max_message_bytes: int) -> WireLimits:
+        """The limits of the pool a receiver announces in its HELLO."""
+        return cls(hello.num_layers, hello.num_blocks, hello.num_kv_heads, hello.block_size,
+                   hello.head_dim, hello.dtype, max_message_bytes)
+
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)

@@ -39,7 +39,7 @@ class ZmqKVReceiver(KVReceiver):
         n, h, b, d, dt = pool_geometry(kv_caches)
         self.config, self.kv_caches = config, kv_caches
         self.hello = Hello(tp_rank, tp_size, len(kv_caches), n, h, b, d, dt)
-        self.limits = WireLimits(len(kv_caches), n, h, b, d, dt, config.max_message_bytes)
+        self.limits = WireLimits.for_pool(self.hello, config.max_message_bytes)
         self._pending = PendingLoads(len(kv_caches), h)
         self.bytes_received = 0
         self.messages_rejected = 0

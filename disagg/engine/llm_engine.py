@@ -130,9 +130,7 @@ class LLMEngine:
         already fell back to local prefill after ``kv_load_timeout_s``).
         """
         req = self.scheduler.kv_ready(request_id, first_token_id)
-        status = self.scheduler.check_stop(req) or self._check_stop_string(req)
-        if status is not None:                 # e.g. max_tokens=1, or EOS first
-            self.scheduler.finish(req, status)
+        if self._finish_if_stopped(req):       # e.g. max_tokens=1, or EOS first
             self._pending.append(self._output(req, [first_token_id]))
 
     def release_kv(self, request_id: str) -> bool:
@@ -190,11 +188,16 @@ class LLMEngine:
                 sampled[req.request_id], logprobs[req.request_id] = tok, lp
         for req in self.scheduler.postprocess(sched, sampled):
             lp = logprobs[req.request_id]
-            status = self.scheduler.check_stop(req) or self._check_stop_string(req)
-            if status is not None:
-                self.scheduler.finish(req, status)
+            self._finish_if_stopped(req)
             outputs.append(self._output(req, [req.token_ids[-1]], [lp] if lp else []))
         return outputs
+
+    def _finish_if_stopped(self, req: Request) -> bool:
+        """Finish ``req`` if its newest token ends it; True when it did."""
+        status = self.scheduler.check_stop(req) or self._check_stop_string(req)
+        if status is not None:
+            self.scheduler.finish(req, status)
+        return status is not None
 
     def _check_stop_string(self, req: Request) -> RequestStatus | None:
         if not req.params.stop:

@@ -38,7 +38,6 @@ class SchedulerOutput:
     preempted: list[str] = field(default_factory=list)
     kv_loads: list[tuple[Request, KVLoadTarget]] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)   # ended by the scheduler itself
-    kv_timeouts: list[str] = field(default_factory=list)    # KV loads that fell back to local
 
     @property
     def num_tokens(self) -> int:
@@ -113,6 +112,7 @@ class Scheduler:
             raise KeyError(f"request {request_id!r} is not waiting for KV")
         req.num_computed_tokens = req.num_prompt_tokens
         req.deadline = None
+        req.kv_mode = KVMode.LOCAL             # from here on (preemption too) it is local
         req.append_token(first_token_id)
         self.blocks.cache_computed_blocks(req)
         req.status = RequestStatus.RUNNING
@@ -124,13 +124,10 @@ class Scheduler:
         """Fall back on overdue KV loads; free blocks whose pin lease ran out."""
         for req in [r for r in self.waiting_for_kv.values() if r.deadline <= now]:
             del self.waiting_for_kv[req.request_id]
-            self.blocks.free(req)
             self.connector.on_request_freed(req.request_id)
-            req.kv_mode, req.status, req.deadline = KVMode.LOCAL, RequestStatus.WAITING, None
-            req.num_computed_tokens = 0
-            self.waiting.appendleft(req)
+            req.kv_mode, req.deadline = KVMode.LOCAL, None
+            self._requeue(req, RequestStatus.WAITING)
             self.num_kv_load_timeouts += 1
-            out.kv_timeouts.append(req.request_id)
         for req in [r for r in self.pinned.values() if r.deadline <= now]:
             self.finish(req, RequestStatus.FINISHED_LENGTH)
             self.num_pin_expiries += 1
@@ -166,7 +163,7 @@ class Scheduler:
     def _admit(self, budget: int, scheduled: list, out: SchedulerOutput) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            remote = req.kv_mode is KVMode.LOAD_REMOTE and req.num_preemptions == 0
+            remote = req.kv_mode is KVMode.LOAD_REMOTE
             prefix = self.blocks.match_prefix(req, leave_one=not remote)
             cached = len(prefix) * self.blocks.block_size
             if remote:
@@ -204,13 +201,17 @@ class Scheduler:
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
-        self.blocks.free(req)
-        req.num_computed_tokens = 0
+        self._requeue(req, RequestStatus.PREEMPTED)
         req.num_preemptions += 1
         self.num_preemptions += 1
-        req.status = RequestStatus.PREEMPTED
-        self.waiting.appendleft(req)
         out.preempted.append(req.request_id)
+
+    def _requeue(self, req: Request, status: RequestStatus) -> None:
+        """Free a request's blocks and put it first in line to be computed again."""
+        self.blocks.free(req)
+        req.num_computed_tokens = 0
+        req.status = status
+        self.waiting.appendleft(req)
 
     def postprocess(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance scheduled requests; append sampled tokens; return those that got one."""

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transport.base import TransportConfig
 
 ROLES = ("colocated", "prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -44,6 +48,13 @@ class EngineConfig:
         falls back to prefilling locally.
     pin_lease_s: how long a finished prefill-only request's blocks stay pinned
         without a ``release_kv`` before they are freed anyway.
+    kv_transfer: how KV blocks travel between a prefill and a decode engine
+        (a ``transport.TransportConfig``: zmq, shm or cuda_ipc, the address
+        each rank binds, leases, timeouts); ``None`` = no transport, KV moves
+        only through the hooks (``notify_kv_ready``). Needs role prefill or decode.
+    kv_layerwise: a prefill sends each layer's blocks as soon as that layer is
+        computed (overlapping the rest of the forward pass) instead of all
+        layers after it.
     """
 
     model: str = "default"
@@ -65,6 +76,8 @@ class EngineConfig:
     torch_threads: int | None = None
     kv_load_timeout_s: float = 30.0
     pin_lease_s: float = 30.0
+    kv_transfer: "TransportConfig | None" = None
+    kv_layerwise: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_cache_memory", parse_size(self.kv_cache_memory))
@@ -90,6 +103,16 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_transfer is not None:
+            from transport.base import TransportConfig
+            if not isinstance(self.kv_transfer, TransportConfig):
+                raise ValueError(f"kv_transfer must be a transport.TransportConfig, got "
+                                 f"{type(self.kv_transfer).__name__}")
+            if self.role == "colocated":
+                raise ValueError("kv_transfer needs role 'prefill' or 'decode'; a colocated "
+                                 "engine moves no KV")
+            if self.kv_transfer.kind == "cuda_ipc" and not self.device.startswith("cuda"):
+                raise ValueError("the cuda_ipc transport needs device='cuda'")
 
     @property
     def torch_dtype(self):

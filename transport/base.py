@@ -17,6 +17,8 @@ only the heads the resharding plan assigns to the pair (r, q).
 
 from __future__ import annotations
 
+import tempfile
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -40,8 +42,9 @@ class TransportConfig:
     """How KV blocks travel.
 
     ``address`` is where a receiver binds (``tcp://127.0.0.1:*`` or
-    ``tcp://host:0`` picks a free port, ``ipc:///path``); a sender gets the
-    receiver's bound endpoint at ``connect`` time. ``lease_s`` is how long a
+    ``tcp://host:0`` picks a free port, ``ipc:///path``, ``ipc://*`` a fresh
+    temp path; an engine's ranks derive theirs with :func:`rank_address`); a
+    sender gets the receiver's bound endpoint at ``connect`` time. ``lease_s`` is how long a
     sender keeps blocks pinned without an ACK; ``timeout_s`` bounds every
     blocking wait. CurveZMQ encryption is on when ``curve_server_public`` is set
     (receiver also needs ``curve_server_secret``).
@@ -77,6 +80,26 @@ class TransportConfig:
                                  f"got {len(key)} bytes")
         if self.curve_server_public is not None and not self.address.startswith("tcp://"):
             raise ValueError("CurveZMQ is only meaningful over tcp://")
+
+
+def rank_address(address: str, rank: int) -> str:
+    """The address TP rank ``rank`` of an engine binds, derived from one configured address.
+
+    ``tcp://host:*`` / ``tcp://host:0``: every rank picks a free port;
+    ``tcp://host:PORT``: rank r binds ``PORT + r``; ``ipc://*``: a fresh
+    socket file in the temp directory; ``ipc:///path``: ``/path-r``.
+    """
+    if address.startswith("ipc://"):
+        path = address[len("ipc://"):]
+        if path in ("", "*"):
+            return f"ipc://{tempfile.gettempdir()}/disagg-kv-{uuid.uuid4().hex[:12]}-{rank}"
+        return f"ipc://{path}-{rank}"
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    if not host or port in ("*", "0"):
+        return address
+    if not port.isdigit() or not 0 < int(port) + rank < 65536:
+        raise ValueError(f"cannot derive rank {rank}'s port from {address!r}")
+    return f"tcp://{host}:{int(port) + rank}"
 
 
 def missing_blocks(src_block_ids: list[int], dst_block_ids: list[int], dst_epochs: list[int],

@@ -11,7 +11,7 @@ each layer's storage is exported once as a CUDA IPC handle (the same fields
 plain msgpack values, never pickled) in the HELLO, the receiver opens the
 handles once per peer and copies device-to-device::
 
-    sender: compute → stream.synchronize() → KV_BLOCKS(src_pool=name) ──▶
+    sender: compute → stream.synchronize() → KV_BLOCKS(src_pool=name, lease) ──▶
     receiver: opened peer layers → gather/scatter on its stream →
               stream.synchronize() → ACK ◀── (sender may now reuse the blocks)
 
@@ -26,7 +26,7 @@ import uuid
 import torch
 
 from .shm_transport import ShmKVReceiver, ShmKVSender
-from .wire import DTYPES, KVBlocks, dtype_name
+from .wire import DTYPES, dtype_name
 
 _GEOMETRY = ("num_layers", "num_blocks", "num_kv_heads", "block_size", "head_dim")
 
@@ -95,7 +95,5 @@ class CudaIpcKVReceiver(ShmKVReceiver):
             raise ValueError("CUDA IPC pool description has no layers")
         return [open_layer(desc) for desc in layers]
 
-    def _write(self, msg: KVBlocks, frames: list) -> int:
-        nbytes = super()._write(msg, frames)
+    def _sync(self) -> None:
         torch.cuda.current_stream(self.kv_caches[0].device).synchronize()
-        return nbytes

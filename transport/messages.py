@@ -45,6 +45,7 @@ class ErrorCode:
     NOT_EXPECTED = "block_not_expected"
     EPOCH = "epoch_mismatch"
     UNKNOWN_POOL = "unknown_pool"
+    LEASE_EXPIRED = "lease_expired"      # a pool read would end after the sender's lease
     INTERNAL = "internal_error"
 
 
@@ -63,6 +64,9 @@ def _check(header: dict, name: str, kind: type) -> Any:
         raise WireError(ErrorCode.FIELD, f"header field {name!r} is missing")
     value = header[name]
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
     if kind is list:
         ok = isinstance(value, (list, tuple))
     if not ok:
@@ -106,7 +110,7 @@ class _Message:
                 values[f.name] = _ints(header, f.name)
             else:
                 values[f.name] = _check(header, f.name, {"int": int, "str": str, "bool": bool,
-                                                         "dict": dict}[t])
+                                                         "float": float, "dict": dict}[t])
         return cls(**values)
 
 
@@ -151,7 +155,10 @@ class KVBlocks(_Message):
     ``heads`` lists ``(src local head, dst local head)`` pairs; frame head ``i``
     goes to dst head ``heads[i][1]``. ``epochs[i]`` is the epoch the receiver
     gave dst block ``dst_block_ids[i]``. With ``src_pool`` set, no frames
-    follow: the receiver copies ``src_block_ids`` out of that shared pool.
+    follow: the receiver copies ``src_block_ids`` out of that shared pool, and
+    must finish copying before ``lease_deadline`` (``time.monotonic()``, which
+    is one clock for every process of a host): after it the sender may reuse
+    the blocks, so a later copy is refused instead of delivering stale KV.
     """
 
     KIND = Kind.KV_BLOCKS
@@ -168,6 +175,7 @@ class KVBlocks(_Message):
     frame_shape: tuple[int, ...]
     total_bytes: int
     src_pool: str = ""
+    lease_deadline: float = 0.0
 
     @property
     def num_layers(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from .wire import ErrorCode, KVBlocks, WireError
 
@@ -22,7 +22,7 @@ class _Pending:
     """One request: dst block id → (position, epoch), and the arrival mask."""
 
     slots: dict[int, tuple[int, int]]
-    arrived: torch.Tensor      # (L, n, H) bool
+    arrived: np.ndarray        # (L, n, H) bool
 
 
 class PendingLoads:
@@ -42,7 +42,7 @@ class PendingLoads:
             raise ValueError(f"need distinct block ids and one epoch each, got "
                              f"{len(block_ids)} ids / {len(epochs)} epochs")
         slots = {b: (i, e) for i, (b, e) in enumerate(zip(block_ids, epochs))}
-        arrived = torch.zeros(self.num_layers, len(block_ids), self.num_kv_heads, dtype=torch.bool)
+        arrived = np.zeros((self.num_layers, len(block_ids), self.num_kv_heads), dtype=bool)
         self._reqs[request_id] = _Pending(slots, arrived)
         if not block_ids:
             self._ready.add(request_id)
@@ -65,8 +65,8 @@ class PendingLoads:
     def mark(self, msg: KVBlocks) -> bool:
         """Record ``msg``'s slices as arrived (after :meth:`check`); return request readiness."""
         req = self._reqs[msg.request_id]
-        pos = torch.tensor([req.slots[b][0] for b in msg.dst_block_ids])
-        heads = torch.tensor([h[1] for h in msg.heads])
+        pos = np.array([req.slots[b][0] for b in msg.dst_block_ids])
+        heads = np.array([h[1] for h in msg.heads])
         first, last = msg.layers
         req.arrived[first:last, pos[:, None], heads[None, :]] = True
         if bool(req.arrived.all()):
@@ -87,7 +87,7 @@ class PendingLoads:
         req = self._reqs.get(request_id)
         if req is None:
             return 0, 0
-        return int((~req.arrived).sum()), req.arrived.numel()
+        return int((~req.arrived).sum()), int(req.arrived.size)
 
     def pop_ready(self) -> set[str]:
         """Ready request ids since the last call; their state is dropped."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 import uuid
 import weakref
 
@@ -169,12 +170,25 @@ class ShmKVReceiver(ZmqKVReceiver):
             raise WireError(ErrorCode.BLOCK_ID, f"src block ids must be < {num_blocks}")
         if max(h[0] for h in msg.heads) >= num_heads:
             raise WireError(ErrorCode.HEADS, f"src heads must be < {num_heads}")
+        self._check_lease(msg, "before")
         src_heads, dst_heads = [h[0] for h in msg.heads], [h[1] for h in msg.heads]
         for layer in range(*msg.layers):
             blocks = gather_heads(src_pool[layer], list(msg.src_block_ids), src_heads)  # (n, 2, h, B, D)
             scatter_heads(self.kv_caches[layer], list(msg.dst_block_ids), dst_heads,
                           blocks.to(self.kv_caches[layer].device))
+        self._sync()
+        self._check_lease(msg, "while")
         return msg.total_bytes
+
+    def _sync(self) -> None:
+        """Wait until the copies above are complete (a no-op on CPU)."""
+
+    @staticmethod
+    def _check_lease(msg: KVBlocks, when: str) -> None:
+        """Refuse a copy that did not finish inside the sender's lease (stale KV)."""
+        if msg.lease_deadline <= 0 or time.monotonic() >= msg.lease_deadline:
+            raise WireError(ErrorCode.LEASE_EXPIRED, f"the sender's lease on these blocks ended "
+                            f"{when} the copy; the blocks may have been reused")
 
     def close(self) -> None:
         super().close()

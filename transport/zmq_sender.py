@@ -29,16 +29,28 @@ def as_bytes(t: torch.Tensor):
 
 
 class _Transfer:
-    """Sender-side state of one transfer: unacknowledged message seqs."""
+    """Sender-side state of one transfer: unacknowledged message seqs, buffer trackers."""
 
     def __init__(self, request_id: str, dst_rank: int) -> None:
         self.request_id, self.dst_rank = request_id, dst_rank
         self.outstanding: set[int] = set()
         self.next_seq, self.final, self.done, self.error = 0, False, False, None
+        self.trackers: list[zmq.MessageTracker] = []   # zmq still reading pool memory?
+
+    @property
+    def buffers_released(self) -> bool:
+        return all(t.done for t in self.trackers)
 
 
 class ZmqKVSender(KVSender):
-    """Prefill side: one DEALER per decode rank, blocks pinned until ACK or lease expiry."""
+    """Prefill side: one DEALER per decode rank, blocks pinned until ACK or lease expiry.
+
+    ``connect(..., wait=False)`` only sends the HELLO: transfers may be queued
+    behind it at once (ZeroMQ keeps a socket's messages in order), and
+    :meth:`poll` checks the reply. A caller that never blocks (an engine rank)
+    drives everything through :meth:`poll` and collects outcomes with
+    :meth:`finished`.
+    """
 
     def __init__(self, config: TransportConfig, kv_caches: list[torch.Tensor], plan: ReshardPlan,
                  tp_rank: int = 0, on_release: ReleaseFn | None = None,
@@ -50,14 +62,20 @@ class ZmqKVSender(KVSender):
         self.bytes_sent = 0
         self._ctx = ctx or zmq.Context.instance()
         self._socks: dict[int, zmq.Socket] = {}
+        self._handshakes: dict[int, float] = {}        # dst rank -> HELLO reply deadline
         self._transfers: dict[str, _Transfer] = {}
 
     def _pool_info(self) -> dict:
         """What a receiver needs to read this pool directly (nothing for zmq)."""
         return {}
 
-    def connect(self, dst_rank: int, endpoint: str, timeout_s: float | None = None) -> Hello:
-        pairs = self.plan.pairs(self.tp_rank, dst_rank)
+    def connect(self, dst_rank: int, endpoint: str, timeout_s: float | None = None,
+                wait: bool = True) -> Hello | None:
+        """Open the link to decode rank ``dst_rank``; with ``wait`` block for its HELLO."""
+        self.plan.pairs(self.tp_rank, dst_rank)           # validates the ranks
+        timeout_s = timeout_s or self.config.timeout_s
+        if dst_rank in self._socks:
+            self._drop(dst_rank, "reconnected")
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         if self.config.curve_server_public is not None:
@@ -65,30 +83,51 @@ class ZmqKVSender(KVSender):
             sock.curve_serverkey = self.config.curve_server_public
         sock.connect(endpoint)
         sock.send(encode(self.hello))
-        if not sock.poll(int(1000 * (timeout_s or self.config.timeout_s)), zmq.POLLIN):
-            sock.close(linger=0)
+        self._socks[dst_rank] = sock
+        self._handshakes[dst_rank] = time.monotonic() + timeout_s
+        if not wait:
+            return None
+        if not sock.poll(int(1000 * timeout_s), zmq.POLLIN):
+            self._drop(dst_rank, "no HELLO reply")
             raise TransportTimeout(f"no HELLO reply from decode rank {dst_rank} at {endpoint} "
-                                   f"within {timeout_s or self.config.timeout_s:.3g} s")
+                                   f"within {timeout_s:.3g} s")
         try:
             header = decode_header(sock.recv())
-        except WireError as exc:
-            sock.close(linger=0)
-            raise TransportError(f"unreadable HELLO reply from decode rank {dst_rank}: {exc}") from None
+            return self._on_hello(dst_rank, header)
+        except (WireError, TransportError) as exc:
+            self._drop(dst_rank, str(exc))
+            raise TransportError(f"handshake with decode rank {dst_rank} failed: {exc}") from None
+
+    def _on_hello(self, dst_rank: int, header: dict) -> Hello:
+        """Check a decode rank's HELLO reply against this pool and the plan."""
         if header["kind"] == Kind.ERROR:
-            sock.close(linger=0)
-            raise TransportError(f"decode rank {dst_rank} refused the handshake: {header.get('message')}")
+            raise TransportError(f"refused: {header.get('message')}")
         peer = Hello.from_header(header)
         me = self.hello
         mine = (me.num_layers, me.block_size, me.head_dim, me.dtype)
         theirs = (peer.num_layers, peer.block_size, peer.head_dim, peer.dtype)
+        pairs = self.plan.pairs(self.tp_rank, dst_rank)
         if mine != theirs or peer.tp_size != self.plan.d or peer.tp_rank != dst_rank \
                 or any(dh >= peer.num_kv_heads for _, dh in pairs):
-            sock.close(linger=0)
-            raise TransportError(f"pool mismatch with decode rank {dst_rank}: (layers, block_size, "
-                                 f"head_dim, dtype) {mine} vs {theirs}; tp {peer.tp_rank}/{peer.tp_size} "
-                                 f"vs plan d={self.plan.d}")
-        self._socks[dst_rank] = sock
+            raise TransportError(f"pool mismatch: (layers, block_size, head_dim, dtype) {mine} vs "
+                                 f"{theirs}; tp {peer.tp_rank}/{peer.tp_size} vs plan d={self.plan.d}")
+        self._handshakes.pop(dst_rank, None)
         return peer
+
+    def _drop(self, dst_rank: int, reason: str) -> None:
+        """Close the link to ``dst_rank`` (queued messages are discarded) and fail its transfers."""
+        sock = self._socks.pop(dst_rank, None)
+        self._handshakes.pop(dst_rank, None)
+        if sock is not None:
+            sock.close(linger=0)
+        for tid, tr in self._transfers.items():
+            if tr.dst_rank == dst_rank and not tr.done:
+                tr.error, tr.done = f"link to decode rank {dst_rank} dropped: {reason}", True
+                self.pins.release(tid, "error")
+
+    def connected(self, dst_rank: int) -> bool:
+        """Whether a link to ``dst_rank`` is open (its handshake may still be pending)."""
+        return dst_rank in self._socks
 
     def send(self, request_id: str, dst_rank: int, src_block_ids: list[int],
              dst_block_ids: list[int], epochs: list[int], layers: tuple[int, int] | None = None,
@@ -108,14 +147,16 @@ class ZmqKVSender(KVSender):
         tr = self._transfers.setdefault(tid, _Transfer(request_id, dst_rank))
         if tr.final or tr.done:
             raise TransportError(f"transfer {tid!r} already had its final message")
-        self.pins.pin(tid, list(src_block_ids))
+        pin = self.pins.pin(tid, list(src_block_ids))
         h, (_, _, _, b, d) = len(pairs), self.kv_caches[0].shape
         shape = (n, 2, h, b, d)
         nbytes = (last - first) * n * 2 * h * b * d * self.kv_caches[0].element_size()
+        pool = self._src_pool_name()
         msg = KVBlocks(request_id, tid, tr.next_seq, final, (first, last), tuple(dst_block_ids),
                        tuple(src_block_ids), tuple(epochs), tuple(tuple(p) for p in pairs),
-                       self.hello.dtype, shape, nbytes, self._src_pool_name())
-        frames = self._frames(msg, [p[0] for p in pairs])
+                       self.hello.dtype, shape, nbytes, pool, pin.deadline if pool else 0.0)
+        frames = [zmq.Frame(f, track=True) for f in self._frames(msg, [p[0] for p in pairs])]
+        tr.trackers.extend(f.tracker for f in frames)
         self._socks[dst_rank].send_multipart([encode(msg), *frames], copy=False)
         tr.outstanding.add(tr.next_seq)
         tr.next_seq += 1
@@ -141,28 +182,53 @@ class ZmqKVSender(KVSender):
     def poll(self, timeout_s: float = 0.0) -> int:
         handled = 0
         poller = zmq.Poller()
-        for s in self._socks.values():
-            poller.register(s, zmq.POLLIN)
+        ranks = {}
+        for q, sock in self._socks.items():
+            poller.register(sock, zmq.POLLIN)
+            ranks[sock] = q
         for sock, _ in poller.poll(int(timeout_s * 1000)) if self._socks else []:
-            while True:
+            q = ranks[sock]
+            while q in self._socks:
                 try:
                     header = decode_header(sock.recv(zmq.NOBLOCK))
                 except zmq.Again:
                     break
                 except WireError as exc:
-                    log.warning("bad reply from a KV receiver: %s", exc)
+                    log.warning("bad reply from KV receiver %d: %s", q, exc)
                     continue
                 handled += 1
-                if header["kind"] in (Kind.ACK, Kind.ERROR):
+                if q in self._handshakes:              # the first reply answers the HELLO
+                    try:
+                        self._on_hello(q, header)
+                    except (WireError, TransportError) as exc:
+                        self._drop(q, f"handshake failed: {exc}")
+                elif header["kind"] in (Kind.ACK, Kind.ERROR):
                     try:
                         self._on_reply(header)
                     except WireError as exc:
-                        log.warning("malformed reply from a KV receiver: %s", exc)
-        for tid in self.pins.expire():
+                        log.warning("malformed reply from KV receiver %d: %s", q, exc)
+        now = time.monotonic()
+        for q in [q for q, t in self._handshakes.items() if t <= now]:
+            self._drop(q, f"no HELLO reply within {self.config.timeout_s:.3g} s")
+        for tid in self.pins.expire(now):
             tr = self._transfers.get(tid)
             if tr is not None and not tr.done:
                 tr.error, tr.done = f"lease of {self.config.lease_s} s expired before the ACK", True
+                if not tr.buffers_released:            # frames stuck in ZeroMQ: discard them
+                    self._drop(tr.dst_rank, "lease expired with messages still queued")
         return handled
+
+    def finished(self) -> list[tuple[str, str, str | None]]:
+        """Pop transfers that ended, as ``(transfer_id, request_id, error or None)``.
+
+        A transfer is reported only once ZeroMQ no longer reads its source
+        blocks, so the caller may free them as soon as it sees it here.
+        """
+        out = [(tid, tr.request_id, tr.error) for tid, tr in self._transfers.items()
+               if tr.done and tr.buffers_released]
+        for tid, _, _ in out:
+            del self._transfers[tid]
+        return out
 
     def _on_reply(self, header: dict) -> None:
         """Apply one ACK / ERROR to its transfer."""
@@ -196,7 +262,6 @@ class ZmqKVSender(KVSender):
             raise TransportError(f"decode rank {tr.dst_rank} rejected transfer {transfer_id!r}: {tr.error}")
 
     def close(self) -> None:
-        for s in self._socks.values():
-            s.close(linger=0)
-        self._socks.clear()
+        for q in list(self._socks):
+            self._drop(q, "sender closed")
         self.pins.release_all("closed")

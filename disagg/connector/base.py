@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -31,13 +32,14 @@ import torch
 class KVConnectorMetadata:
     """What the worker half must do this step, built by the scheduler half.
 
-    ``loads`` / ``saves`` map request id → block ids (in request order) whose
-    KV this step receives / sends. It crosses process boundaries to the TP
-    ranks as a plain dict (msgpack), never pickled.
+    ``loads`` maps request id → what this step starts receiving, ``saves``
+    request id → what it sends; the value shapes belong to the connector.
+    It crosses process boundaries to the TP ranks as a plain dict (msgpack),
+    never pickled.
     """
 
-    loads: dict[str, list[int]] = field(default_factory=dict)
-    saves: dict[str, list[int]] = field(default_factory=dict)
+    loads: dict[str, dict] = field(default_factory=dict)
+    saves: dict[str, dict] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -49,11 +51,23 @@ class KVConnectorMetadata:
                    extra=dict(d.get("extra", {})))
 
 
+@dataclass
+class KVTransferUpdate:
+    """Transfers that completed on every rank since the last step (driver side)."""
+
+    received: list[str] = field(default_factory=list)          # LOAD_REMOTE request ids
+    sent: list[tuple[str, str | None]] = field(default_factory=list)   # (request id, error)
+
+
 class KVConnectorScheduler(ABC):
     """Driver-side half: consulted by the scheduler about block lifetimes."""
 
+    #: whether LOAD_REMOTE requests' KV arrives through this connector (else
+    #: ``notify_kv_ready`` alone says the blocks are filled)
+    receives_kv: bool = False
+
     def on_blocks_allocated_for_load(self, request_id: str, block_ids: list[int],
-                                     num_local_tokens: int) -> None:
+                                     epochs: list[int], num_local_tokens: int) -> None:
         """Blocks were reserved for a request whose KV comes from outside.
 
         ``block_ids`` cover the whole prompt; the first
@@ -65,18 +79,40 @@ class KVConnectorScheduler(ABC):
         """A prefill-only request finished; its blocks stay pinned until released."""
 
     def on_request_freed(self, request_id: str) -> None:
-        """A request's blocks went back to the pool (finished, aborted, released)."""
+        """A request's blocks went back to the pool (finished, aborted, released, fell back)."""
 
-    def build_metadata(self, scheduled_request_ids: list[str]) -> KVConnectorMetadata:
-        """Build this step's metadata for the worker half."""
+    def holds(self, request_id: str) -> bool:
+        """Whether a transfer may still read the request's blocks (pins must not expire)."""
+        return False
+
+    def has_pending(self) -> bool:
+        """Whether transfers are in flight, so the engine must keep polling its ranks."""
+        return False
+
+    def build_metadata(self, scheduled: list) -> KVConnectorMetadata:
+        """This step's metadata for the worker half; ``scheduled`` is ``[(Request, n_tokens)]``."""
         return KVConnectorMetadata()
+
+    def update(self, reports: list[dict]) -> KVTransferUpdate:
+        """Fold one step's per-rank reports (``KVConnectorWorker.get_finished``)."""
+        return KVTransferUpdate()
 
 
 class KVConnectorWorker(ABC):
     """Rank-side half: runs inside every TP rank's forward pass."""
 
+    def make_kv_caches(self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
+                       device: torch.device) -> list[torch.Tensor] | None:
+        """Allocate the rank's KV caches where the transport needs them (e.g. shared
+        memory); ``None`` lets the model runner allocate ordinary tensors."""
+        return None
+
     def register_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         """Called once with the rank's per-layer KV tensors (HND layout)."""
+
+    def handshake_info(self) -> dict:
+        """What the driver must know about this rank (e.g. where it receives KV)."""
+        return {}
 
     def bind_metadata(self, meta: KVConnectorMetadata) -> None:
         """Called before each forward pass with the step's metadata."""
@@ -90,17 +126,29 @@ class KVConnectorWorker(ABC):
     def wait_for_save(self) -> None:
         """Called after the forward pass: all sends of this step are issued."""
 
-    def get_finished(self) -> tuple[set[str], set[str]]:
-        """Request ids whose (sending, receiving) completed since the last call."""
-        return set(), set()
+    def get_finished(self, timeout_s: float = 0.0) -> dict:
+        """Poll the links (up to ``timeout_s``) and report what completed: a msgpack-able
+        dict the scheduler half's :meth:`KVConnectorScheduler.update` folds."""
+        return {}
+
+    def close(self) -> None:
+        """Release sockets and shared memory."""
 
 
 class NoOpConnector(KVConnectorScheduler, KVConnectorWorker):
     """The default: both halves do nothing."""
 
 
-def make_connector(name: str) -> tuple[KVConnectorScheduler, type[KVConnectorWorker]]:
-    """Return the scheduler half and the worker-half class for ``name``."""
-    if name in ("", "none", "noop"):
-        return NoOpConnector(), NoOpConnector
-    raise ValueError(f"unknown KV connector {name!r}; available: 'noop'")
+def make_connector(config, model_cfg) -> tuple[KVConnectorScheduler,
+                                               Callable[[], KVConnectorWorker] | None]:
+    """The scheduler half and a picklable factory for the worker half of ``config``.
+
+    ``config.kv_transfer`` set → the transport connector; else no connector.
+    """
+    if config.kv_transfer is None:
+        return NoOpConnector(), None
+    from functools import partial
+
+    from disagg.connector.transfer_scheduler import TransferScheduler
+    from disagg.connector.transfer_worker import TransferWorker
+    return TransferScheduler(config), partial(TransferWorker, config, model_cfg)

@@ -19,7 +19,7 @@ from disagg.config import EngineConfig
 from disagg.connector.base import make_connector
 from disagg.engine.block_manager import BlockManager
 from disagg.engine.model_runner import ModelRunner, kv_block_bytes
-from disagg.engine.outputs import RequestOutput
+from disagg.engine.outputs import KVLoadTarget, KVTransferEvent, RequestOutput
 from disagg.engine.request import KVMode, Request, RequestStatus
 from disagg.engine.sampler import Sampler, make_generator
 from disagg.engine.scheduler import Scheduler
@@ -29,11 +29,13 @@ from disagg.engine.tp_worker import TPWorkers, threads_per_rank
 from disagg.model import ModelConfig, resolve_model_dir
 from disagg.sampling_params import SamplingParams
 
+IDLE_POLL_S = 0.005     # a step with only KV transfers in flight waits this long on the links
+
 
 class LLMEngine:
     """A paged-KV, continuously batching LLM engine with optional TP ranks."""
 
-    def __init__(self, config: EngineConfig, connector: str = "noop") -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_dir: Path = resolve_model_dir(config.model)
         self.model_config = ModelConfig.from_dir(self.model_dir)
@@ -47,17 +49,22 @@ class LLMEngine:
                              f"{kv_block_bytes(self.model_config, config)} bytes")
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_config)
-        sched_half, worker_cls = make_connector(connector)
+        sched_half, worker_factory = make_connector(config, self.model_config)
         self.workers: TPWorkers | None = None
         self.runner: ModelRunner | None = None
         if config.tensor_parallel_size > 1:
             self.workers = TPWorkers(config, self.model_config, self.model_dir, self.num_blocks,
-                                     worker_cls)
-            self.workers.wait_ready()
+                                     worker_factory)
+            infos = self.workers.wait_ready()
         else:
             torch.set_num_threads(threads_per_rank(config))
             self.runner = ModelRunner(config, self.model_config, self.model_dir, self.num_blocks,
-                                      worker_cls())
+                                      worker_factory() if worker_factory else None)
+            infos = [self.runner.handshake_info()]
+        #: where each rank receives KV (decode role with a transport), else empty
+        self.kv_endpoints: list[str] = [i["endpoint"] for i in infos if "endpoint" in i]
+        self.kv_stats = {"bytes_sent": 0, "bytes_received": 0}
+        self._kv_events: list[KVTransferEvent] = []
         self.scheduler = Scheduler(
             BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching),
             sched_half, max_num_seqs=config.max_num_seqs,
@@ -72,11 +79,15 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, kv_mode: KVMode | None = None) -> str:
+                    request_id: str | None = None, kv_mode: KVMode | None = None,
+                    kv_target: KVLoadTarget | dict | None = None) -> str:
         """Queue a request; bad input raises ``ValueError`` and changes nothing.
 
         ``kv_mode`` defaults from the role: a prefill engine runs every request
         prefill-only (hook 1); colocated and decode engines run them locally.
+        ``kv_target`` (prefill role with a transport): the decode engine's
+        :class:`KVLoadTarget` for this prompt; the KV is sent there as it is
+        computed and the blocks are released once every rank's send ended.
         """
         if kv_mode is None:
             kv_mode = KVMode.PREFILL_ONLY if self.config.role == "prefill" else KVMode.LOCAL
@@ -93,12 +104,36 @@ class LLMEngine:
                              f"{self.num_blocks} this engine has (raise kv_cache_memory)")
         if params.stop and self.stops is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
+        if kv_target is not None:
+            kv_target = self._check_kv_target(kv_target, len(ids), KVMode(kv_mode))
         gen = make_generator(params.seed, self.runner.device if self.runner else "cpu") \
             if not params.greedy else None
         req = Request(rid, ids, params, eos_token_ids=self.eos_token_ids, kv_mode=KVMode(kv_mode),
-                      generator=gen)
+                      generator=gen, kv_target=kv_target)
         self.scheduler.add(req)
         return rid
+
+    def _check_kv_target(self, target: KVLoadTarget | dict, num_tokens: int,
+                         kv_mode: KVMode) -> KVLoadTarget:
+        """Validate where a prefill-only request's KV goes (``ValueError`` on any mismatch)."""
+        if isinstance(target, dict):
+            target = KVLoadTarget.from_dict(target)
+        if self.config.kv_transfer is None or kv_mode is not KVMode.PREFILL_ONLY:
+            raise ValueError("kv_target needs a prefill-only request on an engine with a KV "
+                             "transport (EngineConfig.kv_transfer)")
+        nblk = -(-num_tokens // self.config.block_size)
+        if target.num_tokens != num_tokens or len(target.block_ids) != nblk \
+                or len(target.epochs) != nblk or not 0 <= target.num_local_tokens <= num_tokens:
+            raise ValueError(f"kv_target does not fit this prompt: {num_tokens} tokens need "
+                             f"{nblk} blocks, the target has {target.num_tokens} tokens, "
+                             f"{len(target.block_ids)} blocks, {len(target.epochs)} epochs, "
+                             f"{target.num_local_tokens} local tokens")
+        if not target.request_id or not target.endpoints:
+            raise ValueError("kv_target needs the decode request id and its ranks' endpoints")
+        from transport.resharding import ReshardPlan
+        ReshardPlan(self.model_config.num_kv_heads, self.config.tensor_parallel_size,
+                    len(target.endpoints))             # the decode TP must fit the heads
+        return target
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -115,31 +150,44 @@ class LLMEngine:
         return ids
 
     def abort_request(self, request_id: str) -> bool:
-        """Stop a request wherever it is and free its blocks; False if unknown."""
+        """Stop a request wherever it is and free its blocks; False if unknown.
+
+        Blocks a KV transfer still reads are freed when that transfer ends.
+        """
         req = self.scheduler.requests.get(request_id)
         if req is None:
             return False
-        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        if not self.scheduler.connector.holds(request_id):
+            self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         self._forget(request_id)
         return True
 
     def notify_kv_ready(self, request_id: str, first_token_id: int) -> None:
-        """Hook 2: the reserved blocks of a LOAD_REMOTE request now hold its prompt KV.
+        """Hook 2: a LOAD_REMOTE request's first token, computed by the remote prefill.
 
-        Raises ``KeyError`` if the request is not waiting (unknown, aborted, or
-        already fell back to local prefill after ``kv_load_timeout_s``).
+        Without a KV transport this also says the reserved blocks hold the
+        prompt's KV; with one, decoding starts once every rank received its
+        blocks too. Raises ``KeyError`` if the request is not waiting (unknown,
+        aborted, already notified, or fell back to local prefill after
+        ``kv_load_timeout_s``).
         """
-        req = self.scheduler.kv_ready(request_id, first_token_id)
+        req = self.scheduler.first_token_ready(request_id, first_token_id)
         if self._finish_if_stopped(req):       # e.g. max_tokens=1, or EOS first
             self._pending.append(self._output(req, [first_token_id]))
 
     def release_kv(self, request_id: str) -> bool:
-        """Hook 1: unpin a finished prefill-only request's blocks; False if not pinned."""
+        """Hook 1: unpin a finished prefill-only request's blocks; False if not pinned
+        or a KV transfer still reads them (it releases them when it ends)."""
         req = self.scheduler.pinned.get(request_id)
-        if req is None:
+        if req is None or self.scheduler.connector.holds(request_id):
             return False
         self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
         return True
+
+    def pop_kv_events(self) -> list[KVTransferEvent]:
+        """KV transfers that ended since the last call (with a KV transport)."""
+        events, self._kv_events = self._kv_events, []
+        return events
 
     def cached_prefix(self, token_ids: list[int]) -> list[int]:
         """Hook 3: hashes of the leading full blocks of ``token_ids`` cached here."""
@@ -148,11 +196,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         """Whether ``step()`` has work to do or outputs to report.
 
-        Requests waiting for remote KV or pinned after a prefill do not count:
-        they move only when ``notify_kv_ready`` / ``release_kv`` (or their
-        timeout) moves them.
+        Requests waiting for remote KV or pinned after a prefill count only
+        while a KV transport moves their blocks; otherwise they move only when
+        ``notify_kv_ready`` / ``release_kv`` (or their timeout) moves them.
         """
-        return self.scheduler.has_work() or bool(self._pending)
+        return self.scheduler.has_work() or bool(self._pending) \
+            or self.scheduler.connector.has_pending()
 
     @property
     def kv_caches(self) -> list[torch.Tensor]:
@@ -166,16 +215,21 @@ class LLMEngine:
         """Schedule, run the model, sample, and report every request that moved."""
         sched = self.scheduler.schedule()
         outputs, self._pending = self._pending, []
-        outputs += [self._output(req, [], kv_load=target) for req, target in sched.kv_loads]
+        for req, target in sched.kv_loads:
+            target.endpoints = list(self.kv_endpoints)
+            outputs.append(self._output(req, [], kv_load=target))
         outputs += [self._output(req, []) for req in sched.finished]
-        if not sched.scheduled:
+        connector = self.scheduler.connector
+        if not sched.scheduled and not connector.has_pending():
             return outputs
-        meta = self.scheduler.connector.build_metadata([r.request_id for r, _ in sched.scheduled])
+        meta = connector.build_metadata(sched.scheduled)
         step = build_step_input(sched.scheduled, self.config.block_size, meta.to_dict())
+        if not sched.scheduled:
+            step.poll_timeout_s = IDLE_POLL_S      # only KV transfers are moving: wait on them
         sampling = [req for req, n in sched.scheduled
                     if req.num_computed_tokens + n == req.num_tokens]
         step.return_argmax = all(r.params.greedy and r.params.logprobs is None for r in sampling)
-        logits = self.runner.execute(step) if self.runner else self.workers.execute(step)
+        logits, reports = self._execute(step)
         sampled, logprobs = {}, {}
         if sampling:
             if step.return_argmax and self.workers is not None:
@@ -190,7 +244,29 @@ class LLMEngine:
             lp = logprobs[req.request_id]
             self._finish_if_stopped(req)
             outputs.append(self._output(req, [req.token_ids[-1]], [lp] if lp else []))
+        self._apply_kv_reports(reports)
         return outputs
+
+    def _execute(self, step) -> tuple[torch.Tensor | None, list[dict]]:
+        """Run ``step`` on the ranks: rank 0's logits and every rank's KV report."""
+        if self.workers is not None:
+            return self.workers.execute(step)
+        logits = self.runner.execute(step)
+        return logits, [self.runner.kv_report(step.poll_timeout_s)]
+
+    def _apply_kv_reports(self, reports: list[dict]) -> None:
+        """Start requests whose KV arrived; release blocks whose send ended."""
+        for key in self.kv_stats:
+            self.kv_stats[key] = sum(r.get(key, 0) for r in reports) or self.kv_stats[key]
+        update = self.scheduler.connector.update(reports)
+        for rid in update.received:
+            self.scheduler.kv_received(rid)
+            self._kv_events.append(KVTransferEvent(rid, "received"))
+        for rid, error in update.sent:
+            req = self.scheduler.pinned.get(rid)
+            if req is not None:
+                self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
+            self._kv_events.append(KVTransferEvent(rid, "sent", error))
 
     def _finish_if_stopped(self, req: Request) -> bool:
         """Finish ``req`` if its newest token ends it; True when it did."""
@@ -251,10 +327,12 @@ class LLMEngine:
         return [final[r] for r in rids]
 
     def shutdown(self) -> None:
-        """Stop the TP worker processes (idempotent)."""
+        """Stop the TP worker processes and close KV links (idempotent)."""
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None
+        if self.runner is not None:
+            self.runner.close()
 
     def __enter__(self) -> "LLMEngine":
         return self

@@ -60,15 +60,16 @@ class ModelRunner:
             _column_major_lm_head(self.model)
         heads = model_cfg.num_heads_per_rank(self.tp)
         kv_heads = model_cfg.num_kv_heads_per_rank(self.tp)
-        self.kv_caches = [
-            torch.zeros(num_blocks, 2, kv_heads, config.block_size, model_cfg.head_dim,
-                        dtype=config.torch_dtype, device=self.device)
-            for _ in range(model_cfg.num_layers)]                      # HND, one per layer
+        shape = (num_blocks, 2, kv_heads, config.block_size, model_cfg.head_dim)   # HND
+        self.connector = connector_worker
+        caches = connector_worker.make_kv_caches(model_cfg.num_layers, shape, config.torch_dtype,
+                                                 self.device) if connector_worker else None
+        self.kv_caches = caches or [torch.zeros(shape, dtype=config.torch_dtype, device=self.device)
+                                    for _ in range(model_cfg.num_layers)]   # one per layer
         self.backend = make_backend(config.attention_backend, num_heads=heads,
                                     num_kv_heads=kv_heads, head_dim=model_cfg.head_dim,
                                     block_size=config.block_size, dtype=config.torch_dtype,
                                     device=self.device)
-        self.connector = connector_worker
         if connector_worker is not None:
             connector_worker.register_kv_caches(self.kv_caches)
 
@@ -91,14 +92,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor | None:
-        """Run one forward pass; rank 0 returns (len(logits_indices), vocab) fp32 logits."""
+        """Run one forward pass; rank 0 returns (len(logits_indices), vocab) fp32 logits.
+
+        A step without tokens only hands the connector its metadata (a KV
+        transfer can progress while nothing is scheduled).
+        """
+        if self.connector is not None:
+            from disagg.connector.base import KVConnectorMetadata
+            self.connector.bind_metadata(KVConnectorMetadata.from_dict(step.connector_meta))
+        if not step.token_ids:
+            return None
         ids = torch.tensor(step.token_ids, dtype=torch.int64, device=self.device)
         pos = torch.tensor(step.positions, dtype=torch.int64, device=self.device)
         meta = self._metadata(step)
         self.backend.plan(meta)
-        if self.connector is not None:
-            from disagg.connector.base import KVConnectorMetadata
-            self.connector.bind_metadata(KVConnectorMetadata.from_dict(step.connector_meta))
         ctx = ForwardContext(attn_meta=meta, kv_caches=self.kv_caches, backend=self.backend,
                              connector=self.connector)
         with forward_context(ctx):
@@ -109,3 +116,17 @@ class ModelRunner:
             return None
         idx = torch.tensor(step.logits_indices, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden[idx]).float()           # (N, vocab)
+
+    def kv_report(self, timeout_s: float = 0.0) -> dict:
+        """The connector's report of transfers that ended (empty without a connector)."""
+        return self.connector.get_finished(timeout_s) if self.connector is not None else {}
+
+    def handshake_info(self) -> dict:
+        """What the driver must know about this rank's connector (e.g. its KV endpoint)."""
+        return self.connector.handshake_info() if self.connector is not None else {}
+
+    def close(self) -> None:
+        """Release the connector's sockets and shared memory."""
+        if self.connector is not None:
+            self.connector.close()
+            self.connector = None

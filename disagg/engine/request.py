@@ -70,6 +70,8 @@ class Request:
     stop_reason: str | int | None = None
     first_token_time: float | None = None
     deadline: float | None = None         # KV wait or pin lease ends (monotonic seconds)
+    kv_target: object | None = None       # prefill-only: KVLoadTarget to send the KV to
+    kv_received: bool = False             # load-remote: every rank has its KV
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

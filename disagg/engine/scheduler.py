@@ -15,7 +15,7 @@ to the front of the queue to be recomputed later (no request is lost).
 Nothing waits forever: a request whose KV should come from outside falls
 back to local prefill after ``kv_load_timeout_s``, and a prefill-only
 request's pinned blocks are freed when ``pin_lease_s`` passes without a
-release.
+release (unless a transfer still reads them: its own lease ends that).
 """
 
 from __future__ import annotations
@@ -105,19 +105,33 @@ class Scheduler:
                         epochs=[b.epoch for b in req.blocks[:nblk]], num_tokens=n,
                         first_token_id=req.token_ids[n])
 
-    def kv_ready(self, request_id: str, first_token_id: int) -> Request:
-        """Hook 2: the outside filled a waiting request's KV; start decoding."""
-        req = self.waiting_for_kv.pop(request_id, None)
+    def first_token_ready(self, request_id: str, first_token_id: int) -> Request:
+        """Hook 2: the remote prefill's first token; decoding starts once the KV is in too."""
+        req = self.waiting_for_kv.get(request_id)
+        if req is None or req.num_tokens > req.num_prompt_tokens:
+            raise KeyError(f"request {request_id!r} is not waiting for its first token")
+        req.append_token(first_token_id)
+        if req.kv_received:
+            self._start_remote(req)
+        return req
+
+    def kv_received(self, request_id: str) -> None:
+        """The connector delivered every block to every rank (ignored if it fell back meanwhile)."""
+        req = self.waiting_for_kv.get(request_id)
         if req is None:
-            raise KeyError(f"request {request_id!r} is not waiting for KV")
+            return
+        req.kv_received = True
+        if req.num_tokens > req.num_prompt_tokens:
+            self._start_remote(req)
+
+    def _start_remote(self, req: Request) -> None:
+        del self.waiting_for_kv[req.request_id]
         req.num_computed_tokens = req.num_prompt_tokens
         req.deadline = None
         req.kv_mode = KVMode.LOCAL             # from here on (preemption too) it is local
-        req.append_token(first_token_id)
         self.blocks.cache_computed_blocks(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
-        return req
 
     # ---- the step ---------------------------------------------------------
     def expire(self, now: float, out: SchedulerOutput) -> None:
@@ -128,7 +142,8 @@ class Scheduler:
             req.kv_mode, req.deadline = KVMode.LOCAL, None
             self._requeue(req, RequestStatus.WAITING)
             self.num_kv_load_timeouts += 1
-        for req in [r for r in self.pinned.values() if r.deadline <= now]:
+        for req in [r for r in self.pinned.values()
+                    if r.deadline <= now and not self.connector.holds(r.request_id)]:
             self.finish(req, RequestStatus.FINISHED_LENGTH)
             self.num_pin_expiries += 1
 
@@ -174,9 +189,11 @@ class Scheduler:
                 req.status = RequestStatus.WAITING_FOR_KV
                 req.deadline = time.monotonic() + self.kv_load_timeout_s
                 self.waiting_for_kv[req.request_id] = req
-                target = KVLoadTarget(req.block_ids, [b.epoch for b in req.blocks], cached,
-                                      req.num_tokens)
-                self.connector.on_blocks_allocated_for_load(req.request_id, req.block_ids, cached)
+                req.kv_received = not self.connector.receives_kv
+                epochs = [b.epoch for b in req.blocks]
+                target = KVLoadTarget(req.block_ids, epochs, cached, req.num_tokens, req.request_id)
+                self.connector.on_blocks_allocated_for_load(req.request_id, req.block_ids, epochs,
+                                                            cached)
                 out.kv_loads.append((req, target))
                 continue
             n = min(req.num_tokens - cached, budget, self.chunk)

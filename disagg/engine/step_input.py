@@ -26,6 +26,7 @@ class StepInput:
     logits_indices: list[int]          # rows of the flattened batch to sample from
     connector_meta: dict = field(default_factory=dict)
     return_argmax: bool = False        # every sampled row is greedy without logprobs
+    poll_timeout_s: float = 0.0        # how long ranks may wait on KV links after the step
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(asdict(self), use_bin_type=True)

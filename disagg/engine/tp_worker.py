@@ -5,12 +5,13 @@ spawned processes that loop on one thing: receive the step (a msgpack blob
 over a pipe, empty = shut down), execute it. Activations are all-reduced
 inside the forward pass over the torch.distributed group (gloo on CPU, NCCL
 on CUDA), so every rank runs every step. Rank 0 sends the logits back (or
-only their argmax when every row is greedy)::
+only their argmax when every row is greedy); every rank also reports the KV
+transfers its connector finished::
 
     driver                 rank 0                  rank 1 .. p-1
     schedule()
     send step ──pipe──▶    execute ◀─all-reduce─▶  execute
-    sample    ◀──pipe──    logits
+    sample    ◀──pipe──    logits + KV report      KV report (every rank)
 
 Keeping every rank out of the driver keeps the driver free of process-group
 state, so engines of different TP degrees can live in one process.
@@ -58,9 +59,9 @@ def _worker_main(config: EngineConfig, model_cfg, model_dir: Path | None, rank: 
         init_tensor_parallel(rank, config.tensor_parallel_size, init_method, config.device)
         runner = ModelRunner(config, model_cfg, model_dir, num_blocks,
                              connector_cls() if connector_cls else None)
-        conn.send_bytes(b"ready")
+        conn.send_bytes(msgpack.packb({"ready": True, "info": runner.handshake_info()}))
     except Exception:
-        conn.send_bytes(b"error:" + traceback.format_exc().encode())
+        conn.send_bytes(msgpack.packb({"ready": False, "error": traceback.format_exc()}))
         return
     try:
         while True:
@@ -69,36 +70,40 @@ def _worker_main(config: EngineConfig, model_cfg, model_dir: Path | None, rank: 
                 break
             step = StepInput.from_bytes(data)
             logits = runner.execute(step)
-            if rank == 0:
-                conn.send_bytes(encode_logits(logits, step.return_argmax))
+            report = runner.kv_report(step.poll_timeout_s)
+            conn.send_bytes(encode_reply(logits if rank == 0 else None, step.return_argmax, report))
     except (EOFError, KeyboardInterrupt):
         pass
     except Exception:
         traceback.print_exc(file=sys.stderr)
         raise
     finally:
+        runner.close()
         destroy_tensor_parallel()
 
 
-def encode_logits(logits: torch.Tensor | None, argmax: bool) -> bytes:
-    """Rank 0's reply: fp32 logits (N, V) or, when ``argmax``, int64 ids (N,)."""
+def encode_reply(logits: torch.Tensor | None, argmax: bool, kv_report: dict) -> bytes:
+    """A rank's reply: its KV-connector report, and on rank 0 fp32 logits (N, V)
+    or, when ``argmax``, int64 ids (N,)."""
     if logits is None:
-        return msgpack.packb({"kind": "none"})
+        return msgpack.packb({"kind": "none", "kv": kv_report})
     if argmax:
         ids = logits.argmax(dim=-1).cpu()
-        return msgpack.packb({"kind": "ids", "data": ids.numpy().tobytes()})
+        return msgpack.packb({"kind": "ids", "data": ids.numpy().tobytes(), "kv": kv_report})
     arr = logits.float().cpu().contiguous()
-    return msgpack.packb({"kind": "logits", "shape": list(arr.shape), "data": arr.numpy().tobytes()})
+    return msgpack.packb({"kind": "logits", "shape": list(arr.shape), "data": arr.numpy().tobytes(),
+                          "kv": kv_report})
 
 
-def decode_logits(data: bytes) -> torch.Tensor | None:
-    """Inverse of :func:`encode_logits`; argmax ids come back as an int64 tensor."""
+def decode_reply(data: bytes) -> tuple[torch.Tensor | None, dict]:
+    """Inverse of :func:`encode_reply`; argmax ids come back as an int64 tensor."""
     msg = msgpack.unpackb(data)
     if msg["kind"] == "none":
-        return None
+        return None, msg["kv"]
     if msg["kind"] == "ids":
-        return torch.frombuffer(bytearray(msg["data"]), dtype=torch.int64)
-    return torch.frombuffer(bytearray(msg["data"]), dtype=torch.float32).view(*msg["shape"])
+        return torch.frombuffer(bytearray(msg["data"]), dtype=torch.int64), msg["kv"]
+    logits = torch.frombuffer(bytearray(msg["data"]), dtype=torch.float32).view(*msg["shape"])
+    return logits, msg["kv"]
 
 
 class TPWorkers:
@@ -119,27 +124,36 @@ class TPWorkers:
             self.procs.append(p)
             self.conns.append(parent)
 
-    def wait_ready(self) -> None:
-        """Block until every rank loaded its shard (raise on a rank's failure)."""
+    def wait_ready(self) -> list[dict]:
+        """Block until every rank loaded its shard; return each rank's handshake info."""
+        infos = []
         for rank, conn in enumerate(self.conns):
             if not conn.poll(STARTUP_TIMEOUT_S):
                 raise TimeoutError(f"TP rank {rank} did not start within {STARTUP_TIMEOUT_S:.0f} s")
-            msg = conn.recv_bytes()
-            if msg != b"ready":
-                raise RuntimeError(f"TP rank {rank} failed to start:\n{msg[6:].decode()}")
+            msg = msgpack.unpackb(conn.recv_bytes())
+            if not msg["ready"]:
+                raise RuntimeError(f"TP rank {rank} failed to start:\n{msg['error']}")
+            infos.append(msg["info"])
+        return infos
 
-    def execute(self, step: StepInput) -> torch.Tensor | None:
-        """Run the step on every rank; rank 0's logits (or argmax ids) come back."""
+    def execute(self, step: StepInput) -> tuple[torch.Tensor | None, list[dict]]:
+        """Run the step on every rank; rank 0's logits (or argmax ids) and every
+        rank's KV-connector report come back."""
         data = step.to_bytes()
         for rank, (p, conn) in enumerate(zip(self.procs, self.conns)):
             if not p.is_alive():
                 raise RuntimeError(f"TP rank {rank} died (exit code {p.exitcode})")
             conn.send_bytes(data)
-        while not self.conns[0].poll(1.0):
-            for rank, p in enumerate(self.procs):
-                if not p.is_alive():
-                    raise RuntimeError(f"TP rank {rank} died during a step (exit code {p.exitcode})")
-        return decode_logits(self.conns[0].recv_bytes())
+        logits, reports = None, []
+        for rank, conn in enumerate(self.conns):
+            while not conn.poll(1.0):
+                for r, p in enumerate(self.procs):
+                    if not p.is_alive():
+                        raise RuntimeError(f"TP rank {r} died during a step (exit code {p.exitcode})")
+            out, report = decode_reply(conn.recv_bytes())
+            logits = out if rank == 0 else logits
+            reports.append(report)
+        return logits, reports
 
     def shutdown(self) -> None:
         for conn in self.conns:

@@ -1,0 +1,309 @@
+"""Online calibration behind the cost-model routing policy.
+
+Every measured quantity the router's cost model needs is an affine function of
+one size, fit online from the measurements the router observes::
+
+    prefill seconds   = overhead + s_per_token · tokens      (per role, per node)
+    transfer seconds  = latency  + bytes / bandwidth          (one link estimate)
+    decode step       = base     + s_per_seq · batch_size     (per decode node)
+
+Fitting method (:class:`AffineEstimate`): exponentially weighted ridge
+regression toward the prior line ``(a0, b0)``: it minimises ::
+
+    Σ_i w_i (y_i - a - b·x_i)²  +  P (a - a0)²  +  (P / 100) · x_ref² · (b - b0)²
+
+Each observation first multiplies the earlier ones' weights ``w_i`` by
+``decay`` (per observation, not per second: no clocks), so the data's total
+weight saturates at ``1 / (1 - decay)`` (20 for 0.95) and old rates fade as
+load or hardware changes. The prior terms never decay, so the 2×2 normal
+equations are never singular and the model is sensible before any
+measurement. The slope's prior is 100× weaker than the intercept's: when all
+measurements have similar sizes (only one of ``a``, ``b`` is identifiable), a
+surprise at sizes near ``x_ref`` or above moves the rate and keeps the fixed
+overhead, while a surprise on tiny sizes (``x < x_ref / 10``) moves the
+overhead. Measurements spread over sizes determine both. Fits are clamped to a
+non-negative intercept and a positive slope, so every prediction is positive
+and finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+PREFILL_X_REF = 1024.0  # tokens
+LINK_X_REF = float(64 << 20)  # bytes
+DECODE_X_REF = 16.0  # sequences in the batch
+SLOPE_PRIOR_SHARE = 0.01  # slope prior weight relative to the intercept's
+
+
+def check_measure(name: str, value, minimum: float = 0.0) -> float:
+    """Return ``value`` as a float, or raise ValueError unless finite and >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be finite and >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def check_count(name: str, value, minimum: int = 0) -> int:
+    """Return ``value``, or raise ValueError unless it is an integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class CostModelConfig:
+    """Priors and knobs of :class:`router.policy.CostModel`.
+
+    Defaults are rough figures for one engine on this 2-core CPU machine
+    (SmolLM2 fp32: prefill ~350 tokens/s, decode step ~60 ms at batch 1 and
+    ~135 ms at batch 16, loopback ZeroMQ ~1 GB/s). They only seed the fits.
+
+    prefill_tokens_per_s / prefill_overhead_s: prior prefill rate and fixed
+        per-prefill cost on a prefill node.
+    decode_prefill_tokens_per_s / decode_prefill_overhead_s: the same on a
+        decode node (``None`` = same as the prefill node's prior).
+    link_bytes_per_s / link_latency_s: prior KV link bandwidth and per-transfer latency.
+    decode_step_base_s / decode_step_per_seq_s: prior decode step time
+        ``base + per_seq · batch_size``.
+    remote_overhead_s: prior fixed extra cost of the remote path's control hops
+        (router → prefill node → decode node admission); refined by
+        ``observe_remote_overhead`` when the router measures it.
+    interference_weight: how much one second of stall suffered by one running
+        decode counts against one second of the new request's TTFT (1.0 = the
+        same: the router minimises total added latency over all requests).
+    chunk_tokens: the decode engine's per-step token budget
+        (``EngineConfig.max_num_batched_tokens``): a local prefill of N tokens
+        spans ``ceil(N / (chunk_tokens - running))`` steps.
+    decay / prior_weight: see the module docstring.
+    min_observations: until every role's prefill fit and the link fit have at
+        least this many observations, decide "local" with reason
+        "uncalibrated_default" (0 = trust the priors from the start).
+    """
+
+    prefill_tokens_per_s: float = 350.0
+    prefill_overhead_s: float = 0.05
+    decode_prefill_tokens_per_s: float | None = None
+    decode_prefill_overhead_s: float | None = None
+    link_bytes_per_s: float = 1e9
+    link_latency_s: float = 0.002
+    decode_step_base_s: float = 0.055
+    decode_step_per_seq_s: float = 0.005
+    remote_overhead_s: float = 0.005
+    interference_weight: float = 1.0
+    chunk_tokens: int = 2048
+    decay: float = 0.95
+    prior_weight: float = 1.0
+    min_observations: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name.startswith("decode_prefill"):
+                continue
+            if f.name in ("chunk_tokens", "min_observations"):
+                check_count(f.name, value)
+            else:
+                check_measure(f.name, value)
+        for name in ("prefill_tokens_per_s", "link_bytes_per_s", "decode_step_per_seq_s",
+                     "decode_prefill_tokens_per_s", "prior_weight", "chunk_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 < self.decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1) (weight kept per observation), got {self.decay!r}")
+
+
+class AffineEstimate:
+    """Online fit of ``y ≈ intercept + slope · x`` (see the module docstring)."""
+
+    def __init__(self, intercept: float, slope: float, x_ref: float,
+                 prior_weight: float = 1.0, decay: float = 0.95, min_slope: float | None = None) -> None:
+        self._a0, self._b0, self._x_ref = intercept, slope, x_ref
+        self._pa = prior_weight
+        self._pb = prior_weight * SLOPE_PRIOR_SHARE * x_ref * x_ref
+        self._decay = decay
+        self._min_slope = slope * 1e-3 if min_slope is None else min_slope
+        self._data = [0.0] * 5  # decayed sums of w, w·x, w·y, w·x², w·x·y
+        self.count = 0
+        self.intercept, self.slope = intercept, slope
+
+    def observe(self, x: float, y: float) -> None:
+        """Add one measurement: size ``x`` took ``y`` seconds."""
+        self._data = [s * self._decay for s in self._data]
+        for i, term in enumerate((1.0, x, y, x * x, x * y)):
+            self._data[i] += term
+        self.count += 1
+        self._solve()
+
+    def _solve(self) -> None:
+        w, wx, wy, wxx, wxy = self._data
+        # Normal equations [[m00, m01], [m01, m11]] · (a, b) = (r0, r1).
+        m00, m01, m11 = w + self._pa, wx, wxx + self._pb
+        r0, r1 = wy + self._pa * self._a0, wxy + self._pb * self._b0
+        slope = max((m00 * r1 - m01 * r0) / (m00 * m11 - m01 * m01), self._min_slope)
+        intercept = (r0 - m01 * slope) / m00
+        if intercept < 0.0:  # refit the slope with the intercept pinned at 0
+            intercept, slope = 0.0, max(r1 / m11, self._min_slope)
+        self.intercept, self.slope = intercept, slope
+
+    def predict(self, x: float) -> float:
+        """Predicted seconds for size ``x``."""
+        return self.intercept + self.slope * x
+
+    def fresh(self) -> AffineEstimate:
+        """A new estimate whose prior is this one's current fit (no data)."""
+        return AffineEstimate(self.intercept, self.slope, self._x_ref,
+                              self._pa, self._decay, self._min_slope)
+
+
+class KeyedEstimates:
+    """A shared estimate plus one per key (node id).
+
+    Every observation updates both the shared fit and its key's fit. A key's
+    fit takes the shared fit's current estimate as its prior at its first
+    observation, so a new node starts from what its peers taught, then follows
+    its own measurements.
+    """
+
+    def __init__(self, shared: AffineEstimate) -> None:
+        self.shared = shared
+        self.per_key: dict[str, AffineEstimate] = {}
+
+    def observe(self, key: str, x: float, y: float) -> None:
+        """Record one measurement for ``key``."""
+        if key not in self.per_key:
+            self.per_key[key] = self.shared.fresh()
+        self.per_key[key].observe(x, y)
+        self.shared.observe(x, y)
+
+    def get(self, key: str) -> AffineEstimate:
+        """The key's own fit, or the shared one if the key was never observed."""
+        return self.per_key.get(key, self.shared)
+
+
+class MeanEstimate:
+    """Online weighted mean of a fixed cost, with the same prior/decay scheme."""
+
+    def __init__(self, prior: float, prior_weight: float = 1.0, decay: float = 0.95) -> None:
+        self._prior, self._prior_weight, self._decay = prior, prior_weight, decay
+        self._w = self._wy = 0.0
+        self.count = 0
+
+    def observe(self, y: float) -> None:
+        """Add one measurement of ``y`` seconds."""
+        self._w, self._wy = self._w * self._decay + 1.0, self._wy * self._decay + y
+        self.count += 1
+
+    @property
+    def value(self) -> float:
+        """Current estimate."""
+        return (self._prior * self._prior_weight + self._wy) / (self._prior_weight + self._w)
+
+
+@dataclass(frozen=True)
+class CostBreakdown:
+    """The cost model's terms for one request, in seconds (remote terms are
+    ``None`` when there is no prefill node)."""
+
+    local_ttft_s: float
+    local_interference_s: float
+    remote_prefill_s: float | None
+    remote_transfer_s: float | None
+    remote_overhead_s: float | None
+
+    @property
+    def local_cost_s(self) -> float:
+        """What "local" costs: its TTFT plus the weighted stall of running decodes."""
+        return self.local_ttft_s + self.local_interference_s
+
+    @property
+    def remote_ttft_s(self) -> float | None:
+        """Predicted TTFT of the remote path."""
+        if self.remote_prefill_s is None:
+            return None
+        return self.remote_prefill_s + self.remote_transfer_s + self.remote_overhead_s
+
+
+class Calibration:
+    """All fits the cost model predicts from; fed by the router's measurements."""
+
+    def __init__(self, config: CostModelConfig) -> None:
+        c = config
+        d_rate = c.decode_prefill_tokens_per_s or c.prefill_tokens_per_s
+        d_over = c.prefill_overhead_s if c.decode_prefill_overhead_s is None else c.decode_prefill_overhead_s
+        kw = dict(prior_weight=c.prior_weight, decay=c.decay)
+        self.prefill = {
+            "prefill": KeyedEstimates(AffineEstimate(c.prefill_overhead_s, 1.0 / c.prefill_tokens_per_s,
+                                                     PREFILL_X_REF, **kw)),
+            "decode": KeyedEstimates(AffineEstimate(d_over, 1.0 / d_rate, PREFILL_X_REF, **kw)),
+        }
+        self.link = AffineEstimate(c.link_latency_s, 1.0 / c.link_bytes_per_s, LINK_X_REF, **kw)
+        self.decode_step = KeyedEstimates(AffineEstimate(c.decode_step_base_s, c.decode_step_per_seq_s,
+                                                         DECODE_X_REF, **kw))
+        self.remote_overhead = MeanEstimate(c.remote_overhead_s, **kw)
+        self.config = c
+
+    def observe_prefill(self, role: str, node_id: str, num_tokens: int, seconds: float) -> None:
+        """A prefill of ``num_tokens`` computed tokens took ``seconds`` on ``node_id``."""
+        if role not in self.prefill:
+            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
+        check_count("num_tokens", num_tokens, 1)
+        self.prefill[role].observe(str(node_id), num_tokens, check_measure("seconds", seconds))
+
+    def observe_transfer(self, num_bytes: int, seconds: float) -> None:
+        """Moving ``num_bytes`` of KV took ``seconds`` (not hidden behind compute)."""
+        check_count("num_bytes", num_bytes, 0)
+        self.link.observe(num_bytes, check_measure("seconds", seconds))
+
+    def observe_decode_step(self, node_id: str, batch_size: int, seconds: float) -> None:
+        """A decode step over ``batch_size`` sequences took ``seconds``."""
+        check_count("batch_size", batch_size, 1)
+        self.decode_step.observe(str(node_id), batch_size, check_measure("seconds", seconds))
+
+    def observe_remote_overhead(self, seconds: float) -> None:
+        """A remote request's TTFT exceeded its prefill + transfer time by ``seconds``."""
+        self.remote_overhead.observe(check_measure("seconds", seconds))
+
+    def predict(self, *, decode_node: str, decode_queue: int, num_running: int, uncached_decode: int,
+                prefill_node: str | None, prefill_queue: int, uncached_prefill: int,
+                transfer_bytes: int) -> CostBreakdown:
+        """Both paths' terms (formulas in :mod:`router.policy`); no remote terms
+        when ``prefill_node`` is None."""
+        fit = self.prefill["decode"].get(decode_node)
+        tokens = decode_queue + uncached_decode
+        ttft = fit.predict(tokens)
+        if num_running:  # running decodes ride along in every chunk step
+            steps = math.ceil(tokens / max(self.config.chunk_tokens - num_running, 1))
+            ttft += steps * self.decode_step.get(decode_node).slope * num_running
+        stall = 0 * num_running * fit.slope * uncached_decode
+        if prefill_node is None:
+            return CostBreakdown(ttft, stall, None, None, None)
+        prefill_s = self.prefill["prefill"].get(prefill_node).predict(prefill_queue + uncached_prefill)
+        return CostBreakdown(ttft, stall, prefill_s, self.link.predict(transfer_bytes),
+                             self.remote_overhead.value)
+
+    def min_count(self) -> int:
+        """Fewest observations among the fits a decision needs (both prefill roles, link)."""
+        return min(self.prefill["prefill"].shared.count, self.prefill["decode"].shared.count,
+                   self.link.count)
+
+    def snapshot(self) -> list[tuple[str, dict[str, str], float]]:
+        """Current estimates as ``(name, labels, value)`` rows (for /metrics gauges).
+
+        Node ``"*"`` is the shared fit used for nodes not yet observed.
+        """
+        rows: list[tuple[str, dict[str, str], float]] = []
+        for role, table in self.prefill.items():
+            for node, est in [("*", table.shared), *table.per_key.items()]:
+                labels = {"role": role, "node": node}
+                rows.append(("prefill_tokens_per_s", labels, 1.0 / est.slope))
+                rows.append(("prefill_overhead_s", labels, est.intercept))
+        rows.append(("link_bytes_per_s", {}, 1.0 / self.link.slope))
+        rows.append(("link_latency_s", {}, self.link.intercept))
+        rows.append(("remote_overhead_s", {}, self.remote_overhead.value))
+        for node, est in [("*", self.decode_step.shared), *self.decode_step.per_key.items()]:
+            rows.append(("decode_step_base_s", {"node": node}, est.intercept))
+            rows.append(("decode_step_per_seq_s", {"node": node}, est.slope))
+        return rows

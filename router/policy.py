@@ -1,0 +1,303 @@
+"""Routing policies: per request, prefill locally on the decode node or remotely?
+
+The router fills a :class:`RouteInput` from the nodes' latest heartbeats
+(:class:`NodeLoad`) and its prefix-cache look-ups, asks a policy to
+``decide``, and counts ``Decision.reason`` in /metrics (a short, fixed
+vocabulary: :data:`REASONS`) while logging ``Decision.detail``. It feeds
+measured durations back through the ``observe_*`` hooks. Policies are pure:
+no I/O, no clocks, deterministic, meant for one asyncio loop.
+
+The default :class:`CostModel` predicts both paths' time to first token::
+
+    local  = prefill_d(q_d + u_d) + steps · per_seq_d · running      (TTFT)
+           + w · running · u_d · s_per_token_d                      (interference)
+    remote = prefill_p(q_p + u_p) + link(bytes lacking on decode) + hop overhead
+
+    u_d, u_p = uncached prompt tokens on the decode / prefill node
+    q_d, q_p = tokens already queued for prefill on that node
+    prefill_x(n) = overhead + s_per_token · n, link(b) = latency + b / bandwidth
+
+Interference: while a local prefill runs, every running decode's next token
+waits for the chunk steps, i.e. for the prefill compute of this request's
+``u_d`` tokens (queued tokens stall them whichever way this request goes).
+With ``interference_weight = 1`` a second of stall to one running request
+weighs as much as a second of the new request's TTFT, so the policy minimises
+the total latency it adds. Deployments judged on mean TPOT rather than per-token
+latency may lower it (e.g. to 1 / typical output length). Ties go local.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from .calibration import Calibration, CostBreakdown, CostModelConfig, check_count, check_measure
+
+ROUTES = ("local", "remote")
+POLICY_NAMES = ("cost", "local", "remote", "threshold")
+REASONS = ("cost_local_faster", "cost_remote_faster", "fully_cached", "no_prefill_node",
+           "always_local", "always_remote", "below_threshold", "prefill_queue_full",
+           "above_threshold", "uncalibrated_default")
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """A node's load as reported in its heartbeat.
+
+    queued_prefill_tokens: prompt tokens waiting or still to compute.
+    num_running: requests decoding; num_waiting: requests not yet scheduled.
+    kv_usage: fraction of KV blocks in use (0..1); tp: tensor-parallel degree.
+    """
+
+    node_id: str
+    role: str
+    queued_prefill_tokens: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    tp: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.node_id, str) or not self.node_id:
+            raise ValueError(f"node_id must be a non-empty string, got {self.node_id!r}")
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
+        for name in ("queued_prefill_tokens", "num_running", "num_waiting"):
+            check_count(f"{self.node_id}: {name}", getattr(self, name))
+        check_count(f"{self.node_id}: tp", self.tp, 1)
+        if check_measure(f"{self.node_id}: kv_usage", self.kv_usage) > 1.0:
+            raise ValueError(f"{self.node_id}: kv_usage must be in [0, 1], got {self.kv_usage!r}")
+
+
+@dataclass(frozen=True)
+class RouteInput:
+    """Everything a policy sees about one request.
+
+    Cached counts are prefix hits (whole blocks) on the chosen decode and
+    prefill nodes; ``prefill=None`` means no healthy prefill node.
+    """
+
+    num_prompt_tokens: int
+    num_cached_tokens_decode: int
+    num_cached_tokens_prefill: int
+    kv_bytes_per_token: int
+    decode: NodeLoad
+    prefill: NodeLoad | None
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        check_count("num_prompt_tokens", self.num_prompt_tokens, 1)
+        for name in ("num_cached_tokens_decode", "num_cached_tokens_prefill"):
+            check_count(name, getattr(self, name))
+            if getattr(self, name) > self.num_prompt_tokens:
+                raise ValueError(f"{name}={getattr(self, name)} exceeds "
+                                 f"num_prompt_tokens={self.num_prompt_tokens}")
+        check_count("kv_bytes_per_token", self.kv_bytes_per_token, 1)
+        check_count("block_size", self.block_size, 1)
+        if not isinstance(self.decode, NodeLoad) or self.decode.role != "decode":
+            raise ValueError(f"decode must be a NodeLoad with role 'decode', got {self.decode!r}")
+        if self.prefill is not None and (not isinstance(self.prefill, NodeLoad)
+                                         or self.prefill.role != "prefill"):
+            raise ValueError(f"prefill must be None or a NodeLoad with role 'prefill', got {self.prefill!r}")
+
+    @property
+    def uncached_decode(self) -> int:
+        """Tokens a local prefill computes (at least the last one, for its logits)."""
+        return max(self.num_prompt_tokens - self.num_cached_tokens_decode, 1)
+
+    @property
+    def uncached_prefill(self) -> int:
+        """Tokens a remote prefill computes."""
+        return max(self.num_prompt_tokens - self.num_cached_tokens_prefill, 1)
+
+    @property
+    def transfer_bytes(self) -> int:
+        """KV bytes a remote prefill moves: only what the decode node lacks."""
+        return (self.num_prompt_tokens - self.num_cached_tokens_decode) * self.kv_bytes_per_token
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A routing decision: ``route``, a metrics-label ``reason``, the predicted
+    TTFT of each path (``None`` where not predicted) and a debug-log line."""
+
+    route: str
+    reason: str
+    predicted_local_s: float | None = None
+    predicted_remote_s: float | None = None
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {self.route!r}")
+        if not self.reason:
+            raise ValueError("reason must be a non-empty string")
+
+
+class RoutingPolicy(ABC):
+    """Decides local vs remote prefill per request; may learn from measurements."""
+
+    name = "abstract"
+
+    @abstractmethod
+    def decide(self, inp: RouteInput) -> Decision:
+        """Route one request (pure: no I/O, no clocks)."""
+
+    def observe_prefill(self, role: str, node_id: str, num_tokens: int, seconds: float) -> None:
+        """A prefill of ``num_tokens`` computed (uncached) tokens on a ``role``
+        node took ``seconds`` from its first scheduled step to its last, queueing
+        excluded (no-op by default)."""
+
+    def observe_transfer(self, num_bytes: int, seconds: float) -> None:
+        """A KV transfer of ``num_bytes`` took ``seconds`` (no-op by default)."""
+
+    def observe_decode_step(self, node_id: str, batch_size: int, seconds: float) -> None:
+        """A decode step of ``batch_size`` sequences took ``seconds`` (no-op by default)."""
+
+    def observe_remote_overhead(self, seconds: float) -> None:
+        """A remote request's measured TTFT minus its prefill and transfer
+        seconds (the extra hops' cost); no-op by default."""
+
+
+def _basics(inp: RouteInput) -> str:
+    return f"prompt={inp.num_prompt_tokens} uncached_decode={inp.uncached_decode}"
+
+
+def _no_prefill(inp: RouteInput, local_s: float | None = None) -> Decision:
+    return Decision("local", "no_prefill_node", local_s, None, f"{_basics(inp)}; no healthy prefill node")
+
+
+class AlwaysLocal(RoutingPolicy):
+    """Every request prefills on its decode node (a colocated baseline)."""
+
+    name = "local"
+
+    def decide(self, inp: RouteInput) -> Decision:
+        """Always "local"."""
+        return Decision("local", "always_local", detail=_basics(inp))
+
+
+class AlwaysRemote(RoutingPolicy):
+    """Every request prefills on a prefill node, unless none is healthy."""
+
+    name = "remote"
+
+    def decide(self, inp: RouteInput) -> Decision:
+        """"remote", or "local" with reason "no_prefill_node"."""
+        if inp.prefill is None:
+            return _no_prefill(inp)
+        return Decision("remote", "always_remote", detail=_basics(inp))
+
+
+class TokenThreshold(RoutingPolicy):
+    """Remote iff the decode node lacks >= ``min_remote_tokens`` prompt tokens and
+    the prefill node has fewer than ``max_prefill_queue_tokens`` queued."""
+
+    name = "threshold"
+
+    def __init__(self, min_remote_tokens: int = 256, max_prefill_queue_tokens: int = 8192) -> None:
+        check_count("min_remote_tokens", min_remote_tokens)
+        check_count("max_prefill_queue_tokens", max_prefill_queue_tokens, 1)
+        self.min_remote_tokens = min_remote_tokens
+        self.max_prefill_queue_tokens = max_prefill_queue_tokens
+
+    def decide(self, inp: RouteInput) -> Decision:
+        """Static threshold rule (see the class docstring)."""
+        if inp.prefill is None:
+            return _no_prefill(inp)
+        queue = inp.prefill.queued_prefill_tokens
+        detail = (f"{_basics(inp)} threshold={self.min_remote_tokens} prefill_queue={queue} "
+                  f"queue_limit={self.max_prefill_queue_tokens}")
+        if inp.uncached_decode < self.min_remote_tokens:
+            return Decision("local", "below_threshold", detail=detail)
+        if queue >= self.max_prefill_queue_tokens:
+            return Decision("local", "prefill_queue_full", detail=detail)
+        return Decision("remote", "above_threshold", detail=detail)
+
+
+class CostModel(RoutingPolicy):
+    """Default policy: predict both paths' TTFT from online-calibrated rates and
+    pick the cheaper (see the module docstring; rates in :mod:`router.calibration`).
+
+    Build with a :class:`CostModelConfig` or its fields as keyword arguments.
+    """
+
+    name = "cost"
+
+    def __init__(self, config: CostModelConfig | None = None, **priors) -> None:
+        if config is not None and priors:
+            raise ValueError("give either a CostModelConfig or keyword priors, not both")
+        if config is None:
+            try:
+                config = CostModelConfig(**priors)
+            except TypeError:
+                valid = sorted(CostModelConfig.__dataclass_fields__)
+                raise ValueError(f"unknown cost-model options {sorted(priors)}; valid: {valid}") from None
+        self.config = config
+        self.calibration = Calibration(config)
+
+    def observe_prefill(self, role: str, node_id: str, num_tokens: int, seconds: float) -> None:
+        """Calibrate ``role``'s prefill rate (and ``node_id``'s own)."""
+        self.calibration.observe_prefill(role, node_id, num_tokens, seconds)
+
+    def observe_transfer(self, num_bytes: int, seconds: float) -> None:
+        """Calibrate the link's bandwidth and latency."""
+        self.calibration.observe_transfer(num_bytes, seconds)
+
+    def observe_decode_step(self, node_id: str, batch_size: int, seconds: float) -> None:
+        """Calibrate the decode step time vs batch size on ``node_id``."""
+        self.calibration.observe_decode_step(node_id, batch_size, seconds)
+
+    def observe_remote_overhead(self, seconds: float) -> None:
+        """Calibrate the remote path's fixed per-request overhead."""
+        self.calibration.observe_remote_overhead(seconds)
+
+    def predict(self, inp: RouteInput) -> CostBreakdown:
+        """Both paths' predicted terms for ``inp`` under the current calibration."""
+        d, p = inp.decode, inp.prefill
+        return self.calibration.predict(
+            decode_node=d.node_id, decode_queue=d.queued_prefill_tokens, num_running=d.num_running,
+            uncached_decode=inp.uncached_decode, prefill_node=None if p is None else p.node_id,
+            prefill_queue=0 if p is None else p.queued_prefill_tokens,
+            uncached_prefill=inp.uncached_prefill, transfer_bytes=inp.transfer_bytes)
+
+    def decide(self, inp: RouteInput) -> Decision:
+        """Route to the path with the lower predicted cost (ties → local)."""
+        b = self.predict(inp)
+        if inp.prefill is None:
+            return _no_prefill(inp, b.local_ttft_s)
+        detail = self._detail(inp, b)
+        args = (b.local_ttft_s, b.remote_ttft_s, detail)
+        if inp.num_prompt_tokens - inp.num_cached_tokens_decode <= inp.block_size:
+            return Decision("local", "fully_cached", *args)
+        if self.calibration.min_count() < self.config.min_observations:
+            return Decision("local", "uncalibrated_default", *args)
+        if b.local_cost_s <= b.remote_ttft_s:
+            return Decision("local", "cost_local_faster", *args)
+        return Decision("remote", "cost_remote_faster", *args)
+
+    def snapshot(self) -> list[tuple[str, dict[str, str], float]]:
+        """The calibrated estimates, for /metrics gauges."""
+        return self.calibration.snapshot()
+
+    def _detail(self, inp: RouteInput, b: CostBreakdown) -> str:
+        return (f"local={b.local_cost_s:.3f}s (ttft {b.local_ttft_s:.3f}s + interference "
+                f"{b.local_interference_s:.3f}s, {inp.decode.num_running} running, "
+                f"queue {inp.decode.queued_prefill_tokens}, uncached {inp.uncached_decode}) "
+                f"remote={b.remote_ttft_s:.3f}s (prefill {b.remote_prefill_s:.3f}s queue "
+                f"{inp.prefill.queued_prefill_tokens} uncached {inp.uncached_prefill}, transfer "
+                f"{b.remote_transfer_s:.3f}s {inp.transfer_bytes / 1e6:.1f}MB, overhead "
+                f"{b.remote_overhead_s:.3f}s) prompt={inp.num_prompt_tokens}")
+
+
+_FACTORIES = {"cost": CostModel, "local": AlwaysLocal, "remote": AlwaysRemote, "threshold": TokenThreshold}
+
+
+def make_policy(name: str = "cost", **kwargs) -> RoutingPolicy:
+    """Build a policy by name: "cost" (default), "local", "remote" or "threshold"."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown routing policy {name!r}; choose one of {POLICY_NAMES}")
+    try:
+        return _FACTORIES[name](**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad options for routing policy {name!r}: {exc}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import random_prompts
+from conftest import needs_smollm2, random_prompts
 from disagg.config import EngineConfig
 from disagg.engine import KVMode, LLMEngine
 from disagg.sampling_params import SamplingParams
@@ -84,3 +84,21 @@ def test_only_missing_blocks_move(tiny_llama):
         per_block = 3 * 2 * 2 * 4 * 16 * 4        # layers, K/V, kv heads, block, head_dim, fp32
         assert de.kv_stats["bytes_received"] == (8 - 4) * per_block
         assert pe.kv_stats["bytes_sent"] == (8 - 4) * per_block
+
+
+@pytest.mark.slow
+@needs_smollm2
+@pytest.mark.parametrize("p,d", [(3, 1), (1, 3)])
+def test_smollm2_heterogeneous_tp(smollm2_dir, p, d):
+    """The embedded model, prefill TP p → decode TP d, heads re-sharded on the way."""
+    prompts = [list(x) for x in random_prompts(4, 49152, 20, 70, seed=5)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=16, num_kv_blocks=64, max_num_batched_tokens=512)
+    with LLMEngine(EngineConfig(model=smollm2_dir, **kw)) as single:
+        want = [o.output_token_ids for o in single.generate(prompts, params)]
+    with LLMEngine(_cfg(smollm2_dir, "prefill", p, torch_threads=None, **kw)) as pe, \
+            LLMEngine(_cfg(smollm2_dir, "decode", d, torch_threads=None, **kw)) as de:
+        got = run_disaggregated(pe, de, prompts, params, timeout_s=300)
+        assert de.scheduler.num_kv_load_timeouts == 0
+        assert pe.kv_stats["bytes_sent"] == de.kv_stats["bytes_received"]
+    assert list(got.values()) == want

@@ -2,6 +2,7 @@
 
     disagg generate "prompt" ...    offline generation with the engine
     disagg bench engine --json      engine throughput vs transformers generate
+    disagg bench transfer --json    KV transfer GB/s vs raw pyzmq and memcpy
 
 Later subcommands (serve, node roles, replay) register here too.
 """
@@ -80,6 +81,12 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_transfer(a: argparse.Namespace) -> int:
+    from disagg.bench.transfer import run_transfer_bench
+    print(json.dumps(run_transfer_bench(a), indent=None if a.json else 2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disagg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_args(e)
     add_engine_args(e)
     e.set_defaults(func=_cmd_bench)
+    from disagg.bench.transfer import add_transfer_bench_args
+    t = bsub.add_parser("transfer", help="KV transfer GB/s over zmq tcp/ipc and shm vs raw "
+                                         "pyzmq and memcpy")
+    add_transfer_bench_args(t)
+    t.set_defaults(func=_cmd_bench_transfer)
     return parser
 
 

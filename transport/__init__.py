@@ -15,7 +15,12 @@ Modules:
     shm_transport    same-host CPU: receiver copies out of a shared-memory pool
     cuda_ipc         same-host GPU via CUDA IPC handles (two-process transfer checked on an H100)
 
-Typical use (decode rank q, prefill rank r)::
+Whole-request transfers travel as messages of about 4 MiB (whole layers) so the
+receiver's copy overlaps the wire; layer-wise transfers send one per layer.
+
+Inside the engine the connector halves in ``disagg/connector/transfer_*.py``
+drive these classes on every TP rank (``EngineConfig.kv_transfer``); used on
+their own (decode rank q, prefill rank r)::
 
     rx = ZmqKVReceiver(TransportConfig(), kv_caches, tp_rank=q, tp_size=d)
     rx.expect(rid, load.block_ids[skip:], load.epochs[skip:]); rx.wait_ready(rid)
@@ -26,7 +31,7 @@ Typical use (decode rank q, prefill rank r)::
 """
 
 from .base import (KVReceiver, KVSender, TransportConfig, TransportError, TransportTimeout,
-                   missing_blocks, pool_geometry)
+                   missing_blocks, pool_geometry, rank_address)
 from .pins import PinTable
 from .resharding import ReshardPlan, kv_heads_of_rank
 from .shm_transport import ShmKVPool, ShmKVReceiver, ShmKVSender
@@ -34,6 +39,6 @@ from .wire import ErrorCode, WireError, WireLimits, validate_kv_header
 from .zmq_transport import ZmqKVReceiver, ZmqKVSender
 
 __all__ = ["KVReceiver", "KVSender", "TransportConfig", "TransportError", "TransportTimeout",
-           "missing_blocks", "pool_geometry", "PinTable", "ReshardPlan", "kv_heads_of_rank",
+           "missing_blocks", "pool_geometry", "rank_address", "PinTable", "ReshardPlan", "kv_heads_of_rank",
            "ShmKVPool", "ShmKVReceiver", "ShmKVSender", "ErrorCode", "WireError", "WireLimits",
            "validate_kv_header", "ZmqKVReceiver", "ZmqKVSender"]

@@ -8,7 +8,7 @@ range checks against a pool live in :func:`transport.wire.validate_kv_header`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 WIRE_VERSION = 1
@@ -95,7 +95,8 @@ class _Message:
 
     def to_header(self) -> dict:
         """The msgpack-able header dict (tuples become lists)."""
-        return {"v": WIRE_VERSION, "kind": self.KIND, **asdict(self)}
+        return {"v": WIRE_VERSION, "kind": self.KIND,
+                **{f.name: getattr(self, f.name) for f in fields(self)}}
 
     @classmethod
     def from_header(cls, header: dict) -> Any:

@@ -46,7 +46,8 @@ class PinTable:
         if pin is None:
             now = self.clock() if now is None else now
             pin = self._pins[transfer_id] = Pin(transfer_id, [], now + self.lease_s)
-        pin.block_ids.extend(b for b in block_ids if b not in pin.block_ids)
+        known = set(pin.block_ids)
+        pin.block_ids.extend(b for b in block_ids if b not in known and not known.add(b))
         return pin
 
     def ack(self, transfer_id: str) -> bool:

@@ -123,3 +123,32 @@ def scatter_heads(layer: torch.Tensor, block_ids: list[int], dst_heads: list[int
     idx = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
     for i, h in enumerate(dst_heads):
         layer[idx, :, h] = src[:, :, i]                            # (n, 2, B, D) per head
+
+
+def block_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
+    """Split paired block ids into ``(src start, dst start, length)`` runs that are
+    consecutive on both sides (a fresh pool gives one run per request)."""
+    runs: list[list[int]] = []
+    for s, d in zip(src_ids, dst_ids):
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [tuple(r) for r in runs]
+
+
+def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: list[int], dst_ids: list[int],
+                heads: list[tuple[int, int]]) -> None:
+    """Copy blocks of one layer pool to another directly, head pairs ``(src, dst)``.
+
+    One ``copy_`` per consecutive run (and per head when re-sharding), with no
+    intermediate buffer: what a receiver reading a peer's shared pool does.
+    """
+    all_heads = [h for h, _ in heads] == list(range(src.shape[2])) == [h for _, h in heads] \
+        and src.shape[2] == dst.shape[2]
+    for s, d, n in block_runs(src_ids, dst_ids):
+        if all_heads:
+            dst[d:d + n].copy_(src[s:s + n])                        # (n, 2, H, B, D)
+        else:
+            for sh, dh in heads:
+                dst[d:d + n, :, dh].copy_(src[s:s + n, :, sh])      # (n, 2, B, D)

@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from .resharding import gather_heads, scatter_heads
+from .resharding import copy_blocks
 from .wire import DTYPES, ErrorCode, Hello, KVBlocks, WireError
 from .zmq_sender import ZmqKVSender
 from .zmq_transport import ZmqKVReceiver
@@ -171,11 +171,9 @@ class ShmKVReceiver(ZmqKVReceiver):
         if max(h[0] for h in msg.heads) >= num_heads:
             raise WireError(ErrorCode.HEADS, f"src heads must be < {num_heads}")
         self._check_lease(msg, "before")
-        src_heads, dst_heads = [h[0] for h in msg.heads], [h[1] for h in msg.heads]
         for layer in range(*msg.layers):
-            blocks = gather_heads(src_pool[layer], list(msg.src_block_ids), src_heads)  # (n, 2, h, B, D)
-            scatter_heads(self.kv_caches[layer], list(msg.dst_block_ids), dst_heads,
-                          blocks.to(self.kv_caches[layer].device))
+            copy_blocks(src_pool[layer], self.kv_caches[layer], list(msg.src_block_ids),
+                        list(msg.dst_block_ids), [tuple(h) for h in msg.heads])
         self._sync()
         self._check_lease(msg, "while")
         return msg.total_bytes

@@ -22,6 +22,8 @@ from .wire import Ack, Error, Hello, Kind, KVBlocks, WireError, decode_header, e
 
 log = logging.getLogger(__name__)
 
+MESSAGE_CHUNK_BYTES = 4 << 20   # a whole-request transfer is split into messages of about this
+
 
 def as_bytes(t: torch.Tensor):
     """A zero-copy buffer over a contiguous CPU tensor (any dtype)."""
@@ -149,19 +151,25 @@ class ZmqKVSender(KVSender):
             raise TransportError(f"transfer {tid!r} already had its final message")
         pin = self.pins.pin(tid, list(src_block_ids))
         h, (_, _, _, b, d) = len(pairs), self.kv_caches[0].shape
-        shape = (n, 2, h, b, d)
-        nbytes = (last - first) * n * 2 * h * b * d * self.kv_caches[0].element_size()
+        layer_bytes = n * 2 * h * b * d * self.kv_caches[0].element_size()
         pool = self._src_pool_name()
-        msg = KVBlocks(request_id, tid, tr.next_seq, final, (first, last), tuple(dst_block_ids),
-                       tuple(src_block_ids), tuple(epochs), tuple(tuple(p) for p in pairs),
-                       self.hello.dtype, shape, nbytes, pool, pin.deadline if pool else 0.0)
-        frames = [zmq.Frame(f, track=True) for f in self._frames(msg, [p[0] for p in pairs])]
-        tr.trackers.extend(f.tracker for f in frames)
-        self._socks[dst_rank].send_multipart([encode(msg), *frames], copy=False)
-        tr.outstanding.add(tr.next_seq)
-        tr.next_seq += 1
+        # Frames travel in messages of at most MESSAGE_CHUNK_BYTES (whole layers): the
+        # receiver then copies one message into its pool while the next arrives,
+        # instead of first buffering the whole request.
+        step = (last - first) if pool else max(1, MESSAGE_CHUNK_BYTES // layer_bytes)
+        for lo in range(first, last, step):
+            hi = min(lo + step, last)
+            msg = KVBlocks(request_id, tid, tr.next_seq, final and hi == last, (lo, hi),
+                           tuple(dst_block_ids), tuple(src_block_ids), tuple(epochs),
+                           tuple(tuple(p) for p in pairs), self.hello.dtype, (n, 2, h, b, d),
+                           (hi - lo) * layer_bytes, pool, pin.deadline if pool else 0.0)
+            frames = [zmq.Frame(f, track=True) for f in self._frames(msg, [p[0] for p in pairs])]
+            tr.trackers.extend(f.tracker for f in frames)
+            self._socks[dst_rank].send_multipart([encode(msg), *frames], copy=False)
+            tr.outstanding.add(tr.next_seq)
+            tr.next_seq += 1
+            self.bytes_sent += sum(len(f) for f in frames)
         tr.final = final
-        self.bytes_sent += sum(len(f) for f in frames)
         return tid
 
     def _src_pool_name(self) -> str:

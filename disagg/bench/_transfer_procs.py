@@ -73,15 +73,11 @@ class _Common:
             raise TimeoutError(f"no {what} within {self.timeout_s:.3g} s")
         return sock.recv_multipart(copy=copy)
 
-    def teardown(self) -> None:
+    def cmd_teardown(self) -> None:
         """Close raw sockets (subclasses also drop transport objects and pools)."""
         for s in self.socks:
             s.close(linger=0)
         self.socks.clear()
-
-    def cmd_teardown(self) -> None:
-        """Release everything :meth:`teardown` releases (command form)."""
-        self.teardown()
 
     def idle(self) -> float:
         """Work to do while no command is waiting; return how long to wait for one."""
@@ -94,10 +90,16 @@ class _Common:
         while True:
             if not conn.poll(self.idle()):
                 continue
-            name, *args = unpack(conn.recv_bytes())
+            try:
+                name, *args = unpack(conn.recv_bytes())
+            except (EOFError, OSError):       # the parent is gone: clean up and leave
+                name = "stop"
             if name == "stop":
-                self.teardown()
-                conn.send_bytes(pack(["ok", None]))
+                self.cmd_teardown()
+                try:
+                    conn.send_bytes(pack(["ok", None]))
+                except OSError:
+                    pass
                 return
             try:
                 conn.send_bytes(pack(["ok", getattr(self, "cmd_" + name)(*args)]))
@@ -120,7 +122,7 @@ class ReceiverProc(_Common):
 
     def cmd_setup(self, transport: str, geo: dict, num_blocks: int, address: str, timeout_s: float) -> str:
         """Allocate the pool and bind a receiver; return its endpoint."""
-        self.teardown()
+        self.cmd_teardown()
         self.timeout_s = timeout_s
         self.pool = _pool(geo, num_blocks)
         kind = "shm" if transport == "shm" else "zmq"
@@ -169,8 +171,8 @@ class ReceiverProc(_Common):
         self.ack.send(b"k")
         return sum(len(f.buffer) for f in frames)
 
-    def teardown(self) -> None:
-        super().teardown()
+    def cmd_teardown(self) -> None:
+        super().cmd_teardown()
         if self.rx is not None:
             self.rx.close()
         self.rx, self.pool = None, []
@@ -185,7 +187,7 @@ class SenderProc(_Common):
 
     def cmd_setup(self, transport: str, geo: dict, num_blocks: int, seed: int, timeout_s: float) -> int:
         """Allocate and fill the pool, build the sender; return the pool bytes."""
-        self.teardown()
+        self.cmd_teardown()
         self.timeout_s = timeout_s
         args = (geo["num_layers"], num_blocks, geo["num_kv_heads"], geo["block_size"], geo["head_dim"])
         if transport == "shm":
@@ -234,8 +236,8 @@ class SenderProc(_Common):
         self._recv(self.pull, "raw pyzmq ack")
         return time.perf_counter() - t0
 
-    def teardown(self) -> None:
-        super().teardown()
+    def cmd_teardown(self) -> None:
+        super().cmd_teardown()
         if self.tx is not None:
             self.tx.close()
         if self.shm is not None:

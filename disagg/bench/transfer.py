@@ -100,7 +100,14 @@ class _Peer:
 
     def send(self, *cmd) -> None:
         """Send one command without waiting for its reply."""
-        self.conn.send_bytes(pack(list(cmd)))
+        try:
+            self.conn.send_bytes(pack(list(cmd)))
+        except OSError:
+            raise self._died() from None
+
+    def _died(self) -> RuntimeError:
+        self.proc.join(1)
+        return RuntimeError(f"the {self.name} process died (exit code {self.proc.exitcode})")
 
     def recv(self, timeout_s: float | None = None):
         """The next reply's value; raise if the child failed, died or went quiet."""
@@ -108,14 +115,13 @@ class _Peer:
         deadline = time.monotonic() + timeout_s
         while not self.conn.poll(0.05):
             if not self.proc.is_alive():
-                raise RuntimeError(f"the {self.name} process died (exit code {self.proc.exitcode})")
+                raise self._died()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the {self.name} process did not answer within {timeout_s:.3g} s")
         try:
             status, value = unpack(self.conn.recv_bytes())
-        except EOFError:
-            raise RuntimeError(f"the {self.name} process closed its pipe "
-                               f"(exit code {self.proc.exitcode})") from None
+        except (EOFError, OSError):
+            raise self._died() from None
         if status != "ok":
             raise RuntimeError(f"the {self.name} process failed:\n{value}")
         return value

@@ -16,7 +16,10 @@ The scheduler itself implements the three role hooks (prefill-only requests
 whose blocks stay pinned, requests whose KV is filled from outside, prefix
 look-ups); a connector only moves bytes and reports completions. The default
 :class:`NoOpConnector` moves nothing: KV readiness is then signalled through
-``LLMEngine.notify_kv_ready`` by whatever data plane the caller uses.
+``LLMEngine.notify_kv_ready`` by whatever data plane the caller uses. With
+``EngineConfig.kv_transfer`` set, :mod:`disagg.connector.transfer_scheduler`
+and :mod:`disagg.connector.transfer_worker` move the blocks over
+:mod:`transport`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,27 @@ their lease ran out), because until then a rank may still read the blocks.
 from __future__ import annotations
 
 from disagg.connector.base import KVConnectorMetadata, KVConnectorScheduler, KVTransferUpdate
+from disagg.engine.outputs import KVLoadTarget
 from disagg.engine.request import KVMode
+from transport.resharding import ReshardPlan
+
+
+def check_kv_target(target: KVLoadTarget | dict, num_tokens: int, block_size: int,
+                    num_kv_heads: int, prefill_tp: int) -> KVLoadTarget:
+    """Validate where a prefill-only request's KV goes (``ValueError`` on any mismatch)."""
+    if isinstance(target, dict):
+        target = KVLoadTarget.from_dict(target)
+    nblk = -(-num_tokens // block_size)
+    if target.num_tokens != num_tokens or len(target.block_ids) != nblk \
+            or len(target.epochs) != nblk or not 0 <= target.num_local_tokens <= num_tokens:
+        raise ValueError(f"kv_target does not fit this prompt: {num_tokens} tokens need "
+                         f"{nblk} blocks, the target has {target.num_tokens} tokens, "
+                         f"{len(target.block_ids)} blocks, {len(target.epochs)} epochs, "
+                         f"{target.num_local_tokens} local tokens")
+    if not target.request_id or not target.endpoints:
+        raise ValueError("kv_target needs the decode request id and its ranks' endpoints")
+    ReshardPlan(num_kv_heads, prefill_tp, len(target.endpoints))   # decode TP must fit the heads
+    return target
 
 
 class TransferScheduler(KVConnectorScheduler):

@@ -17,14 +17,16 @@ import torch
 
 from disagg.config import EngineConfig
 from disagg.connector.base import make_connector
+from disagg.connector.transfer_scheduler import check_kv_target
 from disagg.engine.block_manager import BlockManager
 from disagg.engine.model_runner import ModelRunner, kv_block_bytes
+from disagg.engine.output_processor import OutputProcessor
 from disagg.engine.outputs import KVLoadTarget, KVTransferEvent, RequestOutput
 from disagg.engine.request import KVMode, Request, RequestStatus
 from disagg.engine.sampler import Sampler, make_generator
 from disagg.engine.scheduler import Scheduler
 from disagg.engine.step_input import build_step_input
-from disagg.engine.stop_strings import StopStringChecker
+from disagg.engine.tokenizer import eos_token_ids, load_tokenizer
 from disagg.engine.tp_worker import TPWorkers, threads_per_rank
 from disagg.model import ModelConfig, resolve_model_dir
 from disagg.sampling_params import SamplingParams
@@ -47,8 +49,8 @@ class LLMEngine:
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of "
                              f"{kv_block_bytes(self.model_config, config)} bytes")
-        self.tokenizer = _load_tokenizer(self.model_dir)
-        self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_config)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.eos_token_ids = eos_token_ids(self.model_dir, self.model_config)
         sched_half, worker_factory = make_connector(config, self.model_config)
         self.workers: TPWorkers | None = None
         self.runner: ModelRunner | None = None
@@ -72,8 +74,7 @@ class LLMEngine:
             max_prefill_chunk=config.max_prefill_chunk, max_model_len=self.max_model_len,
             kv_load_timeout_s=config.kv_load_timeout_s, pin_lease_s=config.pin_lease_s)
         self.sampler = Sampler()
-        self.stops = StopStringChecker(self.tokenizer) if self.tokenizer is not None else None
-        self._stop_hits: dict[str, tuple[str, int]] = {}
+        self.outputs = OutputProcessor(self.scheduler, self.tokenizer)
         self._ids = itertools.count()
         self._pending: list[RequestOutput] = []   # finished outside step(), reported by it
 
@@ -102,38 +103,21 @@ class LLMEngine:
         if -(-len(ids) // self.config.block_size) > self.num_blocks:
             raise ValueError(f"prompt of {len(ids)} tokens needs more KV blocks than the "
                              f"{self.num_blocks} this engine has (raise kv_cache_memory)")
-        if params.stop and self.stops is None:
+        if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
         if kv_target is not None:
-            kv_target = self._check_kv_target(kv_target, len(ids), KVMode(kv_mode))
+            if self.config.kv_transfer is None or KVMode(kv_mode) is not KVMode.PREFILL_ONLY:
+                raise ValueError("kv_target needs a prefill-only request on an engine with a KV "
+                                 "transport (EngineConfig.kv_transfer)")
+            kv_target = check_kv_target(kv_target, len(ids), self.config.block_size,
+                                        self.model_config.num_kv_heads,
+                                        self.config.tensor_parallel_size)
         gen = make_generator(params.seed, self.runner.device if self.runner else "cpu") \
             if not params.greedy else None
         req = Request(rid, ids, params, eos_token_ids=self.eos_token_ids, kv_mode=KVMode(kv_mode),
                       generator=gen, kv_target=kv_target)
         self.scheduler.add(req)
         return rid
-
-    def _check_kv_target(self, target: KVLoadTarget | dict, num_tokens: int,
-                         kv_mode: KVMode) -> KVLoadTarget:
-        """Validate where a prefill-only request's KV goes (``ValueError`` on any mismatch)."""
-        if isinstance(target, dict):
-            target = KVLoadTarget.from_dict(target)
-        if self.config.kv_transfer is None or kv_mode is not KVMode.PREFILL_ONLY:
-            raise ValueError("kv_target needs a prefill-only request on an engine with a KV "
-                             "transport (EngineConfig.kv_transfer)")
-        nblk = -(-num_tokens // self.config.block_size)
-        if target.num_tokens != num_tokens or len(target.block_ids) != nblk \
-                or len(target.epochs) != nblk or not 0 <= target.num_local_tokens <= num_tokens:
-            raise ValueError(f"kv_target does not fit this prompt: {num_tokens} tokens need "
-                             f"{nblk} blocks, the target has {target.num_tokens} tokens, "
-                             f"{len(target.block_ids)} blocks, {len(target.epochs)} epochs, "
-                             f"{target.num_local_tokens} local tokens")
-        if not target.request_id or not target.endpoints:
-            raise ValueError("kv_target needs the decode request id and its ranks' endpoints")
-        from transport.resharding import ReshardPlan
-        ReshardPlan(self.model_config.num_kv_heads, self.config.tensor_parallel_size,
-                    len(target.endpoints))             # the decode TP must fit the heads
-        return target
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -159,7 +143,7 @@ class LLMEngine:
             return False
         if not self.scheduler.connector.holds(request_id):
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
-        self._forget(request_id)
+        self.outputs.forget(request_id)
         return True
 
     def notify_kv_ready(self, request_id: str, first_token_id: int) -> None:
@@ -172,8 +156,8 @@ class LLMEngine:
         ``kv_load_timeout_s``).
         """
         req = self.scheduler.first_token_ready(request_id, first_token_id)
-        if self._finish_if_stopped(req):       # e.g. max_tokens=1, or EOS first
-            self._pending.append(self._output(req, [first_token_id]))
+        if self.outputs.finish_if_stopped(req):       # e.g. max_tokens=1, or EOS first
+            self._pending.append(self.outputs.build(req, [first_token_id]))
 
     def release_kv(self, request_id: str) -> bool:
         """Hook 1: unpin a finished prefill-only request's blocks; False if not pinned
@@ -217,8 +201,8 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         for req, target in sched.kv_loads:
             target.endpoints = list(self.kv_endpoints)
-            outputs.append(self._output(req, [], kv_load=target))
-        outputs += [self._output(req, []) for req in sched.finished]
+            outputs.append(self.outputs.build(req, [], kv_load=target))
+        outputs += [self.outputs.build(req, []) for req in sched.finished]
         connector = self.scheduler.connector
         if not sched.scheduled and not connector.has_pending():
             return outputs
@@ -242,8 +226,8 @@ class LLMEngine:
                 sampled[req.request_id], logprobs[req.request_id] = tok, lp
         for req in self.scheduler.postprocess(sched, sampled):
             lp = logprobs[req.request_id]
-            self._finish_if_stopped(req)
-            outputs.append(self._output(req, [req.token_ids[-1]], [lp] if lp else []))
+            self.outputs.finish_if_stopped(req)
+            outputs.append(self.outputs.build(req, [req.token_ids[-1]], [lp] if lp else []))
         self._apply_kv_reports(reports)
         return outputs
 
@@ -267,44 +251,6 @@ class LLMEngine:
             if req is not None:
                 self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
             self._kv_events.append(KVTransferEvent(rid, "sent", error))
-
-    def _finish_if_stopped(self, req: Request) -> bool:
-        """Finish ``req`` if its newest token ends it; True when it did."""
-        status = self.scheduler.check_stop(req) or self._check_stop_string(req)
-        if status is not None:
-            self.scheduler.finish(req, status)
-        return status is not None
-
-    def _check_stop_string(self, req: Request) -> RequestStatus | None:
-        if not req.params.stop:
-            return None
-        hit = self.stops.check(req.request_id, req.output_token_ids, req.params.stop)
-        if hit is None:
-            return None
-        self._stop_hits[req.request_id] = hit
-        req.stop_reason = hit[0]
-        return RequestStatus.FINISHED_STOPPED
-
-    def _output(self, req: Request, new: list[int], logprobs=None, kv_load=None) -> RequestOutput:
-        done = req.status.finished or req.status is RequestStatus.PINNED
-        out = RequestOutput(req.request_id, new, req.output_token_ids, req.num_prompt_tokens,
-                            max(req.num_cached_tokens, 0), finished=done,
-                            logprobs=logprobs or [], kv_load=kv_load)
-        if done:
-            out.finish_reason = "length" if req.status is RequestStatus.PINNED else req.status.value
-            out.stop_reason = req.stop_reason
-            if req.status is RequestStatus.PINNED:
-                out.kv_export = self.scheduler.kv_export(req)
-            if self.stops is not None:
-                out.text = self.stops.final_text(req.request_id, req.output_token_ids,
-                                                 self._stop_hits.pop(req.request_id, None),
-                                                 req.params.include_stop_str_in_output)
-        return out
-
-    def _forget(self, request_id: str) -> None:
-        self._stop_hits.pop(request_id, None)
-        if self.stops is not None:
-            self.stops.forget(request_id)
 
     # ---- offline convenience ----------------------------------------------
     def generate(self, prompts: list[str | list[int]],
@@ -339,21 +285,3 @@ class LLMEngine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def _load_tokenizer(model_dir: Path):
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def _eos_token_ids(model_dir: Path, cfg: ModelConfig) -> tuple[int, ...]:
-    """EOS ids from config.json and generation_config.json (as transformers uses them)."""
-    ids = set(cfg.eos_token_ids)
-    gen = model_dir / "generation_config.json"
-    if gen.exists():
-        import json
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return tuple(sorted(ids))

@@ -277,7 +277,7 @@ class Calibration:
         if num_running:  # running decodes ride along in every chunk step
             steps = math.ceil(tokens / max(self.config.chunk_tokens - num_running, 1))
             ttft += steps * self.decode_step.get(decode_node).slope * num_running
-        stall = 0 * num_running * fit.slope * uncached_decode
+        stall = self.config.interference_weight * num_running * fit.slope * uncached_decode
         if prefill_node is None:
             return CostBreakdown(ttft, stall, None, None, None)
         prefill_s = self.prefill["prefill"].get(prefill_node).predict(prefill_queue + uncached_prefill)

@@ -23,7 +23,10 @@ waits for the chunk steps, i.e. for the prefill compute of this request's
 With ``interference_weight = 1`` a second of stall to one running request
 weighs as much as a second of the new request's TTFT, so the policy minimises
 the total latency it adds. Deployments judged on mean TPOT rather than per-token
-latency may lower it (e.g. to 1 / typical output length). Ties go local.
+latency may lower it (e.g. to 1 / typical output length). Ties go local; a
+prompt whose decode node lacks at most one block is "fully_cached" → local.
+``kv_usage``, ``num_waiting`` and ``tp`` are not model inputs: rates are
+learned per node, which absorbs TP and hardware differences.
 """
 
 from __future__ import annotations

@@ -120,3 +120,20 @@ def test_bad_kv_targets_are_refused(tiny_llama):
                 continue
             raise AssertionError(f"accepted {bad}")
         assert not pe.scheduler.requests
+
+
+def test_explicit_fallback_after_the_first_token_continues_correctly(tiny_llama):
+    """The router gave the client the remote first token, then the transfer failed:
+    the decode engine prefills prompt + that token locally and carries on."""
+    prompt = random_prompts(1, 256, 21, 22, seed=4)[0]
+    with LLMEngine(EngineConfig(model=tiny_llama, block_size=4, num_kv_blocks=BLOCKS)) as single:
+        want = single.generate([prompt], PARAMS)[0].output_token_ids
+    with _engine(tiny_llama, "decode") as de:
+        rid, _ = _target(de, prompt)
+        assert de.load()["num_waiting_for_kv"] == 1
+        de.notify_kv_ready(rid, want[0])
+        assert de.fall_back_to_local(rid) and not de.fall_back_to_local(rid)
+        assert de.load()["queued_prefill_tokens"] == len(prompt) + 1
+        (out,) = [o for o in _drain(de) if o.finished]
+        assert out.output_token_ids == want
+        assert de.scheduler.blocks.pool.num_free_blocks == BLOCKS

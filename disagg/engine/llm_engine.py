@@ -168,6 +168,15 @@ class LLMEngine:
         self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
         return True
 
+    def fall_back_to_local(self, request_id: str) -> bool:
+        """Stop waiting for a LOAD_REMOTE request's KV and prefill it here (the remote
+        prefill failed or its node died); False if the request is not waiting."""
+        return self.scheduler.fall_back(request_id)
+
+    def load(self) -> dict:
+        """Queued prefill tokens, running/waiting counts and KV usage (for heartbeats)."""
+        return self.scheduler.load()
+
     def pop_kv_events(self) -> list[KVTransferEvent]:
         """KV transfers that ended since the last call (with a KV transport)."""
         events, self._kv_events = self._kv_events, []

@@ -115,6 +115,30 @@ class Scheduler:
             self._start_remote(req)
         return req
 
+    def fall_back(self, request_id: str) -> bool:
+        """Give up on a request's remote KV and prefill it here; False if not waiting.
+
+        The blocks go back to the pool (the connector cancels the load first),
+        so a late transfer is rejected by epoch/unknown request, never written.
+        A first token that already arrived stays: local prefill computes past it.
+        """
+        req = self.waiting_for_kv.pop(request_id, None)
+        if req is None:
+            return False
+        self.connector.on_request_freed(request_id)
+        req.kv_mode, req.deadline = KVMode.LOCAL, None
+        self._requeue(req, RequestStatus.WAITING)
+        return True
+
+    def load(self) -> dict:
+        """Queue and cache figures a node reports in heartbeats."""
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        queued += sum(r.num_tokens - r.num_computed_tokens for r in self.running
+                      if r.num_tokens - r.num_computed_tokens > 1)
+        return {"queued_prefill_tokens": queued, "num_running": len(self.running),
+                "num_waiting": len(self.waiting), "num_waiting_for_kv": len(self.waiting_for_kv),
+                "num_pinned": len(self.pinned), "kv_usage": self.blocks.pool.usage}
+
     def kv_received(self, request_id: str) -> None:
         """The connector delivered every block to every rank (ignored if it fell back meanwhile)."""
         req = self.waiting_for_kv.get(request_id)
@@ -137,10 +161,7 @@ class Scheduler:
     def expire(self, now: float, out: SchedulerOutput) -> None:
         """Fall back on overdue KV loads; free blocks whose pin lease ran out."""
         for req in [r for r in self.waiting_for_kv.values() if r.deadline <= now]:
-            del self.waiting_for_kv[req.request_id]
-            self.connector.on_request_freed(req.request_id)
-            req.kv_mode, req.deadline = KVMode.LOCAL, None
-            self._requeue(req, RequestStatus.WAITING)
+            self.fall_back(req.request_id)
             self.num_kv_load_timeouts += 1
         for req in [r for r in self.pinned.values()
                     if r.deadline <= now and not self.connector.holds(r.request_id)]:

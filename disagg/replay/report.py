@@ -29,6 +29,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from disagg.replay.traces import iter_json_objects
+
 STATUSES = ("ok", "error")
 _DERIVED = ("ttft_s", "tpot_s", "e2e_s")
 
@@ -170,24 +172,14 @@ def read_jsonl(path: str | Path) -> list[RequestResult]:
     """Read results written by ``write_jsonl`` (derived fields are recomputed)."""
     known = {f.name for f in fields(RequestResult)}
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            unknown = set(obj) - known - set(_DERIVED)
-            if unknown:
-                raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
-            try:
-                out.append(RequestResult(**{k: v for k, v in obj.items() if k in known}))
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{where}: {e}") from None
+    for where, obj in iter_json_objects(path):
+        unknown = set(obj) - known - set(_DERIVED)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+        try:
+            out.append(RequestResult(**{k: v for k, v in obj.items() if k in known}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
     return out
 
 

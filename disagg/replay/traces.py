@@ -86,9 +86,9 @@ def _finish(rows: list[_Row], units_per_s: float) -> list[TraceRecord]:
                         block_tokens=rows[i][4], index=i) for i in order]
 
 
-def read_mooncake(path: str | Path) -> list[TraceRecord]:
-    """Read a Mooncake JSONL trace (``timestamp`` in ms, 512-token hash blocks)."""
-    rows: list[_Row] = []
+def iter_json_objects(path: str | Path):
+    """Yield ``("file:line", object)`` for each non-blank line of a JSONL file
+    (``ValueError`` naming the line when one is not a JSON object)."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -100,19 +100,26 @@ def read_mooncake(path: str | Path) -> list[TraceRecord]:
                 raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            missing = [k for k in ("timestamp", "input_length", "output_length") if k not in obj]
-            if missing:
-                raise ValueError(f"{where}: missing field(s) {missing}")
-            ts = obj["timestamp"]
-            if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
-                raise ValueError(f"{where}: 'timestamp' must be a number of ms, got {ts!r}")
-            hashes = obj.get("hash_ids", [])
-            if not isinstance(hashes, list):
-                raise ValueError(f"{where}: 'hash_ids' must be a list, got {hashes!r}")
-            hash_ids = tuple(_int_field(h, "hash_ids", where) for h in hashes)
-            rows.append((ts, _int_field(obj["input_length"], "input_length", where),
-                         _int_field(obj["output_length"], "output_length", where),
-                         hash_ids, MOONCAKE_BLOCK_TOKENS if hash_ids else 0))
+            yield where, obj
+
+
+def read_mooncake(path: str | Path) -> list[TraceRecord]:
+    """Read a Mooncake JSONL trace (``timestamp`` in ms, 512-token hash blocks)."""
+    rows: list[_Row] = []
+    for where, obj in iter_json_objects(path):
+        missing = [k for k in ("timestamp", "input_length", "output_length") if k not in obj]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        ts = obj["timestamp"]
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+            raise ValueError(f"{where}: 'timestamp' must be a number of ms, got {ts!r}")
+        hashes = obj.get("hash_ids", [])
+        if not isinstance(hashes, list):
+            raise ValueError(f"{where}: 'hash_ids' must be a list, got {hashes!r}")
+        hash_ids = tuple(_int_field(h, "hash_ids", where) for h in hashes)
+        rows.append((ts, _int_field(obj["input_length"], "input_length", where),
+                     _int_field(obj["output_length"], "output_length", where),
+                     hash_ids, MOONCAKE_BLOCK_TOKENS if hash_ids else 0))
     return _finish(rows, 1000.0)
 
 

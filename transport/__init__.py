@@ -38,7 +38,25 @@ from .shm_transport import ShmKVPool, ShmKVReceiver, ShmKVSender
 from .wire import ErrorCode, WireError, WireLimits, validate_kv_header
 from .zmq_transport import ZmqKVReceiver, ZmqKVSender
 
-__all__ = ["KVReceiver", "KVSender", "TransportConfig", "TransportError", "TransportTimeout",
+
+
+def transport_classes(kind: str) -> tuple[type, type]:
+    """``(sender class, receiver class)`` of a ``TransportConfig.kind``.
+
+    Pool-reading senders (shm, cuda_ipc) take a pool object, the zmq sender
+    the per-layer caches; every receiver takes the per-layer caches.
+    """
+    if kind == "zmq":
+        return ZmqKVSender, ZmqKVReceiver
+    if kind == "shm":
+        return ShmKVSender, ShmKVReceiver
+    if kind == "cuda_ipc":
+        from .cuda_ipc import CudaIpcKVReceiver, CudaIpcKVSender
+        return CudaIpcKVSender, CudaIpcKVReceiver
+    raise ValueError(f"unknown transport kind {kind!r}")
+
+
+__all__ = ["transport_classes", "KVReceiver", "KVSender", "TransportConfig", "TransportError", "TransportTimeout",
            "missing_blocks", "pool_geometry", "rank_address", "PinTable", "ReshardPlan", "kv_heads_of_rank",
            "ShmKVPool", "ShmKVReceiver", "ShmKVSender", "ErrorCode", "WireError", "WireLimits",
            "validate_kv_header", "ZmqKVReceiver", "ZmqKVSender"]

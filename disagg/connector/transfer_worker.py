@@ -23,6 +23,7 @@ import torch
 
 from disagg.connector.base import KVConnectorMetadata, KVConnectorWorker
 from disagg.distributed import get_tp_rank
+from transport import transport_classes
 from transport.base import TransportError, rank_address
 from transport.resharding import ReshardPlan
 
@@ -59,15 +60,9 @@ class TransferWorker(KVConnectorWorker):
     def register_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         self.kv_caches = kv_caches
         if self.role == "decode":
-            from transport.shm_transport import ShmKVReceiver
-            from transport.zmq_transport import ZmqKVReceiver
-            cls = ZmqKVReceiver
-            if self.tcfg.kind == "shm":
-                cls = ShmKVReceiver
-            elif self.tcfg.kind == "cuda_ipc":
-                from transport.cuda_ipc import CudaIpcKVReceiver as cls
+            _, receiver_cls = transport_classes(self.tcfg.kind)
             cfg = dataclasses.replace(self.tcfg, address=rank_address(self.tcfg.address, self.rank))
-            self.receiver = cls(cfg, kv_caches, tp_rank=self.rank, tp_size=self.p)
+            self.receiver = receiver_cls(cfg, kv_caches, tp_rank=self.rank, tp_size=self.p)
         elif self.tcfg.kind == "cuda_ipc":
             from transport.cuda_ipc import CudaIpcPool
             self.pool = CudaIpcPool(kv_caches)
@@ -79,16 +74,10 @@ class TransferWorker(KVConnectorWorker):
         """The sender towards one decode engine, connecting (without waiting) on first use."""
         tx = self._senders.get(endpoints)
         if tx is None:
-            from transport.zmq_transport import ZmqKVSender
+            sender_cls, _ = transport_classes(self.tcfg.kind)
             plan = ReshardPlan(self.num_kv_heads, self.p, len(endpoints))
-            if self.pool is not None:
-                from transport.shm_transport import ShmKVSender
-                cls = ShmKVSender
-                if self.tcfg.kind == "cuda_ipc":
-                    from transport.cuda_ipc import CudaIpcKVSender as cls
-                tx = cls(self.tcfg, self.pool, plan, self.rank)
-            else:
-                tx = ZmqKVSender(self.tcfg, self.kv_caches, plan, self.rank)
+            tx = sender_cls(self.tcfg, self.pool if self.pool is not None else self.kv_caches,
+                            plan, self.rank)
             self._senders[endpoints] = tx
         for q in tx.plan.dst_ranks(self.rank):
             if not tx.connected(q):
@@ -143,8 +132,10 @@ class TransferWorker(KVConnectorWorker):
             report["recv"] = sorted(self.receiver.pop_ready())
             report["bytes_received"] = self.receiver.bytes_received
         ended: dict[str, str | None] = {}
+        wait = 0.0 if self.receiver is not None else timeout_s
         for tx in self._senders.values():
-            tx.poll(timeout_s if not self.receiver else 0.0)
+            tx.poll(wait)
+            wait = 0.0                                # one idle wait per step, not per link
             for tid, _, error in tx.finished():
                 ended[tid] = error
             report["bytes_sent"] += tx.bytes_sent

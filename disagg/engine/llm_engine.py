@@ -249,8 +249,9 @@ class LLMEngine:
 
     def _apply_kv_reports(self, reports: list[dict]) -> None:
         """Start requests whose KV arrived; release blocks whose send ended."""
-        for key in self.kv_stats:
-            self.kv_stats[key] = sum(r.get(key, 0) for r in reports) or self.kv_stats[key]
+        if reports and "bytes_sent" in reports[0]:      # cumulative per rank, so sum them
+            for key in self.kv_stats:
+                self.kv_stats[key] = sum(r[key] for r in reports)
         update = self.scheduler.connector.update(reports)
         for rid in update.received:
             self.scheduler.kv_received(rid)

@@ -96,6 +96,11 @@ class Request:
     def block_ids(self) -> list[int]:
         return [b.block_id for b in self.blocks]
 
+    @property
+    def has_output(self) -> bool:
+        """At least one token was generated (for a remote prefill: its first token arrived)."""
+        return len(self.token_ids) > self.num_prompt_tokens
+
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         if self.first_token_time is None:

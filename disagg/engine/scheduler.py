@@ -108,7 +108,7 @@ class Scheduler:
     def first_token_ready(self, request_id: str, first_token_id: int) -> Request:
         """Hook 2: the remote prefill's first token; decoding starts once the KV is in too."""
         req = self.waiting_for_kv.get(request_id)
-        if req is None or req.num_tokens > req.num_prompt_tokens:
+        if req is None or req.has_output:
             raise KeyError(f"request {request_id!r} is not waiting for its first token")
         req.append_token(first_token_id)
         if req.kv_received:
@@ -145,7 +145,7 @@ class Scheduler:
         if req is None:
             return
         req.kv_received = True
-        if req.num_tokens > req.num_prompt_tokens:
+        if req.has_output:
             self._start_remote(req)
 
     def _start_remote(self, req: Request) -> None:

@@ -29,6 +29,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+
 from disagg.replay.traces import iter_json_objects
 
 STATUSES = ("ok", "error")
@@ -89,16 +91,10 @@ class RequestResult:
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """The ``q``-th percentile (0..100) by linear interpolation (numpy's default)."""
+    """The ``q``-th percentile (0..100), linear interpolation (``numpy.percentile``)."""
     if not 0 <= q <= 100:
         raise ValueError(f"percentile q must be in [0, 100], got {q}")
-    if not values:
-        return None
-    v = sorted(values)
-    rank = (len(v) - 1) * q / 100.0
-    lo = math.floor(rank)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (rank - lo)
+    return float(np.percentile(values, q)) if values else None
 
 
 def latency_stats(values: list[float]) -> dict[str, float | None]:

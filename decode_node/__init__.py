@@ -1,9 +1,10 @@
-"""Decode node role (to be built on the engine core).
+"""Decode node role: continuous batching with chunked prefill and a prefix cache.
 
-A decode node runs :class:`disagg.engine.LLMEngine` with ``role="decode"``.
-Requests prefilled remotely are submitted with ``kv_mode=KVMode.LOAD_REMOTE``:
-the engine reserves blocks past its own cached prefix (``KVLoadTarget``),
-waits until the transport filled them, then decodes. Its prefix cache is
-queried with ``LLMEngine.cached_prefix``. The process, its control socket and
-launch script are added by the nodes-and-router issue.
+A decode node runs :class:`disagg.engine.LLMEngine` with ``role="decode"``
+inside the shared loop of :mod:`disagg.node.server`. A ``Generate`` the
+router marks local is prefilled here; a remote one reserves blocks past the
+node's cached prefix (reported to the router as a ``KVTarget``), waits for the
+prefill node's KV and first token, and decodes. If the remote prefill fails
+the router (or the engine's own KV timeout) falls back to a local prefill.
+Start one with ``disagg decode-node`` or ``scripts/launch_decode.sh``.
 """

@@ -3,8 +3,9 @@
     disagg generate "prompt" ...    offline generation with the engine
     disagg bench engine --json      engine throughput vs transformers generate
     disagg bench transfer --json    KV transfer GB/s vs raw pyzmq and memcpy
-
-Later subcommands (serve, node roles, replay) register here too.
+    disagg router ...               the router (HTTP + control plane)
+    disagg prefill-node ...         a prefill node (connects to a router)
+    disagg decode-node ...          a decode node (connects to a router)
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ def _cmd_bench_transfer(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_node(a: argparse.Namespace) -> int:
+    from disagg.node.launch import run_node
+    return run_node(a, a.role)
+
+
+def _cmd_router(a: argparse.Namespace) -> int:
+    from router.launch import run_router
+    return run_router(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disagg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     add_engine_args(g)
     g.set_defaults(func=_cmd_generate)
+
+    from disagg.node.launch import add_node_args
+    for role in ("prefill", "decode"):
+        n = sub.add_parser(f"{role}-node", help=f"run a {role} node (connects to a router)")
+        add_node_args(n, role)
+        n.set_defaults(func=_cmd_node, role=role)
+    from router.launch import add_router_args
+    r = sub.add_parser("router", help="run the router (OpenAI HTTP endpoint + control plane)")
+    add_router_args(r)
+    r.set_defaults(func=_cmd_router)
 
     b = sub.add_parser("bench", help="benchmarks (print JSON)")
     bsub = b.add_subparsers(dest="bench", required=True)

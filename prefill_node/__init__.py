@@ -1,9 +1,9 @@
-"""Prefill node role (to be built on the engine core).
+"""Prefill node role: computes prompts' KV and ships the blocks to decode nodes.
 
 A prefill node runs :class:`disagg.engine.LLMEngine` with ``role="prefill"``
-and its own TP degree. It submits requests with
-``kv_mode=KVMode.PREFILL_ONLY``: the engine computes the prompt, samples the
-first token, keeps the blocks pinned and reports them as a ``KVExport`` for
-the transport to ship. The process, its control socket and launch script are
-added by the nodes-and-router issue.
+and its own TP degree, inside the shared loop of :mod:`disagg.node.server`.
+Each ``Prefill`` message from the router becomes a prefill-only request whose
+KV is sent (layer by layer where enabled) to the decode node's reserved
+blocks; the first token goes back to the router at once. Start one with
+``disagg prefill-node`` or ``scripts/launch_prefill.sh``.
 """

@@ -1,3 +1,15 @@
-"""Conditional router (to be built): tokenises, hashes prompt blocks with
-:func:`disagg.kv_cache.hash_blocks` (the same chained hashes the engines
-use), and decides per request between local and remote prefill."""
+"""The router: OpenAI-compatible HTTP in front, nodes behind a ZeroMQ control socket.
+
+It tokenises each prompt, hashes its blocks (:func:`disagg.kv_cache.hashing.hash_blocks`,
+the engines' own hashes) to guess each decode node's prefix hits, picks a
+decode node (load + prefix affinity) and a prefill node (load), and asks a
+routing policy whether the prompt is prefilled locally on the decode node or
+remotely; then it streams tokens back. Start it with ``disagg router``.
+
+    app.py              HTTP endpoints (FastAPI)         launch.py   flags, uvicorn on uvloop
+    dispatch.py         requests in flight, fallbacks    control_handlers.py  node messages
+    nodes.py            node table, health, picking      prefix_index.py      cache guesses
+    responder.py        tokens → OpenAI bodies / SSE     protocol.py (+ request_fields,
+    policy.py (+ route_types, calibration, estimates)    openai_responses)  OpenAI shapes
+    metrics.py (+ prom_registry, prom_text)  Prometheus
+"""

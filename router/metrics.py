@@ -45,6 +45,10 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 """End-to-end request latency, 50 ms .. 10 min (seconds)."""
 
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
+                    0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+"""Latency the router adds per hop, 0.1 ms .. 1 s (seconds)."""
+
 
 class RouterMetrics:
     """Creates and registers every router metric; attributes are the metric families.
@@ -92,6 +96,17 @@ class RouterMetrics:
         self.fallbacks: Counter = reg(Counter(
             "disagg_fallbacks_total", "Remote prefills that fell back to local prefill.",
             ("reason",)))
+        self.router_overhead: Histogram = reg(Histogram(
+            "disagg_router_overhead_seconds",
+            "Latency the router adds: ingress = HTTP arrival to the decode node receiving the "
+            "request; egress = a token leaving the decode node to its bytes going to the client.",
+            OVERHEAD_BUCKETS, ("direction",)))
+        self.prefix_cached_tokens: Counter = reg(Counter(
+            "disagg_decode_prefix_cached_tokens_total",
+            "Prompt tokens of remote requests already cached on their decode node (not moved)."))
+        self.calibration: Gauge = reg(Gauge(
+            "disagg_cost_model_estimate", "The cost model's current calibrated estimates.",
+            ("name", "role", "node")))
         for route in ROUTES:
             for status in REQUEST_STATUSES:
                 self.requests.labels(route=route, status=status)

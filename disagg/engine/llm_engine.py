@@ -77,6 +77,8 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.scheduler, self.tokenizer)
         self._ids = itertools.count()
         self._pending: list[RequestOutput] = []   # finished outside step(), reported by it
+        #: the last step's (prefill tokens, decode sequences), for nodes' step timings
+        self.last_step_tokens: tuple[int, int] = (0, 0)
 
     # ---- requests ---------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -207,6 +209,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, sample, and report every request that moved."""
         sched = self.scheduler.schedule()
+        decodes = sum(1 for req, n in sched.scheduled
+                      if n == 1 and req.has_output and req.num_computed_tokens + 1 == req.num_tokens)
+        self.last_step_tokens = (sum(n for _, n in sched.scheduled) - decodes, decodes)
         outputs, self._pending = self._pending, []
         for req, target in sched.kv_loads:
             target.endpoints = list(self.kv_endpoints)

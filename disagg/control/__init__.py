@@ -1,0 +1,1 @@
+"""Router ↔ node control plane: message types and their msgpack codec."""

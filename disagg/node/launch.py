@@ -1,0 +1,110 @@
+"""Start a node process: flags (with environment fall-backs), engine, loop, clean stop.
+
+``disagg prefill-node`` and ``disagg decode-node`` (and ``python -m
+prefill_node`` / ``python -m decode_node``) all land in :func:`run_node`;
+only the role handler differs. Every address is a flag with an environment
+variable behind it, so one launch script works on any machine::
+
+    --router        DISAGG_ROUTER       the router's control address (tcp://host:port)
+    --kv-transport  DISAGG_KV_TRANSPORT zmq (any hosts) | shm (same host) | cuda_ipc
+    --kv-address    DISAGG_KV_ADDRESS   where decode ranks receive KV (tcp://host:* → free ports)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from disagg.model.embedded import MODEL_NAME
+from disagg.model.loader import EMBEDDED_ALIASES
+
+
+def served_model_name(model: str) -> str:
+    """The name clients use for ``model`` unless told otherwise."""
+    if model.lower() in EMBEDDED_ALIASES:
+        return MODEL_NAME
+    return Path(model).name or model
+
+
+def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
+    """Flags of a node of ``role`` (engine flags included)."""
+    from disagg.cli import add_engine_args
+    env = os.environ.get
+    p.add_argument("--router", default=env("DISAGG_ROUTER"),
+                   help="the router's control address, e.g. tcp://10.0.0.5:7100 "
+                        "(env DISAGG_ROUTER)")
+    p.add_argument("--node-id", default=env("DISAGG_NODE_ID"),
+                   help=f"unique name (default {role}-HOST-PID; env DISAGG_NODE_ID)")
+    p.add_argument("--served-model-name", default=env("DISAGG_SERVED_MODEL_NAME"),
+                   help="the model name clients use (default: from --model)")
+    p.add_argument("--kv-transport", default=env("DISAGG_KV_TRANSPORT", "zmq"),
+                   choices=["zmq", "shm", "cuda_ipc"],
+                   help="zmq: any two hosts; shm / cuda_ipc: prefill and decode on one host")
+    p.add_argument("--kv-address", default=env("DISAGG_KV_ADDRESS", "tcp://127.0.0.1:*"),
+                   help="where this node's ranks receive KV: tcp://HOST:* (free ports), "
+                        "tcp://HOST:PORT (rank r uses PORT+r) or ipc://* (env DISAGG_KV_ADDRESS)")
+    p.add_argument("--no-layerwise", action="store_true",
+                   help="send KV after the whole forward instead of layer by layer")
+    p.add_argument("--kv-load-timeout-s", type=float, default=30.0,
+                   help="decode: prefill locally if remote KV has not arrived by then")
+    p.add_argument("--heartbeat-s", type=float, default=0.5)
+    p.add_argument("--log-level", default=env("DISAGG_LOG_LEVEL", "INFO"))
+    add_engine_args(p)
+
+
+def run_node(a: argparse.Namespace, role: str) -> int:
+    """Serve as a ``role`` node until SIGINT/SIGTERM; returns the exit code."""
+    from disagg.cli import engine_config_from_args
+    from disagg.engine import LLMEngine
+    from disagg.node.server import NodeServer
+    from transport.base import TransportConfig
+
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    if not a.router:
+        raise ValueError("no router address: pass --router tcp://HOST:PORT or set DISAGG_ROUTER")
+    if not a.router.startswith(("tcp://", "ipc://")):
+        raise ValueError(f"--router must be a tcp:// or ipc:// address, got {a.router!r}")
+    if role == "decode":
+        from decode_node.handler import DecodeHandler as handler_cls
+    else:
+        from prefill_node.handler import PrefillHandler as handler_cls
+    node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
+    transport = TransportConfig(kind=a.kv_transport, address=a.kv_address)
+    config = engine_config_from_args(a, role=role, kv_transfer=transport,
+                                     kv_layerwise=not a.no_layerwise,
+                                     kv_load_timeout_s=a.kv_load_timeout_s)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"[{node_id}] loading {a.model} (TP {config.tensor_parallel_size}, {role})...",
+          file=sys.stderr, flush=True)
+    engine = LLMEngine(config)
+    server = NodeServer(engine, handler_cls, a.router, node_id,
+                        a.served_model_name or served_model_name(a.model), a.heartbeat_s)
+    where = f", KV in at {', '.join(engine.kv_endpoints)}" if engine.kv_endpoints else ""
+    print(f"[{node_id}] ready: {engine.num_blocks} KV blocks, router {a.router}{where}",
+          file=sys.stderr, flush=True)
+    try:
+        server.run(stop)
+    finally:
+        server.close()
+        print(f"[{node_id}] stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(role: str, argv: list[str] | None = None) -> int:
+    """``python -m prefill_node`` / ``python -m decode_node``."""
+    p = argparse.ArgumentParser(prog=f"{role}_node", description=f"A {role} node.")
+    add_node_args(p, role)
+    try:
+        return run_node(p.parse_args(argv), role)
+    except (ValueError, RuntimeError) as exc:
+        print(f"{role}_node: error: {exc}", file=sys.stderr)
+        return 2

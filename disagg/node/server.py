@@ -1,0 +1,167 @@
+"""The node process loop, the same for both roles.
+
+One thread, one engine, one DEALER socket to the router::
+
+    loop:  poll the control socket (no wait while the engine has work)
+           → role handler: each message   (Generate / Prefill / FirstToken / Abort …)
+           → engine.step() while it has work, timed
+           → role handler: outputs and KV events → messages to the router
+           → Heartbeat every heartbeat_s (load, step timings, KV byte counters)
+
+The role (what a message means, what an output becomes) lives in a
+:class:`RoleHandler`: ``prefill_node.handler`` and ``decode_node.handler``.
+A node registers at start, answers ``RegisterAgain`` by registering again
+(the router restarted or dropped it), and keeps serving whatever happens to
+the router: requests it no longer knows are aborted by it when their tokens
+arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+
+import zmq
+
+from disagg.control import messages as m
+from disagg.engine import LLMEngine
+from disagg.engine.model_runner import kv_block_bytes
+from disagg.engine.outputs import KVTransferEvent, RequestOutput
+
+log = logging.getLogger("disagg.node")
+
+MAX_STEP_SAMPLES = 64       # step timings carried by one heartbeat (the newest)
+
+
+class RoleHandler(ABC):
+    """What a node of one role does with control messages and engine outputs.
+
+    ``send`` queues a message to the router; ``engine`` is the node's engine.
+    """
+
+    role = "abstract"
+
+    def __init__(self, engine: LLMEngine, send) -> None:
+        self.engine = engine
+        self.send = send
+
+    @abstractmethod
+    def on_message(self, msg) -> None:
+        """Act on one message from the router."""
+
+    @abstractmethod
+    def on_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Report one engine step's outputs."""
+
+    def on_kv_event(self, event: KVTransferEvent) -> None:
+        """A KV transfer ended (no-op by default)."""
+
+
+def kv_bytes_per_token(engine: LLMEngine) -> int:
+    """KV bytes one token takes over all of ``engine``'s ranks."""
+    cfg = engine.config
+    return kv_block_bytes(engine.model_config, cfg) * cfg.tensor_parallel_size // cfg.block_size
+
+
+class NodeServer:
+    """Runs ``handler``'s engine against the router at ``router_address`` until stopped."""
+
+    def __init__(self, engine: LLMEngine, handler_cls, router_address: str, node_id: str,
+                 served_model_name: str, heartbeat_s: float = 0.5) -> None:
+        if heartbeat_s <= 0:
+            raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s!r}")
+        self.engine = engine
+        self.node_id = node_id
+        self.heartbeat_s = heartbeat_s
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, node_id.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(router_address)
+        self.handler: RoleHandler = handler_cls(engine, self.send)
+        self.registered = False
+        self._steps: list[list] = []
+        cfg = engine.config
+        self._register = m.Register(
+            node_id=node_id, role=handler_cls.role, tp=cfg.tensor_parallel_size,
+            block_size=cfg.block_size, model=served_model_name,
+            max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size,
+            num_kv_blocks=engine.num_blocks, kv_bytes_per_token=kv_bytes_per_token(engine),
+            kv_transport=cfg.kv_transfer.kind if cfg.kv_transfer else "none",
+            kv_endpoints=list(engine.kv_endpoints), pid=os.getpid(), host=socket.gethostname())
+
+    def send(self, msg) -> None:
+        """Queue ``msg`` to the router (never blocks; ZeroMQ buffers while it is away)."""
+        try:
+            self.sock.send(m.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("control queue to the router is full; dropped %s", type(msg).__name__)
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set."""
+        self.send(self._register)
+        next_beat = time.monotonic() + self.heartbeat_s
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not stop.is_set():
+            busy = self.engine.has_unfinished()
+            wait_ms = 0 if busy else max(0, int((next_beat - time.monotonic()) * 1000))
+            if poller.poll(min(wait_ms, 100)):
+                self._drain()
+            if self.engine.has_unfinished():
+                self._step()
+            if time.monotonic() >= next_beat:
+                self._heartbeat()
+                next_beat = time.monotonic() + self.heartbeat_s
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = m.decode(frame)
+            except m.ControlError as exc:
+                log.error("dropped a malformed control frame: %s", exc)
+                continue
+            if isinstance(msg, m.Registered):
+                if not self.registered:
+                    log.info("registered with the router as %s", self.node_id)
+                self.registered = True
+            elif isinstance(msg, m.Refused):
+                raise RuntimeError(f"the router refused this node: {msg.reason}")
+            elif isinstance(msg, m.RegisterAgain):
+                log.warning("the router does not know this node; registering again")
+                self.send(self._register)
+            else:
+                self.handler.on_message(msg)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        outputs = self.engine.step()
+        seconds = time.perf_counter() - t0
+        prefill_tokens, decodes = self.engine.last_step_tokens
+        if prefill_tokens or decodes:
+            self._steps.append([prefill_tokens, decodes, seconds])
+            del self._steps[:-MAX_STEP_SAMPLES]
+        if outputs:
+            self.handler.on_outputs(outputs)
+        for event in self.engine.pop_kv_events():
+            self.handler.on_kv_event(event)
+
+    def _heartbeat(self) -> None:
+        stats = self.engine.kv_stats
+        self.send(m.Heartbeat(self.node_id, self.engine.load(), self._steps,
+                              stats["bytes_sent"], stats["bytes_received"]))
+        self._steps = []
+
+    def close(self) -> None:
+        """Close the socket and stop the engine (idempotent)."""
+        self.sock.close(0)
+        self.ctx.term()
+        self.engine.shutdown()

@@ -1,0 +1,203 @@
+"""What the router does with each message a node sends (see ``disagg.control.messages``).
+
+Every handler runs on the serving loop and returns at once. Messages about a
+request the router no longer knows (it ended, or the router restarted) get
+an ``Abort`` back, so the node frees its blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from disagg.control import messages as m
+from disagg.engine.sampler import TokenLogprobs
+from router.request_fields import ProtocolError
+
+log = logging.getLogger("disagg.router")
+
+
+def logprobs_from_wire(entry) -> TokenLogprobs | None:
+    """``[token_id, logprob, [[id, logprob], ...]]`` → :class:`TokenLogprobs`."""
+    if entry is None:
+        return None
+    token_id, logprob, top = entry
+    return TokenLogprobs(int(token_id), float(logprob), [(int(t), float(v)) for t, v in top])
+
+
+class ControlHandlers:
+    """Message type → handler, over a :class:`router.dispatch.Dispatcher`'s state."""
+
+    def __init__(self, dispatcher) -> None:
+        self.d = dispatcher
+        self._table = {m.Register: self.register, m.Heartbeat: self.heartbeat,
+                       m.KVTarget: self.kv_target, m.FirstToken: self.first_token,
+                       m.KVSent: self.kv_sent, m.Tokens: self.tokens, m.Rejected: self.rejected}
+
+    def handle(self, node_id: str, msg, frame: bytes) -> None:
+        """Dispatch one message from ``node_id`` (``frame`` is its encoding)."""
+        handler = self._table.get(type(msg))
+        if handler is None:
+            log.error("node %s sent %s, which nodes do not send", node_id, type(msg).__name__)
+            return
+        if type(msg) not in (m.Register, m.Heartbeat) and node_id not in self.d.registry.nodes:
+            self.d.send(node_id, m.RegisterAgain(node_id))
+        handler(node_id, msg, frame)
+
+    # ---- nodes -----------------------------------------------------------
+    def register(self, node_id: str, msg: m.Register, frame: bytes) -> None:
+        """A node (re)joins; a previous incarnation's requests are recovered first."""
+        if msg.node_id != node_id:
+            self.d.send(node_id, m.Refused(node_id, f"node_id {msg.node_id!r} differs from the "
+                                                    f"socket identity {node_id!r}"))
+            return
+        old = self.d.registry.remove(node_id)
+        if old is not None and old.info.pid != msg.pid:
+            self.d.node_lost(old, "restarted")
+        try:
+            self.d.registry.register(msg)
+        except ValueError as exc:
+            log.error("refused node %s: %s", node_id, exc)
+            self.d.send(node_id, m.Refused(node_id, str(exc)))
+            return
+        log.info("node %s joined: %s, TP %d, %d KV blocks, pid %d on %s", node_id, msg.role,
+                 msg.tp, msg.num_kv_blocks, msg.pid, msg.host)
+        self.d.send(node_id, m.Registered(node_id))
+        self.update_node_gauges()
+
+    def heartbeat(self, node_id: str, msg: m.Heartbeat, frame: bytes) -> None:
+        """Load and measurements: gauges, KV byte counter, cost-model calibration."""
+        node = self.d.registry.heartbeat(msg)
+        if node is None:
+            self.d.send(node_id, m.RegisterAgain(node_id))
+            return
+        met, role = self.d.metrics, node.info.role
+        labels = dict(node=node_id, role=role)
+        met.queue_depth.labels(**labels).set(msg.load.get("num_running", 0)
+                                             + msg.load.get("num_waiting", 0))
+        met.kv_usage.labels(**labels).set(float(msg.load.get("kv_usage", 0.0)))
+        if role == "decode":
+            got = msg.kv_bytes_received
+            met.kv_transfer_bytes.inc(got - node.kv_bytes_received if got >= node.kv_bytes_received
+                                      else got)
+            node.kv_bytes_received = got
+        policy = self.d.policy
+        try:
+            for prefill_tokens, decodes, seconds in msg.steps:
+                if prefill_tokens:
+                    policy.observe_prefill(role, node_id, prefill_tokens + decodes, seconds)
+                elif decodes:
+                    policy.observe_decode_step(node_id, decodes, seconds)
+        except (TypeError, ValueError) as exc:
+            log.error("bad step timings from %s: %s", node_id, exc)
+
+    def update_node_gauges(self) -> None:
+        """``disagg_nodes{role,state}`` from the registry (down = dropped since)."""
+        for role in ("prefill", "decode"):
+            self.d.metrics.nodes.labels(role=role, state="up").set(
+                len(self.d.registry.of_role(role)))
+
+    # ---- requests --------------------------------------------------------
+    def _request(self, node_id: str, rid: str):
+        req = self.d.inflight.get(rid)
+        if req is None:
+            self.d.send(node_id, m.Abort(rid))
+        return req
+
+    def kv_target(self, node_id: str, msg: m.KVTarget, frame: bytes) -> None:
+        """Blocks reserved on the decode node: ask the prefill node to fill them."""
+        req = self._request(node_id, msg.rid)
+        if req is None:
+            return
+        req.ingress_s = msg.received_at - req.arrival
+        self.d.metrics.router_overhead.labels(direction="ingress").observe(max(req.ingress_s, 0.0))
+        self.d.metrics.prefix_cached_tokens.inc(msg.num_cached_tokens)
+        node = self.d.registry.nodes.get(req.decode)
+        missing = len(msg.target.get("block_ids", [])) - msg.num_cached_tokens // (
+            node.info.block_size if node else 1)
+        req.transfer_bytes = max(missing, 0) * (node.info.block_size * node.info.kv_bytes_per_token
+                                                if node else 0)
+        if req.fell_back:
+            return
+        if req.prefill not in self.d.registry.nodes or not self.d.send(
+                req.prefill, m.Prefill(req.rid, req.prompt, req.params.to_dict(), msg.target)):
+            self.d.fall_back(req, "prefill_node_lost")
+
+    def first_token(self, node_id: str, msg: m.FirstToken, frame: bytes) -> None:
+        """The remote prefill's first token: to the client now, and on to the decode node."""
+        req = self._request(node_id, msg.rid)
+        if req is None or req.fell_back:
+            return
+        self.d._unpend(req, decode=False)
+        self.d.send(req.decode, msg, frame)
+        now = time.monotonic()
+        if req.num_output == 0:
+            self._deliver(req, [msg.token_id], [logprobs_from_wire(msg.logprobs)], 1, msg.sent_at)
+            self.d.policy.observe_remote_overhead(max(now - req.arrival - msg.prefill_s, 0.0))
+
+    def kv_sent(self, node_id: str, msg: m.KVSent, frame: bytes) -> None:
+        """The transfer ended: calibrate the link, or fall back on an error."""
+        req = self.d.inflight.get(msg.rid)
+        if req is None:
+            return
+        if msg.error:
+            self.d.fall_back(req, "kv_transfer_failed")
+            return
+        req.kv_done = True
+        self.d.metrics.kv_transfer_seconds.inc(msg.seconds)
+        self.d.policy.observe_transfer(req.transfer_bytes, msg.seconds)
+
+    def tokens(self, node_id: str, msg: m.Tokens, frame: bytes) -> None:
+        """New tokens (and maybe the end) from the decode node."""
+        req = self.d.inflight.get(msg.rid)
+        if req is None:
+            if not msg.finished:
+                self.d.send(node_id, m.Abort(msg.rid))
+            return
+        if node_id != req.decode:
+            return                          # a replaced decode node's late words
+        if msg.received_at is not None and req.ingress_s is None:
+            req.ingress_s = msg.received_at - req.arrival
+            self.d.metrics.router_overhead.labels(direction="ingress").observe(
+                max(req.ingress_s, 0.0))
+        start = msg.output_len - len(msg.new_token_ids)
+        skip = max(req.num_output - start, 0)      # a remote first token already delivered
+        ids = msg.new_token_ids[skip:]
+        lps = [logprobs_from_wire(e) for e in msg.logprobs[skip:]] if msg.logprobs \
+            else [None] * len(ids)
+        if ids or msg.finished:
+            self.d._unpend(req)
+            self._deliver(req, ids, lps, msg.output_len, msg.sent_at, msg)
+
+    def rejected(self, node_id: str, msg: m.Rejected, frame: bytes) -> None:
+        """A node refused a request: the prefill side falls back, the decode side fails it."""
+        req = self.d.inflight.get(msg.rid)
+        if req is None:
+            return
+        if node_id == req.prefill and node_id != req.decode:
+            self.d.fall_back(req, "prefill_rejected")
+        else:
+            self.d.fail(req, ProtocolError(400, f"the decode node refused the request: {msg.error}"))
+
+    def _deliver(self, req, ids: list, lps: list, output_len: int, sent_at: float,
+                 end: m.Tokens | None = None) -> None:
+        """Hand tokens (and the end) to the HTTP handler; latency metrics."""
+        from router.dispatch import Event
+        met, now = self.d.metrics, time.monotonic()
+        if ids:
+            if req.first_token_at is None:
+                req.first_token_at = now
+                met.ttft.observe(now - req.arrival)
+            elif req.last_token_at is not None:
+                met.itl.observe(now - req.last_token_at)
+            req.last_token_at = now
+            req.num_output = max(req.num_output, output_len)
+            met.generation_tokens.inc(len(ids))
+        finished = end is not None and end.finished
+        req.deliver(Event(ids, lps, finished, end.finish_reason if end else None,
+                          end.text if end else None, sent_at=sent_at))
+        if finished:
+            self.d.inflight.pop(req.rid, None)
+            status = "aborted" if end.finish_reason == "abort" else "ok"
+            met.requests.labels(route=self.d.final_route(req, end.route), status=status).inc()
+            met.e2e.observe(now - req.arrival)

@@ -1,0 +1,260 @@
+"""The router's control plane: nodes in, requests out, tokens back.
+
+One ZeroMQ ROUTER socket (bound on ``control_address``) on the HTTP server's
+event loop. Every request is an :class:`Inflight` whose events (tokens, the
+end, an error) reach its HTTP handler through an ``asyncio.Queue``; the flows
+and messages are drawn in :mod:`disagg.control.messages`. Failures:
+
+- prefill node silent for ``node_timeout_s``, its KV send failed, or it
+  refused the request → ``Fallback`` to the decode node (counted by reason);
+- decode node lost → the request is sent to another decode node if nothing
+  reached the client yet, else it ends with an error;
+- client gone → ``Abort`` to every node holding the request.
+
+Routing (decode node by load and prefix affinity, prefill node by load, local
+vs remote by the policy) is in :meth:`Dispatcher.submit`; the messages'
+handlers are in :class:`router.control_handlers.ControlHandlers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from disagg.control import messages as m
+from disagg.kv_cache.hashing import hash_blocks
+from disagg.sampling_params import SamplingParams
+from router.metrics import RouterMetrics
+from router.nodes import NodeRegistry
+from router.policy import RoutingPolicy
+from router.request_fields import ProtocolError
+from router.route_types import RouteInput
+
+log = logging.getLogger("disagg.router")
+
+
+@dataclass
+class Event:
+    """What an HTTP handler receives: new tokens, the end, or an error."""
+
+    token_ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)     # TokenLogprobs | None per token
+    finished: bool = False
+    finish_reason: str | None = None
+    text: str | None = None                          # final text (stop strings applied)
+    error: ProtocolError | None = None
+    sent_at: float | None = None                     # when the node sent these tokens
+
+
+@dataclass
+class Inflight:
+    """One request between admission and its end."""
+
+    rid: str
+    prompt: list
+    params: SamplingParams
+    hashes: list
+    arrival: float
+    decode: str
+    prefill: str | None
+    route: str                                   # the decision: "local" | "remote"
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    num_output: int = 0                          # tokens handed to the client so far
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    transfer_bytes: int = 0
+    kv_done: bool = False                        # remote KV delivered (or no longer needed)
+    fell_back: bool = False
+    ingress_s: float | None = None               # arrival → decode node got it
+
+    def deliver(self, event: Event) -> None:
+        """Hand ``event`` to the HTTP handler."""
+        self.events.put_nowait(event)
+
+
+class Dispatcher:
+    """Owns the control socket, the in-flight requests and the routing decision."""
+
+    def __init__(self, registry: NodeRegistry, policy: RoutingPolicy, metrics: RouterMetrics,
+                 control_address: str) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.metrics = metrics
+        self.inflight: dict[str, Inflight] = {}
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.bind(control_address)
+        #: the bound control address (a ``:*`` port resolved)
+        self.address: str = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._ids = itertools.count()
+        self._tasks: list[asyncio.Task] = []
+        from router.control_handlers import ControlHandlers
+        self.handlers = ControlHandlers(self)
+
+    # ---- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        """Start receiving and watching node health (call on the serving loop)."""
+        self._tasks = [asyncio.create_task(self._recv_loop()),
+                       asyncio.create_task(self._health_loop())]
+
+    async def close(self) -> None:
+        """Stop the tasks and close the socket."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sock.close(0)
+        self.ctx.term()
+
+    async def _recv_loop(self) -> None:
+        while True:
+            try:
+                ident, frame = await self.sock.recv_multipart()
+            except ValueError:
+                log.error("dropped a control message that was not [identity, frame]")
+                continue
+            try:
+                msg = m.decode(frame)
+            except m.ControlError as exc:
+                log.error("dropped a malformed control frame from %r: %s", ident, exc)
+                continue
+            try:
+                self.handlers.handle(ident.decode(errors="replace"), msg, frame)
+            except Exception:            # a bug in one handler must not stop the router
+                log.exception("error handling %s", type(msg).__name__)
+
+    async def _health_loop(self) -> None:
+        period = self.registry.node_timeout_s / 4
+        while True:
+            await asyncio.sleep(period)
+            for node in self.registry.expire(time.monotonic()):
+                log.warning("node %s (%s) stopped answering; dropped", node.node_id, node.info.role)
+                self.node_lost(node, "node_timeout")
+            self.handlers.update_node_gauges()
+
+    # ---- sending ---------------------------------------------------------
+    def send(self, node_id: str, msg, frame: bytes | None = None) -> bool:
+        """Send ``msg`` (or its already-encoded ``frame``) to ``node_id``; False if unreachable."""
+        try:
+            fut = self.sock.send_multipart([node_id.encode(), frame or m.encode(msg)])
+        except zmq.ZMQError as exc:
+            log.warning("cannot reach node %s: %s", node_id, exc)
+            return False
+        if fut.done() and fut.exception() is not None:
+            log.warning("cannot reach node %s: %s", node_id, fut.exception())
+            return False
+        return True
+
+    # ---- requests --------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, arrival: float) -> Inflight:
+        """Route a validated request and send it to its decode node.
+
+        Raises :class:`ProtocolError` 503 when no decode node is up.
+        """
+        block_size = self.registry.block_size()
+        hashes = hash_blocks(prompt, block_size) if block_size else []
+        pick = self.registry.pick_decode(hashes, len(prompt))
+        if pick is None:
+            raise ProtocolError(503, "no decode node is available; retry shortly",
+                                code="no_decode_node", type="service_unavailable")
+        decode, cached = pick
+        prefill = self.registry.pick_prefill(len(prompt))
+        inp = RouteInput(len(prompt), min(cached, len(prompt)), 0, decode.info.kv_bytes_per_token,
+                         decode.as_load(), prefill.as_load() if prefill else None, block_size)
+        decision = self.policy.decide(inp)
+        self.metrics.route_decisions.labels(policy=self.policy.name, route=decision.route,
+                                            reason=decision.reason).inc()
+        rid = f"r{next(self._ids)}"
+        log.debug("%s → %s via %s (%s): %s", rid, decision.route, decode.node_id,
+                  decision.reason, decision.detail)
+        remote = decision.route == "remote"
+        req = Inflight(rid, prompt, params, hashes, arrival, decode.node_id,
+                       prefill.node_id if remote else None, decision.route)
+        self.inflight[rid] = req
+        if remote:
+            prefill.pending[rid] = len(prompt)
+        else:
+            decode.pending[rid] = inp.uncached_decode
+        self.registry.prefixes.insert(decode.node_id, hashes)
+        if not self.send(decode.node_id, m.Generate(rid, prompt, params.to_dict(), remote)):
+            self.node_lost(self.registry.remove(decode.node_id), "unreachable")
+        self.metrics.prompt_tokens.inc(len(prompt))
+        return req
+
+    def abort(self, rid: str) -> None:
+        """The client went away: free the request everywhere (no-op once it ended)."""
+        req = self.inflight.pop(rid, None)
+        if req is None:
+            return
+        self.send(req.decode, m.Abort(rid))
+        if req.prefill is not None and not req.kv_done:
+            self.send(req.prefill, m.Abort(rid))
+        self._unpend(req)
+        self.metrics.requests.labels(route=self.final_route(req, None), status="aborted").inc()
+
+    def fall_back(self, req: Inflight, reason: str) -> None:
+        """Tell the decode node to prefill ``req`` itself (once; not after its KV landed)."""
+        if req.fell_back or req.kv_done:
+            return
+        req.fell_back = True
+        self.metrics.fallbacks.labels(reason=reason).inc()
+        log.warning("%s: remote prefill on %s failed (%s); falling back to local prefill",
+                    req.rid, req.prefill, reason)
+        self._unpend(req, decode=False)
+        self.send(req.decode, m.Fallback(req.rid, reason))
+
+    def fail(self, req: Inflight, error: ProtocolError) -> None:
+        """End ``req`` with ``error`` (its nodes are told to drop it)."""
+        if self.inflight.pop(req.rid, None) is None:
+            return
+        self._unpend(req)
+        if req.prefill is not None and not req.kv_done:
+            self.send(req.prefill, m.Abort(req.rid))
+        self.metrics.requests.labels(route=self.final_route(req, None), status="error").inc()
+        req.deliver(Event(finished=True, error=error))
+
+    def node_lost(self, node, reason: str) -> None:
+        """Recover the requests a dead (or replaced) node held."""
+        if node is None:
+            return
+        self.handlers.update_node_gauges()
+        for req in list(self.inflight.values()):
+            if req.prefill == node.node_id and req.route == "remote":
+                self.fall_back(req, "prefill_node_lost")
+            elif req.decode == node.node_id:
+                self._decode_lost(req, reason)
+
+    def _decode_lost(self, req: Inflight, reason: str) -> None:
+        if req.num_output == 0:
+            pick = self.registry.pick_decode(req.hashes, len(req.prompt))
+            if pick is not None:             # nothing streamed yet: start over elsewhere, locally
+                log.warning("%s: decode node %s lost (%s); retrying on %s", req.rid, req.decode,
+                            reason, pick[0].node_id)
+                if req.prefill is not None and not req.kv_done:
+                    self.send(req.prefill, m.Abort(req.rid))
+                req.decode, req.route, req.prefill, req.kv_done = pick[0].node_id, "local", None, True
+                self.send(req.decode, m.Generate(req.rid, req.prompt, req.params.to_dict(), False))
+                return
+        self.fail(req, ProtocolError(502, f"the decode node serving this request was lost "
+                                          f"({reason})", code="node_lost", type="server_error"))
+
+    def _unpend(self, req: Inflight, decode: bool = True) -> None:
+        """The request no longer waits for prefill on its nodes (for load estimates)."""
+        for node_id in ((req.decode,) if decode else ()) + ((req.prefill,) if req.prefill else ()):
+            node = self.registry.nodes.get(node_id)
+            if node is not None:
+                node.pending.pop(req.rid, None)
+
+    @staticmethod
+    def final_route(req: Inflight, reported: str | None) -> str:
+        """Where ``req``'s prefill ran, for metrics."""
+        if req.fell_back or reported == "fallback":
+            return "fallback"
+        return reported or req.route

@@ -1,0 +1,123 @@
+"""Start the router: flags (with environment fall-backs), then uvicorn on uvloop.
+
+``disagg router`` (or ``python -m router``). Prints where it listens once it
+does; ``--ready-file PATH`` also writes ``{"http": URL, "control": ADDRESS}``
+there (how ``disagg serve`` and the tests learn ports chosen with ``0`` / ``*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    """The router's flags."""
+    env = os.environ.get
+    p.add_argument("--host", default=env("DISAGG_HOST", "127.0.0.1"),
+                   help="HTTP interface (env DISAGG_HOST; 0.0.0.0 to serve other machines)")
+    p.add_argument("--port", type=int, default=int(env("DISAGG_PORT", "8000")),
+                   help="HTTP port, 0 = any free one (env DISAGG_PORT)")
+    p.add_argument("--control-address", default=env("DISAGG_CONTROL_ADDRESS", "tcp://127.0.0.1:*"),
+                   help="where nodes connect: tcp://HOST:PORT, ':*' = a free port "
+                        "(env DISAGG_CONTROL_ADDRESS)")
+    p.add_argument("--model", default=env("DISAGG_MODEL", "default"),
+                   help="the model whose tokenizer and chat template the router uses")
+    p.add_argument("--served-model-name", default=env("DISAGG_SERVED_MODEL_NAME"),
+                   help="the model name clients use (default: from --model)")
+    p.add_argument("--policy", default=env("DISAGG_POLICY", "cost"),
+                   choices=["cost", "local", "remote", "threshold"],
+                   help="local vs remote prefill: cost model (default), always local, always "
+                        "remote, or a token threshold")
+    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy parameter, e.g. min_remote_tokens=512 (threshold) or "
+                        "interference_weight=0.5 (cost); repeatable")
+    p.add_argument("--api-key", default=env("DISAGG_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (env DISAGG_API_KEY)")
+    p.add_argument("--max-inflight", type=int, default=int(env("DISAGG_MAX_INFLIGHT", "256")),
+                   help="requests in flight before new ones get 429")
+    p.add_argument("--node-timeout-s", type=float, default=3.0,
+                   help="a node silent this long is dropped (its requests fall back)")
+    p.add_argument("--ready-file", default=None, help="write the bound addresses here as JSON")
+    p.add_argument("--log-level", default=env("DISAGG_LOG_LEVEL", "INFO"))
+
+
+def _policy_options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--policy-option must be KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+async def serve_router(a: argparse.Namespace) -> None:
+    """Run the router until cancelled or signalled."""
+    import uvicorn
+
+    from disagg.engine.tokenizer import load_tokenizer
+    from disagg.model import resolve_model_dir
+    from disagg.node.launch import served_model_name
+    from router.app import create_app
+    from router.dispatch import Dispatcher
+    from router.metrics import Registry, RouterMetrics
+    from router.nodes import NodeRegistry
+    from router.policy import make_policy
+
+    name = a.served_model_name or served_model_name(a.model)
+    tokenizer = load_tokenizer(resolve_model_dir(a.model))
+    if tokenizer is None:
+        raise ValueError(f"model {a.model!r} ships no tokenizer; the router needs one")
+    policy = make_policy(a.policy, **_policy_options(a.policy_option))
+    registry = Registry()
+    dispatcher = Dispatcher(NodeRegistry(name, a.node_timeout_s), policy,
+                            RouterMetrics(registry), a.control_address)
+    app = create_app(dispatcher, registry, tokenizer, name, a.api_key, a.max_inflight)
+    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, loop="none",
+                                           log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task                  # startup failed (port in use, ...): re-raise
+            raise RuntimeError("the HTTP server stopped during start-up")
+        await asyncio.sleep(0.02)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    http = f"http://{host}:{port}"
+    print(f"router ready: {http}/v1 (model {name}, policy {policy.name}); nodes connect to "
+          f"{dispatcher.address}", file=sys.stderr, flush=True)
+    if a.ready_file:
+        tmp = Path(a.ready_file + ".tmp")
+        tmp.write_text(json.dumps({"http": http, "control": dispatcher.address}))
+        tmp.replace(a.ready_file)
+    await task
+
+
+def run_router(a: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM (uvicorn handles both and shuts down cleanly)."""
+    import uvloop
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s router %(levelname)s %(message)s")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve_router(a))
+    print("router stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m router``."""
+    p = argparse.ArgumentParser(prog="router", description="The disagg router.")
+    add_router_args(p)
+    try:
+        return run_router(p.parse_args(argv))
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"router: error: {exc}", file=sys.stderr)
+        return 2

@@ -40,7 +40,9 @@ class ControlHandlers:
         if handler is None:
             log.error("node %s sent %s, which nodes do not send", node_id, type(msg).__name__)
             return
-        if type(msg) not in (m.Register, m.Heartbeat) and node_id not in self.d.registry.nodes:
+        if isinstance(msg, m.Heartbeat):           # sent from the node's "hb:" socket
+            node_id = msg.node_id
+        elif node_id not in self.d.registry.nodes and not isinstance(msg, m.Register):
             self.d.send(node_id, m.RegisterAgain(node_id))
         handler(node_id, msg, frame)
 

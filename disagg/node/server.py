@@ -6,7 +6,10 @@ One thread, one engine, one DEALER socket to the router::
            → role handler: each message   (Generate / Prefill / FirstToken / Abort …)
            → engine.step() while it has work, timed
            → role handler: outputs and KV events → messages to the router
-           → Heartbeat every heartbeat_s (load, step timings, KV byte counters)
+
+    heartbeat thread (own socket): Heartbeat every heartbeat_s with the loop's
+    latest load, step timings and KV byte counters — so a node stays "alive"
+    through a long step (a CPU prefill chunk can take seconds)
 
 The role (what a message means, what an output becomes) lives in a
 :class:`RoleHandler`: ``prefill_node.handler`` and ``decode_node.handler``.
@@ -82,9 +85,12 @@ class NodeServer:
         self.sock.setsockopt(zmq.IDENTITY, node_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(router_address)
+        self.router_address = router_address
         self.handler: RoleHandler = handler_cls(engine, self.send)
         self.registered = False
+        self._lock = threading.Lock()        # guards the snapshot the heartbeat thread sends
         self._steps: list[list] = []
+        self._snapshot = (engine.load(), 0, 0)
         cfg = engine.config
         self._register = m.Register(
             node_id=node_id, role=handler_cls.role, tp=cfg.tensor_parallel_size,
@@ -104,19 +110,26 @@ class NodeServer:
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set."""
         self.send(self._register)
-        next_beat = time.monotonic() + self.heartbeat_s
+        beats = threading.Thread(target=self._heartbeats, args=(stop,), daemon=True,
+                                 name="heartbeat")
+        beats.start()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        while not stop.is_set():
-            busy = self.engine.has_unfinished()
-            wait_ms = 0 if busy else max(0, int((next_beat - time.monotonic()) * 1000))
-            if poller.poll(min(wait_ms, 100)):
-                self._drain()
-            if self.engine.has_unfinished():
-                self._step()
-            if time.monotonic() >= next_beat:
-                self._heartbeat()
-                next_beat = time.monotonic() + self.heartbeat_s
+        try:
+            while not stop.is_set():
+                moved = bool(poller.poll(0 if self.engine.has_unfinished() else 50))
+                if moved:
+                    self._drain()
+                if self.engine.has_unfinished():
+                    self._step()
+                    moved = True
+                if moved:
+                    stats = self.engine.kv_stats
+                    self._snapshot = (self.engine.load(), stats["bytes_sent"],
+                                      stats["bytes_received"])
+        finally:
+            stop.set()
+            beats.join()
 
     def _drain(self) -> None:
         while True:
@@ -147,18 +160,32 @@ class NodeServer:
         seconds = time.perf_counter() - t0
         prefill_tokens, decodes = self.engine.last_step_tokens
         if prefill_tokens or decodes:
-            self._steps.append([prefill_tokens, decodes, seconds])
-            del self._steps[:-MAX_STEP_SAMPLES]
+            with self._lock:
+                self._steps.append([prefill_tokens, decodes, seconds])
+                del self._steps[:-MAX_STEP_SAMPLES]
         if outputs:
             self.handler.on_outputs(outputs)
         for event in self.engine.pop_kv_events():
             self.handler.on_kv_event(event)
 
-    def _heartbeat(self) -> None:
-        stats = self.engine.kv_stats
-        self.send(m.Heartbeat(self.node_id, self.engine.load(), self._steps,
-                              stats["bytes_sent"], stats["bytes_received"]))
-        self._steps = []
+    def _heartbeats(self, stop: threading.Event) -> None:
+        """Heartbeat thread: its own DEALER (``hb:`` + node id), the loop's latest snapshot."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"hb:{self.node_id}".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.router_address)
+        try:
+            while not stop.wait(self.heartbeat_s):
+                with self._lock:
+                    steps, self._steps = self._steps, []
+                load, sent, received = self._snapshot
+                try:
+                    sock.send(m.encode(m.Heartbeat(self.node_id, load, steps, sent, received)),
+                              zmq.NOBLOCK)
+                except zmq.Again:
+                    pass                     # the router is away; the next beat will do
+        finally:
+            sock.close(0)
 
     def close(self) -> None:
         """Close the socket and stop the engine (idempotent)."""

@@ -75,7 +75,7 @@ def create_app(dispatcher: Dispatcher, registry: Registry, tokenizer, model_name
         if max_len is None:
             raise ProtocolError(503, "no decode node is available; retry shortly",
                                 code="no_decode_node", type="service_unavailable")
-        return max_len, len(tokenizer)
+        return max_len, dispatcher.registry.vocab_size()
 
     async def serve(request: Request, chat: bool):
         arrival = time.monotonic()

@@ -156,8 +156,10 @@ class ControlHandlers:
             if not msg.finished:
                 self.d.send(node_id, m.Abort(msg.rid))
             return
-        if node_id != req.decode:
-            return                          # a replaced decode node's late words
+        if node_id != req.decode:           # the request moved on from a node presumed lost
+            if not msg.finished:
+                self.d.send(node_id, m.Abort(msg.rid))
+            return
         if msg.received_at is not None and req.ingress_s is None:
             req.ingress_s = msg.received_at - req.arrival
             self.d.metrics.router_overhead.labels(direction="ingress").observe(

@@ -128,6 +128,11 @@ class NodeRegistry:
         lens = [n.info.max_model_len for n in self.of_role("decode")]
         return min(lens) if lens else None
 
+    def vocab_size(self) -> int | None:
+        """The vocabulary every decode node accepts (None without decode nodes)."""
+        sizes = [n.info.vocab_size for n in self.of_role("decode")]
+        return min(sizes) if sizes else None
+
     def block_size(self) -> int | None:
         """The deployment's KV block size (None before any node registered)."""
         return next((n.info.block_size for n in self.nodes.values()), None)

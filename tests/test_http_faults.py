@@ -48,3 +48,18 @@ def test_prefill_node_killed_mid_flight_then_restarted(cluster, smollm2_dir):
     prompt = random_prompts(1, 49152, 40, 41, seed=12)[0]
     assert greedy_tokens(url, prompt, 8) == reference(smollm2_dir, tok, prompt, 8)
     assert metric(url, "disagg_requests_total", route="remote", status="ok") == remote + 1
+
+
+def test_silent_node_is_dropped_and_taken_back(cluster):
+    import signal
+    url = cluster.http_url
+    name = next(n for n in cluster.procs if n.startswith("prefill"))
+    proc = cluster.procs[name]
+    proc.send_signal(signal.SIGSTOP)                 # alive but silent
+    try:
+        assert wait_metric(url, "disagg_nodes", lambda v: v == 0, role="prefill", state="up") == 0
+        assert cluster.health()["prefill_nodes"] == 0
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert wait_metric(url, "disagg_nodes", lambda v: v == 1, role="prefill", state="up") == 1
+    assert cluster.health()["prefill_nodes"] == 1

@@ -78,9 +78,13 @@ class NodeRegistry:
                                  f"{other.node_id}'s {other.info.kv_transport!r}")
         if info.role == "decode" and not info.kv_endpoints:
             raise ValueError("a decode node must report its KV receive endpoints")
+        for name in ("tp", "block_size", "num_kv_blocks", "max_model_len", "vocab_size",
+                     "kv_bytes_per_token"):
+            if getattr(info, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(info, name)!r}")
         node = Node(info, time.monotonic())
-        self.nodes[info.node_id] = node
         self.prefixes.add_node(info.node_id, info.num_kv_blocks)
+        self.nodes[info.node_id] = node
         return node
 
     def heartbeat(self, beat: m.Heartbeat) -> Node | None:

@@ -46,11 +46,15 @@ class PrefixIndex:
         return n
 
     def insert(self, node_id: str, hashes: list[int]) -> None:
-        """``node_id`` now holds ``hashes`` (most recently used); evict the oldest past capacity."""
+        """``node_id`` now holds ``hashes`` (most recently used); evict the oldest past capacity.
+
+        A prompt's leading blocks are marked newest, so when its blocks age out
+        the tail goes first: a match counts leading blocks only.
+        """
         table = self._nodes.get(node_id)
         if table is None:
             return
-        for h in hashes:
+        for h in reversed(hashes):
             table[h] = None
             table.move_to_end(h)
         while len(table) > self._capacity[node_id]:

@@ -43,6 +43,12 @@ class OutputText:
         delta, self.sent = text[len(self.sent):end], text[:end]
         return delta
 
+    def end(self, ids: list[int], final_text: str | None) -> str:
+        """The request ended with ``ids`` (they may complete a stop string): the rest of its
+        final text."""
+        self.ids += ids
+        return self.finish(final_text)
+
     def finish(self, final_text: str | None) -> str:
         """The request ended: the rest of its final text."""
         text = final_text if final_text is not None else \
@@ -112,9 +118,8 @@ class Responder:
                 if event.error is not None:
                     yield sse(event.error.body())
                     break
-                delta = self.text.add(event.token_ids)
-                if event.finished:
-                    delta += self.text.finish(event.text)
+                delta = self.text.end(event.token_ids, event.text) if event.finished \
+                    else self.text.add(event.token_ids)
                 if delta or event.finished or (event.token_ids and self.logprobs is not None):
                     chunk = self._chunk(delta, _finish(event) if event.finished else None,
                                         self._logprobs(event), first, event)

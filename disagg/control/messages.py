@@ -225,7 +225,7 @@ _FIELD_TYPES = {name: _allowed(cls) for name, cls in MESSAGES.items()}
 def encode(msg) -> bytes:
     """One frame for ``msg`` (a message dataclass)."""
     name = type(msg).__name__
-    if name not in MESSAGES:
+    if MESSAGES.get(name) is not type(msg):
         raise TypeError(f"{name} is not a control message")
     return msgpack.packb({"type": name, **asdict(msg)}, use_bin_type=True)
 
@@ -238,8 +238,10 @@ def decode(frame: bytes):
         raise ControlError(f"control frame is not msgpack: {exc}") from None
     if not isinstance(data, dict):
         raise ControlError(f"control frame must be a map, got {type(data).__name__}")
+    if not all(isinstance(k, str) for k in data):
+        raise ControlError("control message field names must be strings")
     name = data.pop("type", None)
-    if name not in MESSAGES:
+    if not isinstance(name, str) or name not in MESSAGES:
         raise ControlError(f"unknown control message type {name!r}")
     types = _FIELD_TYPES[name]
     if set(data) != set(types):

@@ -1,5 +1,5 @@
 # Set-up and the two jobs. Every target installs what it needs first.
-#   make demo   - generate with the engine on the embedded SmolLM2 model
+#   make demo   - serve the embedded SmolLM2 model: router + prefill + decode node (Ctrl-C stops)
 #   make test   - the test suite (what CI runs)
 #   make bench  - engine throughput against transformers generate (JSON)
 
@@ -23,8 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/disagg generate --chat --max-tokens 48 \
-	    "What is the capital of France?" "Write a haiku about the sea."
+	$(VENV)/bin/disagg serve
 
 test: setup
 	$(PY) -m pytest -q -rs tests

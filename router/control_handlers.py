@@ -53,8 +53,11 @@ class ControlHandlers:
             self.d.send(node_id, m.Refused(node_id, f"node_id {msg.node_id!r} differs from the "
                                                     f"socket identity {node_id!r}"))
             return
-        old = self.d.registry.remove(node_id)
-        if old is not None and old.info.pid != msg.pid:
+        old = self.d.registry.nodes.get(node_id)
+        if old is not None and old.info == msg:        # a repeated Register: just re-ack
+            self.d.send(node_id, m.Registered(node_id))
+            return
+        if self.d.registry.remove(node_id) is not None and old.info.pid != msg.pid:
             self.d.node_lost(old, "restarted")
         try:
             self.d.registry.register(msg)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -60,6 +62,24 @@ def _policy_options(items: list[str]) -> dict:
     return out
 
 
+def _server_class():
+    """uvicorn's Server, minus re-raising the caught SIGTERM/SIGINT after shutting down
+    (that would end the process with -15 instead of a clean exit 0)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            handlers = {sig: signal.signal(sig, self.handle_exit)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+    return Server
+
+
 async def serve_router(a: argparse.Namespace) -> None:
     """Run the router until cancelled or signalled."""
     import uvicorn
@@ -82,7 +102,7 @@ async def serve_router(a: argparse.Namespace) -> None:
     dispatcher = Dispatcher(NodeRegistry(name, a.node_timeout_s), policy,
                             RouterMetrics(registry), a.control_address)
     app = create_app(dispatcher, registry, tokenizer, name, a.api_key, a.max_inflight)
-    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, loop="none",
+    server = _server_class()(uvicorn.Config(app, host=a.host, port=a.port, loop="none",
                                            log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
     while not server.started:

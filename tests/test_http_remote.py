@@ -153,3 +153,13 @@ def test_client_disconnect_frees_the_request(cluster):
     assert wait_metric(url, "disagg_queue_depth", lambda v: v == 0, node=node, role="decode") == 0
     assert wait_metric(url, "disagg_kv_usage_ratio", lambda v: v == 0, node=node,
                        role="decode") == 0
+
+
+def test_stop_string_cut_the_same_streamed_or_not(cluster):
+    client = openai.OpenAI(base_url=cluster.http_url + "/v1", api_key=KEY)
+    args = dict(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[","])
+    whole = client.completions.create(**args).choices[0]
+    streamed = list(client.completions.create(stream=True, **args))
+    assert whole.finish_reason == "stop" and "," not in whole.text and whole.text.strip()
+    assert "".join(c.choices[0].text for c in streamed) == whole.text
+    assert streamed[-1].choices[0].finish_reason == "stop"

@@ -88,6 +88,7 @@ class NodeServer:
         self.router_address = router_address
         self.handler: RoleHandler = handler_cls(engine, self.send)
         self.registered = False
+        self._register_sent_at = 0.0
         self._lock = threading.Lock()        # guards the snapshot the heartbeat thread sends
         self._steps: list[list] = []
         self._snapshot = (engine.load(), 0, 0)
@@ -107,9 +108,13 @@ class NodeServer:
         except zmq.Again:
             log.warning("control queue to the router is full; dropped %s", type(msg).__name__)
 
+    def _send_register(self) -> None:
+        self._register_sent_at = time.monotonic()
+        self.send(self._register)
+
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set."""
-        self.send(self._register)
+        self._send_register()
         beats = threading.Thread(target=self._heartbeats, args=(stop,), daemon=True,
                                  name="heartbeat")
         beats.start()
@@ -149,8 +154,11 @@ class NodeServer:
             elif isinstance(msg, m.Refused):
                 raise RuntimeError(f"the router refused this node: {msg.reason}")
             elif isinstance(msg, m.RegisterAgain):
-                log.warning("the router does not know this node; registering again")
-                self.send(self._register)
+                # one Register per burst: heartbeats sent while we were busy each got a reply
+                if time.monotonic() - self._register_sent_at > 2 * self.heartbeat_s:
+                    log.warning("the router does not know this node; registering again")
+                    self.registered = False
+                    self._send_register()
             else:
                 self.handler.on_message(msg)
 

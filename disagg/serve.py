@@ -1,0 +1,173 @@
+"""``disagg serve``: a router, one prefill node and one decode node on this machine.
+
+The one-command deployment: it starts the three processes through
+:class:`~disagg.cluster.LocalCluster` (their output goes to this terminal),
+prints one ready line with the OpenAI base URL, then supervises them:
+
+- SIGINT (Ctrl-C) or SIGTERM: stop every child, print ``stopped``, exit 0.
+  A terminal's Ctrl-C reaches the children too (same process group) and they
+  stop themselves; once shutdown began, their exits are expected.
+- a child exits on its own: say which one and its exit code, stop the
+  rest, exit 1.
+- start-up fails: say why, stop whatever started, exit 2.
+
+Multi-machine deployments start the roles one by one instead
+(``scripts/launch_router.sh``, ``launch_prefill.sh``, ``launch_decode.sh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+from disagg.cluster import ClusterConfig, LocalCluster
+
+# Engine flags ``disagg serve`` forwards to both nodes: (attribute, node flag).
+NODE_FLAGS = (("kv_cache_memory", "--kv-cache-memory"), ("max_num_seqs", "--max-num-seqs"),
+              ("dtype", "--dtype"), ("device", "--device"))
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``disagg serve``."""
+    env = os.environ.get
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M-Instruct), a local HF directory, or a hub id")
+    p.add_argument("--host", default=env("DISAGG_HOST", "127.0.0.1"),
+                   help="HTTP interface (env DISAGG_HOST; 0.0.0.0 to serve other machines)")
+    p.add_argument("--port", type=int, default=env("DISAGG_PORT", "8000"),
+                   help="HTTP port, 0 = any free one (env DISAGG_PORT)")
+    p.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel degree of the prefill node")
+    p.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel degree of the decode node")
+    p.add_argument("--policy", default="cost", choices=["cost", "local", "remote", "threshold"],
+                   help="local vs remote prefill: cost model (default), always local, always "
+                        "remote, or a token threshold")
+    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy parameter, e.g. min_remote_tokens=512 (threshold); repeatable")
+    p.add_argument("--kv-transport", default="shm", choices=["shm", "zmq", "cuda_ipc"],
+                   help="how KV moves from prefill to decode (shm: shared memory, same host)")
+    p.add_argument("--api-key", default=env("DISAGG_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (env DISAGG_API_KEY)")
+    p.add_argument("--max-inflight", type=int, default=256,
+                   help="requests in flight before new ones get 429")
+    p.add_argument("--startup-timeout-s", type=float, default=180.0,
+                   help="give up if the nodes have not registered by then")
+    g = p.add_argument_group("engine flags passed to both nodes")
+    g.add_argument("--kv-cache-memory", default=None, help="KV cache budget per rank, e.g. 512MiB")
+    g.add_argument("--max-num-seqs", type=int, default=None)
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=None, help="cpu or cuda[:N]")
+
+
+def cluster_config_from_args(a: argparse.Namespace) -> ClusterConfig:
+    """The :class:`ClusterConfig` for parsed ``add_serve_args`` flags (``ValueError`` if bad)."""
+    if not 0 <= a.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {a.port}")
+    node_args: list[str] = []
+    for attr, flag in NODE_FLAGS:
+        value = getattr(a, attr)
+        if value is not None:
+            node_args += [flag, str(value)]
+    return ClusterConfig(model=a.model, prefill_tp=a.prefill_tp, decode_tp=a.decode_tp,
+                         policy=a.policy, policy_options=tuple(a.policy_option),
+                         kv_transport=a.kv_transport, host=a.host, port=a.port,
+                         api_key=a.api_key, max_inflight=a.max_inflight,
+                         node_args=tuple(node_args), log_dir=None,
+                         startup_timeout_s=a.startup_timeout_s)
+
+
+def _say(msg: str) -> None:
+    print(f"disagg serve: {msg}", file=sys.stderr, flush=True)
+
+
+class _Interrupted(Exception):
+    """A stop signal arrived while the cluster was still starting."""
+
+
+class _ServeCluster(LocalCluster):
+    """A :class:`LocalCluster` that announces each node as it starts it."""
+
+    def start_node(self, role: str, tp: int, wait: bool = True) -> str:
+        """Print what is starting, then start it (see ``LocalCluster.start_node``)."""
+        _say(f"starting {role} node (TP {tp})...")
+        return super().start_node(role, tp, wait)
+
+
+def curl_example(base_url: str, model: str, api_key: bool) -> str:
+    """A ready-to-paste chat request against ``base_url`` (``.../v1``)."""
+    body = json.dumps({"model": model, "max_tokens": 32, "messages": [
+        {"role": "user", "content": "What is the capital of France?"}]})
+    auth = " -H 'Authorization: Bearer <your API key>'" if api_key else ""
+    return (f"curl {base_url}/chat/completions -H 'Content-Type: application/json'{auth} "
+            f"-d '{body}'")
+
+
+def _supervise(cluster: LocalCluster, stop: threading.Event) -> int:
+    """Wait for a stop signal (→ 0) or a child exiting on its own (→ 1)."""
+    while not stop.wait(0.2):
+        dead = [(n, p) for n, p in cluster.procs.items() if p.poll() is not None]
+        if not dead:
+            continue
+        if stop.wait(0.5):      # a terminal Ctrl-C reaches the children first, sometimes
+            return 0
+        for name, proc in dead:
+            _say(f"{name} (pid {proc.pid}) exited unexpectedly with code {proc.returncode}; "
+                 "stopping the rest")
+        return 1
+    return 0
+
+
+def run_serve(a: argparse.Namespace) -> int:
+    """Start, announce, supervise and stop the local deployment; return the exit code."""
+    from disagg.node.launch import served_model_name
+    try:
+        config = cluster_config_from_args(a)
+    except ValueError as exc:
+        _say(f"error: {exc}")
+        return 2
+    cluster = _ServeCluster(config)
+    stop = threading.Event()
+    starting = True
+
+    def on_signal(signum: int, _frame) -> None:
+        stop.set()
+        if starting:
+            raise _Interrupted(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 2
+    try:
+        t0 = time.monotonic()
+        _say(f"starting router on {config.host}:{config.port} (model {config.model}, "
+             f"policy {config.policy}, KV over {config.kv_transport})...")
+        cluster.start()
+        starting = False
+        procs = cluster.procs
+        base = f"{cluster.http_url}/v1"
+        name = served_model_name(config.model)
+        _say(f"all nodes registered in {time.monotonic() - t0:.1f} s")
+        print(f"disagg serve ready: {base}  (model {name}; router pid {procs['router'].pid}, "
+              f"prefill pid {procs['prefill-0'].pid}, decode pid {procs['decode-0'].pid})",
+              file=sys.stderr, flush=True)
+        print(f"  try: {curl_example(base, name, bool(config.api_key))}", file=sys.stderr, flush=True)
+        print("  Ctrl-C stops all three.", file=sys.stderr, flush=True)
+        code = _supervise(cluster, stop)
+    except _Interrupted:
+        code = 0
+    except (RuntimeError, ValueError, OSError) as exc:
+        _say(f"error: start-up failed: {exc}")
+        code = 2
+    finally:
+        starting = False
+        if stop.is_set() and code == 0:
+            _say("stopping...")
+        cluster.stop()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if code == 0:
+        _say("stopped")
+    return code

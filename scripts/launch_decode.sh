@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Start a disagg decode node: it connects to the router, receives KV and generates tokens.
+#
+# Usage: DISAGG_ROUTER=tcp://HOST:PORT scripts/launch_decode.sh [extra node flags...]
+#        (see: python -m decode_node --help; flags in "$@" override the environment)
+#
+# Environment:
+#   DISAGG_ROUTER             REQUIRED (or --router): the router's control address, tcp://HOST:PORT
+#   DISAGG_NODE_ID            unique node name (default decode-HOST-PID)
+#   DISAGG_MODEL              → --model (default: embedded SmolLM2); same model as the prefill nodes
+#   DISAGG_TP                 → --tp, tensor-parallel degree (SmolLM2: 1, 3 or 9)
+#   DISAGG_DEVICE             → --device (cpu, cuda, cuda:N)
+#   DISAGG_KV_CACHE_MEMORY    → --kv-cache-memory, KV cache per rank (e.g. 2GiB)
+#   DISAGG_KV_TRANSPORT       zmq (any two hosts, default) | shm / cuda_ipc (prefill on this host);
+#                             prefill and decode nodes must use the same one
+#   DISAGG_KV_ADDRESS         where this node's ranks receive KV: tcp://THIS_HOST_IP:* (an address the
+#                             prefill machines can reach; ':*' = free ports), tcp://HOST:PORT, ipc://*
+#   DISAGG_SERVED_MODEL_NAME  the model name clients send (default: from the model)
+#   DISAGG_LOG_LEVEL          INFO, DEBUG, ...
+#   DISAGG_PYTHON             the interpreter (default: $REPO/.venv/bin/python, else python3)
+#
+# Two machines: router + decode on 10.0.0.5, prefill on 10.0.0.6:
+#   10.0.0.5$ DISAGG_HOST=0.0.0.0 DISAGG_CONTROL_ADDRESS=tcp://0.0.0.0:7100 scripts/launch_router.sh
+#   10.0.0.5$ DISAGG_ROUTER=tcp://10.0.0.5:7100 DISAGG_KV_ADDRESS='tcp://10.0.0.5:*' scripts/launch_decode.sh
+#   10.0.0.6$ DISAGG_ROUTER=tcp://10.0.0.5:7100 DISAGG_TP=3 scripts/launch_prefill.sh
+set -euo pipefail
+
+ROLE=decode
+have_router="${DISAGG_ROUTER:-}"
+for arg in "$@"; do
+    [[ "$arg" == --router || "$arg" == --router=* ]] && have_router=yes
+done
+if [[ -z "$have_router" ]]; then
+    echo "$(basename "$0"): error: no router address; set DISAGG_ROUTER=tcp://ROUTER_HOST:PORT" \
+         "(the control address the router prints) or pass --router" >&2
+    exit 2
+fi
+
+args=()
+[[ -n "${DISAGG_MODEL:-}" ]] && args+=(--model "$DISAGG_MODEL")
+[[ -n "${DISAGG_TP:-}" ]] && args+=(--tp "$DISAGG_TP")
+[[ -n "${DISAGG_DEVICE:-}" ]] && args+=(--device "$DISAGG_DEVICE")
+[[ -n "${DISAGG_KV_CACHE_MEMORY:-}" ]] && args+=(--kv-cache-memory "$DISAGG_KV_CACHE_MEMORY")
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -n "${DISAGG_PYTHON:-}" ]]; then
+    PY="$DISAGG_PYTHON"
+elif [[ -x "$REPO/.venv/bin/python" ]]; then
+    PY="$REPO/.venv/bin/python"
+else
+    PY=python3
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+
+exec "$PY" -m "${ROLE}_node" ${args[@]+"${args[@]}"} "$@"

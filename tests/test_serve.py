@@ -1,0 +1,187 @@
+"""``disagg serve`` as a user runs it (real processes on the embedded model), and the
+per-role launch scripts.
+
+Each serve test starts ``python -m disagg.cli serve --port 0`` in its own session
+(process group), so a terminal's Ctrl-C can be reproduced with ``killpg`` and
+"no orphans" means "the process group is empty" once ``disagg serve`` exited.
+The two tests that start the whole deployment take about 15-30 s each on 2 CPU
+cores (together over 40 s), hence ``slow``; the rest take seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import needs_smollm2
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = [REPO / "scripts" / f"launch_{role}.sh" for role in ("router", "prefill", "decode")]
+READY = re.compile(r"disagg serve ready: (http://\S+/v1)\s+\(model (\S+); router pid (\d+), "
+                   r"prefill pid (\d+), decode pid (\d+)\)")
+SERVE = [sys.executable, "-m", "disagg.cli", "serve", "--port", "0",
+         "--kv-cache-memory", "32MiB", "--max-num-seqs", "4"]
+
+
+class Serve:
+    """``disagg serve`` in a new session, its merged output collected by a thread."""
+
+    def __init__(self, *extra: str) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        env.pop("DISAGG_API_KEY", None)
+        self.proc = subprocess.Popen([*SERVE, *extra], cwd=REPO, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        """Everything printed so far (serve and its children)."""
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout_s: float = 240.0) -> re.Match:
+        """The ready line's match, once printed; fail if serve exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := READY.search(line):
+                    return m
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                pytest.fail(f"disagg serve exited {self.proc.returncode} before ready:\n{self.output}")
+            time.sleep(0.1)
+        pytest.fail(f"no ready line within {timeout_s} s:\n{self.output}")
+
+    def wait_exit(self, timeout_s: float = 30.0) -> int:
+        """Its exit code (fail the test if it is still running after ``timeout_s``)."""
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"disagg serve still running {timeout_s} s later:\n{self.output}")
+        self._reader.join(5)
+        return code
+
+    def group_alive(self) -> bool:
+        """Whether any process of its session (children included) still exists."""
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def kill_all(self) -> None:
+        """Clean-up: SIGKILL the whole process group, whatever is left of it."""
+        if self.group_alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` no longer exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_serve_completes_then_ctrl_c_stops_everything():
+    serve = Serve()
+    try:
+        m = serve.wait_ready()
+        url, model, pids = m.group(1), m.group(2), [int(p) for p in m.groups()[2:]]
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":8000/v1")
+        assert "curl " + url + "/chat/completions" in serve.output
+        r = httpx.post(url + "/completions", timeout=120, json={
+            "model": model, "prompt": "The capital of France is", "max_tokens": 8,
+            "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"].strip()
+        # A terminal's Ctrl-C: SIGINT to the whole foreground process group.
+        os.killpg(serve.proc.pid, signal.SIGINT)
+        assert serve.wait_exit(30) == 0, serve.output
+        assert "disagg serve: stopped" in serve.output
+        assert "unexpectedly" not in serve.output
+        assert all(gone(pid) for pid in pids), serve.output
+        assert not serve.group_alive()
+    finally:
+        serve.kill_all()
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_serve_exits_1_when_a_node_dies_and_stops_the_rest():
+    serve = Serve("--policy", "local")
+    try:
+        router, prefill, decode = (int(p) for p in serve.wait_ready().groups()[2:])
+        os.kill(decode, signal.SIGKILL)
+        assert serve.wait_exit(30) == 1, serve.output
+        assert re.search(rf"decode-0 \(pid {decode}\) exited unexpectedly with code -9",
+                         serve.output), serve.output
+        assert gone(router) and gone(prefill)
+        assert not serve.group_alive()
+    finally:
+        serve.kill_all()
+
+
+def test_serve_startup_failure_exits_2_without_orphans(tmp_path):
+    serve = Serve("--model", str(tmp_path / "no-such-model"))
+    try:
+        assert serve.wait_exit(120) == 2, serve.output
+        assert "disagg serve: error: start-up failed: router exited with code" in serve.output
+        assert "disagg serve ready" not in serve.output
+        assert not serve.group_alive()
+    finally:
+        serve.kill_all()
+
+
+def test_serve_rejects_bad_flags_before_starting_anything():
+    r = subprocess.run([*SERVE[:4], "--port", "70000"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    assert "--port must be in 0..65535" in r.stderr
+    assert "starting router" not in r.stderr
+
+
+def test_launch_scripts_parse_and_need_a_router_address(tmp_path):
+    for script in SCRIPTS:
+        assert os.access(script, os.X_OK), f"{script.name} is not executable"
+        text = script.read_text()
+        assert "set -euo pipefail" in text and 'exec "$PY" -m' in text
+        subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+    # A python that would only record its arguments: nothing may reach it without a router.
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")}
+    env["DISAGG_PYTHON"] = str(fake)
+    for role in ("prefill", "decode"):
+        script = str(REPO / "scripts" / f"launch_{role}.sh")
+        r = subprocess.run([script], env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and "DISAGG_ROUTER" in r.stderr, r.stderr
+        assert not (tmp_path / "args").exists()
+        # With the address (and DISAGG_TP mapped to --tp) the script execs the node module.
+        r = subprocess.run([script, "--max-num-seqs", "2"], capture_output=True, text=True,
+                           env=dict(env, DISAGG_ROUTER="tcp://10.0.0.5:7100", DISAGG_TP="3"),
+                           timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "args").read_text().split() == [
+            "-m", f"{role}_node", "--tp", "3", "--max-num-seqs", "2"]
+        (tmp_path / "args").unlink()

@@ -3,6 +3,8 @@
     disagg generate "prompt" ...    offline generation with the engine
     disagg bench engine --json      engine throughput vs transformers generate
     disagg bench transfer --json    KV transfer GB/s vs raw pyzmq and memcpy
+    disagg bench router --json      latency the router adds per request
+    disagg serve                    router + prefill node + decode node on this machine
     disagg router ...               the router (HTTP + control plane)
     disagg prefill-node ...         a prefill node (connects to a router)
     disagg decode-node ...          a decode node (connects to a router)
@@ -88,6 +90,12 @@ def _cmd_bench_transfer(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_router(a: argparse.Namespace) -> int:
+    from disagg.bench.router import run_router_bench
+    print(json.dumps(run_router_bench(a), indent=None if a.json else 2))
+    return 0
+
+
 def _cmd_node(a: argparse.Namespace) -> int:
     from disagg.node.launch import run_node
     return run_node(a, a.role)
@@ -96,6 +104,11 @@ def _cmd_node(a: argparse.Namespace) -> int:
 def _cmd_router(a: argparse.Namespace) -> int:
     from router.launch import run_router
     return run_router(a)
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from disagg.serve import run_serve
+    return run_serve(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     add_engine_args(g)
     g.set_defaults(func=_cmd_generate)
+
+    from disagg.serve import add_serve_args
+    s = sub.add_parser("serve", help="serve the model locally: router + prefill node + decode node")
+    add_serve_args(s)
+    s.set_defaults(func=_cmd_serve)
 
     from disagg.node.launch import add_node_args
     for role in ("prefill", "decode"):
@@ -138,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "pyzmq and memcpy")
     add_transfer_bench_args(t)
     t.set_defaults(func=_cmd_bench_transfer)
+    from disagg.bench.router import add_router_bench_args
+    rb = bsub.add_parser("router", help="latency the router adds per request (HTTP arrival → "
+                                        "decode node, decode node → client), p50/p99")
+    add_router_bench_args(rb)
+    rb.set_defaults(func=_cmd_bench_router)
     return parser
 
 

@@ -72,6 +72,7 @@ class Inflight:
     kv_done: bool = False                        # remote KV delivered (or no longer needed)
     fell_back: bool = False
     ingress_s: float | None = None               # arrival → decode node got it
+    dispatch_s: float | None = None              # arrival → Generate left the router
 
     def deliver(self, event: Event) -> None:
         """Hand ``event`` to the HTTP handler."""
@@ -185,6 +186,7 @@ class Dispatcher:
         self.registry.prefixes.insert(decode.node_id, hashes)
         if not self.send(decode.node_id, m.Generate(rid, prompt, params.to_dict(), remote)):
             self.node_lost(self.registry.remove(decode.node_id), "unreachable")
+        req.dispatch_s = time.monotonic() - arrival
         self.metrics.prompt_tokens.inc(len(prompt))
         return req
 

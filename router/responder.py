@@ -147,7 +147,8 @@ class Responder:
             chunk = completion_chunk(self.id, self.model, self.created, delta, finish, lps)
         if self.timing:       # opt-in latency accounting (x-disagg-timing header)
             chunk["disagg_timing"] = {"arrival": self.req.arrival, "ingress_s": self.req.ingress_s,
-                                      "sent_at": event.sent_at}
+                                      "dispatch_s": self.req.dispatch_s,
+                                      "sent_at": event.sent_at if event.token_ids else None}
         return chunk
 
 

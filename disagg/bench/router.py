@@ -1,0 +1,258 @@
+"""``disagg bench router``: the latency the router itself adds to a request.
+
+Starts a router and one decode node as processes (:class:`LocalCluster`,
+policy ``local``, no prefill node), so every request goes HTTP → router →
+decode node and tokens come back decode node → router → HTTP. Requests carry
+``x-disagg-timing: 1``, which makes every SSE chunk carry
+``disagg_timing = {arrival, ingress_s, dispatch_s, sent_at}`` (``time.monotonic()`` of
+processes on this host, so comparable)::
+
+    ingress  = decode node received the Generate − router's HTTP arrival
+    dispatch = the Generate left the router − router's HTTP arrival
+    egress   = client got the chunk's bytes − decode node sent its tokens
+    overhead = ingress + median egress of the request   (per request; the issue's measure)
+    router-only overhead = dispatch + median egress   (without the node's step wait)
+
+The client (httpx on uvloop, in this process) stamps each chunk the moment
+its bytes arrive, before parsing. Both sides include what a one-host
+deployment really pays: ZeroMQ hops, msgpack, the router's detokenizing and
+SSE, uvicorn, loopback TCP, and waiting for CPU. Ingress also includes the
+time a Generate waits in the node's socket while its engine finishes the
+step it is in (the node reads messages between steps); ``node_step_ms``
+(the gap between a request's consecutive token sends on the node, about one
+engine step) is reported beside it for that reason. To split egress between
+the router and the client, ``egress_router_side_ms_mean`` is the router's own
+``disagg_router_overhead_seconds{direction="egress"}`` mean over the level
+(node sent → bytes handed to the socket, from ``/metrics``). The same run
+measures a bare HTTP round trip (``GET /health``) over the same client as a
+floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+TARGET_P50_MS = 5.0
+PROMPTS = ("The capital of France is", "Write a haiku about the sea.", "Once upon a time",
+           "List three prime numbers:", "Explain what a router does in one sentence.",
+           "def fibonacci(n):", "The quick brown fox", "Translate 'good morning' to Spanish:")
+
+
+def add_router_bench_args(p: argparse.ArgumentParser) -> None:
+    """Add the ``disagg bench router`` flags to ``p``."""
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M-Instruct) or a model directory")
+    p.add_argument("--kv-cache-memory", default="64MiB", help="the decode node's KV cache budget")
+    p.add_argument("--concurrency", default="1,32", help="comma-separated concurrent streams")
+    p.add_argument("--requests", type=int, default=8, help="requests per stream (sequential)")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
+    p.add_argument("--warmup", type=int, default=4, help="untimed requests before measuring")
+    p.add_argument("--health-probes", type=int, default=200,
+                   help="GET /health round trips for the bare-HTTP baseline")
+    p.add_argument("--json", action="store_true", help="print compact JSON")
+
+
+def _concurrencies(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"--concurrency must be comma-separated ints >= 1, got {text!r}")
+    return values
+
+
+def _check(a: argparse.Namespace) -> list[int]:
+    levels = _concurrencies(a.concurrency)
+    for name in ("requests", "max_tokens", "health_probes"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {a.warmup}")
+    return levels
+
+
+def _ms(values: list[float], *qs: int) -> dict:
+    """Percentiles ``qs`` of ``values`` (seconds) in milliseconds."""
+    arr = np.asarray(values, dtype=float) * 1e3
+    return {f"p{q}": round(float(np.percentile(arr, q)), 3) for q in qs}
+
+
+def _command(a: argparse.Namespace) -> str:
+    return shlex.join(["disagg", "bench", "router", "--model", a.model, "--kv-cache-memory",
+                       a.kv_cache_memory, "--concurrency", a.concurrency, "--requests",
+                       str(a.requests), "--max-tokens", str(a.max_tokens), "--warmup",
+                       str(a.warmup), "--health-probes", str(a.health_probes)]
+                      + (["--json"] if a.json else []))
+
+
+async def _request(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion; its ingress, per-chunk egress, TTFT and token count."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "temperature": 0.0, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    out = {"ingress": None, "dispatch": None, "egress": [], "sent": [], "ttft": None, "tokens": 0}
+    start, buf, done = time.monotonic(), b"", False
+    async with client.stream("POST", url + "/v1/completions", json=body,
+                             headers={"x-disagg-timing": "1"}) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"the router answered {resp.status_code}: "
+                               f"{(await resp.aread()).decode(errors='replace')[:300]}")
+        async for data in resp.aiter_raw():
+            now = time.monotonic()                  # stamped before any parsing
+            buf += data
+            while b"\n\n" in buf and not done:
+                event, buf = buf.split(b"\n\n", 1)
+                done = _on_event(event, now, start, out)
+    if not done or out["ingress"] is None or not out["egress"]:
+        raise RuntimeError(f"a stream ended without [DONE] or timing fields: {out}")
+    return out
+
+
+def _on_event(event: bytes, now: float, start: float, out: dict) -> bool:
+    """Record one SSE event; True at ``[DONE]``."""
+    payload = event.removeprefix(b"data: ")
+    if payload == b"[DONE]":
+        return True
+    chunk = json.loads(payload)
+    if "error" in chunk:
+        raise RuntimeError(f"the stream carried an error: {chunk['error']}")
+    if chunk.get("usage"):
+        out["tokens"] = chunk["usage"]["completion_tokens"]
+    timing = chunk.get("disagg_timing")
+    if timing is None:
+        return False
+    if timing["ingress_s"] is not None:
+        out["ingress"] = timing["ingress_s"]
+    if timing.get("dispatch_s") is not None:
+        out["dispatch"] = timing["dispatch_s"]
+    if timing["sent_at"] is not None:
+        out["egress"].append(now - timing["sent_at"])
+        out["sent"].append(timing["sent_at"])
+        if out["ttft"] is None:
+            out["ttft"] = now - start
+    return False
+
+
+async def _level(client, url: str, model: str, streams: int, per_stream: int,
+                 max_tokens: int) -> dict:
+    """``streams`` concurrent streams of ``per_stream`` sequential requests each."""
+    async def stream(s: int) -> list[dict]:
+        return [await _request(client, url, model, PROMPTS[(s + i) % len(PROMPTS)], max_tokens)
+                for i in range(per_stream)]
+
+    t0 = time.monotonic()
+    runs = [r for rs in await asyncio.gather(*(stream(s) for s in range(streams))) for r in rs]
+    wall = time.monotonic() - t0
+    ingress = [r["ingress"] for r in runs]
+    egress = [e for r in runs for e in r["egress"]]
+    overhead = [r["ingress"] + float(np.median(r["egress"])) for r in runs]
+    router_only = [r["dispatch"] + float(np.median(r["egress"])) for r in runs]
+    steps = [b - a for r in runs for a, b in zip(r["sent"], r["sent"][1:])]
+    row = {"concurrency": streams, "requests": len(runs),
+           "tokens": sum(r["tokens"] for r in runs), "egress_samples": len(egress),
+           "wall_s": round(wall, 3),
+           "ingress_ms": _ms(ingress, 50, 99), "egress_ms": _ms(egress, 50, 99),
+           "router_overhead_ms": _ms(overhead, 50, 99),
+           "dispatch_ms": _ms([r["dispatch"] for r in runs], 50, 99),
+           "router_only_overhead_ms": _ms(router_only, 50, 99),
+           "ttft_ms": _ms([r["ttft"] for r in runs], 50),
+           "node_step_ms": _ms(steps or [0.0], 50)}
+    row["meets_target"] = row["router_overhead_ms"]["p50"] < TARGET_P50_MS
+    row["router_only_meets_target"] = row["router_only_overhead_ms"]["p50"] < TARGET_P50_MS
+    return row
+
+
+async def _router_egress(client, url: str) -> tuple[float, float]:
+    """The router's own egress histogram (node sent → bytes handed to the socket): sum, count."""
+    text = (await client.get(url + "/metrics")).text
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("disagg_router_overhead_seconds_") and 'direction="egress"' in name:
+            found[name.split("{")[0].rsplit("_", 1)[1]] = float(value)
+    return found.get("sum", 0.0), found.get("count", 0.0)
+
+
+async def _health_rtt(client, url: str, probes: int) -> dict:
+    times = []
+    for _ in range(probes):
+        t0 = time.monotonic()
+        resp = await client.get(url + "/health")
+        await resp.aread()
+        times.append(time.monotonic() - t0)
+    return {"probes": probes, **_ms(times, 50, 99)}
+
+
+async def _drive(url: str, a: argparse.Namespace, levels: list[int]) -> dict:
+    import httpx
+    conns = max(levels) + 4
+    limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120.0)) as client:
+        model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
+        _log(f"warming up ({a.warmup} requests)")
+        for i in range(a.warmup):
+            await _request(client, url, model, PROMPTS[i % len(PROMPTS)], a.max_tokens)
+        baseline = await _health_rtt(client, url, a.health_probes)
+        _log(f"bare HTTP round trip (GET /health): p50 {baseline['p50']} ms")
+        results = {}
+        for streams in levels:
+            _log(f"concurrency {streams}: {streams * a.requests} requests...")
+            before = await _router_egress(client, url)
+            row = await _level(client, url, model, streams, a.requests, a.max_tokens)
+            (s0, n0), (s1, n1) = before, await _router_egress(client, url)
+            row["egress_router_side_ms_mean"] = round((s1 - s0) / (n1 - n0) * 1e3, 3) \
+                if n1 > n0 else None
+            results[str(streams)] = row
+            _log(f"concurrency {streams}: overhead p50 {row['router_overhead_ms']['p50']} ms, "
+                 f"p99 {row['router_overhead_ms']['p99']} ms ({row['wall_s']} s)")
+    return {"http_baseline": {"health_rtt_ms": baseline}, "results": results}
+
+
+def _log(text: str) -> None:
+    print(f"[bench router] {text}", file=sys.stderr, flush=True)
+
+
+def run_router_bench(a: argparse.Namespace) -> dict:
+    """Start the cluster, measure every concurrency level, stop the cluster; the report."""
+    import uvloop
+
+    from disagg.cluster import ClusterConfig, LocalCluster
+    levels = _check(a)
+    log_dir = tempfile.mkdtemp(prefix="disagg-bench-router-")
+    # A node heartbeats between engine steps only; on a busy shared CPU a step can outlast
+    # the default 3 s node timeout, and the router would drop the node mid-benchmark.
+    cluster = LocalCluster(ClusterConfig(
+        model=a.model, num_prefill=0, num_decode=1, policy="local", node_timeout_s=30.0,
+        max_inflight=max(256, max(levels) * 2), log_dir=log_dir,
+        node_args=("--kv-cache-memory", a.kv_cache_memory)))
+    ok = False
+    try:
+        _log(f"starting router + 1 decode node (logs in {log_dir})")
+        t0 = time.monotonic()
+        cluster.start()
+        _log(f"cluster up in {time.monotonic() - t0:.1f} s")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            measured = runner.run(_drive(cluster.http_url, a, levels))
+        ok = True
+    finally:
+        cluster.stop()
+        if ok:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            _log(f"failed; the router's and node's logs are kept in {log_dir}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"benchmark": "router_overhead",
+            "path": "HTTP -> router -> decode node (policy local, no prefill node) and back",
+            "policy": "local", "model": a.model, "max_tokens": a.max_tokens,
+            "device": f"cpu, {cores} cores", "command": _command(a),
+            "target_p50_ms": TARGET_P50_MS, **measured}

@@ -65,6 +65,7 @@ class ControlHandlers:
             log.error("refused node %s: %s", node_id, exc)
             self.d.send(node_id, m.Refused(node_id, str(exc)))
             return
+        self.d.lost.pop(node_id, None)
         log.info("node %s joined: %s, TP %d, %d KV blocks, pid %d on %s", node_id, msg.role,
                  msg.tp, msg.num_kv_blocks, msg.pid, msg.host)
         self.d.send(node_id, m.Registered(node_id))
@@ -97,10 +98,12 @@ class ControlHandlers:
             log.error("bad step timings from %s: %s", node_id, exc)
 
     def update_node_gauges(self) -> None:
-        """``disagg_nodes{role,state}`` from the registry (down = dropped since)."""
+        """``disagg_nodes{role,state}``: registered (up) and dropped, not back yet (down)."""
         for role in ("prefill", "decode"):
             self.d.metrics.nodes.labels(role=role, state="up").set(
                 len(self.d.registry.of_role(role)))
+            self.d.metrics.nodes.labels(role=role, state="down").set(
+                sum(r == role for r in self.d.lost.values()))
 
     # ---- requests --------------------------------------------------------
     def _request(self, node_id: str, rid: str):
@@ -133,7 +136,7 @@ class ControlHandlers:
         req = self._request(node_id, msg.rid)
         if req is None or req.fell_back:
             return
-        self.d._unpend(req, decode=False)
+        self.d.unpend(req, decode=False)
         self.d.send(req.decode, msg, frame)
         now = time.monotonic()
         if req.num_output == 0:
@@ -173,7 +176,7 @@ class ControlHandlers:
         lps = [logprobs_from_wire(e) for e in msg.logprobs[skip:]] if msg.logprobs \
             else [None] * len(ids)
         if ids or msg.finished:
-            self.d._unpend(req)
+            self.d.unpend(req)
             self._deliver(req, ids, lps, msg.output_len, msg.sent_at, msg)
 
     def rejected(self, node_id: str, msg: m.Rejected, frame: bytes) -> None:

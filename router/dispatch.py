@@ -88,6 +88,7 @@ class Dispatcher:
         self.policy = policy
         self.metrics = metrics
         self.inflight: dict[str, Inflight] = {}
+        self.lost: dict[str, str] = {}          # node id → role, dropped and not back yet
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -198,7 +199,7 @@ class Dispatcher:
         self.send(req.decode, m.Abort(rid))
         if req.prefill is not None and not req.kv_done:
             self.send(req.prefill, m.Abort(rid))
-        self._unpend(req)
+        self.unpend(req)
         self.metrics.requests.labels(route=self.final_route(req, None), status="aborted").inc()
 
     def fall_back(self, req: Inflight, reason: str) -> None:
@@ -209,14 +210,14 @@ class Dispatcher:
         self.metrics.fallbacks.labels(reason=reason).inc()
         log.warning("%s: remote prefill on %s failed (%s); falling back to local prefill",
                     req.rid, req.prefill, reason)
-        self._unpend(req, decode=False)
+        self.unpend(req, decode=False)
         self.send(req.decode, m.Fallback(req.rid, reason))
 
     def fail(self, req: Inflight, error: ProtocolError) -> None:
         """End ``req`` with ``error`` (its nodes are told to drop it)."""
         if self.inflight.pop(req.rid, None) is None:
             return
-        self._unpend(req)
+        self.unpend(req)
         if req.prefill is not None and not req.kv_done:
             self.send(req.prefill, m.Abort(req.rid))
         self.metrics.requests.labels(route=self.final_route(req, None), status="error").inc()
@@ -226,6 +227,8 @@ class Dispatcher:
         """Recover the requests a dead (or replaced) node held."""
         if node is None:
             return
+        if reason != "restarted":
+            self.lost[node.node_id] = node.info.role
         self.handlers.update_node_gauges()
         for req in list(self.inflight.values()):
             if req.prefill == node.node_id and req.route == "remote":
@@ -247,7 +250,7 @@ class Dispatcher:
         self.fail(req, ProtocolError(502, f"the decode node serving this request was lost "
                                           f"({reason})", code="node_lost", type="server_error"))
 
-    def _unpend(self, req: Inflight, decode: bool = True) -> None:
+    def unpend(self, req: Inflight, decode: bool = True) -> None:
         """The request no longer waits for prefill on its nodes (for load estimates)."""
         for node_id in ((req.decode,) if decode else ()) + ((req.prefill,) if req.prefill else ()):
             node = self.registry.nodes.get(node_id)

@@ -24,33 +24,6 @@
 #   10.0.0.5$ DISAGG_ROUTER=tcp://10.0.0.5:7100 DISAGG_KV_ADDRESS='tcp://10.0.0.5:*' scripts/launch_decode.sh
 #   10.0.0.6$ DISAGG_ROUTER=tcp://10.0.0.5:7100 DISAGG_TP=3 scripts/launch_prefill.sh
 set -euo pipefail
-
-ROLE=decode
-have_router="${DISAGG_ROUTER:-}"
-for arg in "$@"; do
-    [[ "$arg" == --router || "$arg" == --router=* ]] && have_router=yes
-done
-if [[ -z "$have_router" ]]; then
-    echo "$(basename "$0"): error: no router address; set DISAGG_ROUTER=tcp://ROUTER_HOST:PORT" \
-         "(the control address the router prints) or pass --router" >&2
-    exit 2
-fi
-
-args=()
-[[ -n "${DISAGG_MODEL:-}" ]] && args+=(--model "$DISAGG_MODEL")
-[[ -n "${DISAGG_TP:-}" ]] && args+=(--tp "$DISAGG_TP")
-[[ -n "${DISAGG_DEVICE:-}" ]] && args+=(--device "$DISAGG_DEVICE")
-[[ -n "${DISAGG_KV_CACHE_MEMORY:-}" ]] && args+=(--kv-cache-memory "$DISAGG_KV_CACHE_MEMORY")
-
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -n "${DISAGG_PYTHON:-}" ]]; then
-    PY="$DISAGG_PYTHON"
-elif [[ -x "$REPO/.venv/bin/python" ]]; then
-    PY="$REPO/.venv/bin/python"
-else
-    PY=python3
-fi
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
-
-exec "$PY" -m "${ROLE}_node" ${args[@]+"${args[@]}"} "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/_launch_env.sh"
+node_args "$@"
+exec "$PY" -m decode_node ${NODE_ARGS[@]+"${NODE_ARGS[@]}"} "$@"

@@ -22,16 +22,5 @@
 #   10.0.0.6$ DISAGG_ROUTER=tcp://10.0.0.5:7100 DISAGG_TP=3 scripts/launch_prefill.sh
 #   anywhere$ curl http://10.0.0.5:8000/v1/models
 set -euo pipefail
-
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -n "${DISAGG_PYTHON:-}" ]]; then
-    PY="$DISAGG_PYTHON"
-elif [[ -x "$REPO/.venv/bin/python" ]]; then
-    PY="$REPO/.venv/bin/python"
-else
-    PY=python3
-fi
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
-
+source "$(dirname "${BASH_SOURCE[0]}")/_launch_env.sh"
 exec "$PY" -m router "$@"

@@ -7,9 +7,20 @@ import time
 import httpx
 
 from conftest import hf_greedy
+from disagg.cluster import ClusterConfig, LocalCluster
 from router.metrics import parse_prometheus_text
 
 MODEL = "SmolLM2-135M-Instruct"
+
+
+def running_cluster(tmp_path_factory, **fields):
+    """Yield a started :class:`LocalCluster` (for module fixtures): logs in a temp dir,
+    64 MiB of KV per rank, ``fields`` for the rest of its :class:`ClusterConfig`."""
+    cfg = ClusterConfig(log_dir=str(tmp_path_factory.mktemp("logs")),
+                        node_args=("--kv-cache-memory", "64MiB"), **fields)
+    with LocalCluster(cfg) as c:
+        c.start()
+        yield c
 
 
 def post(url: str, path: str = "/v1/completions", key: str | None = None, timeout: float = 120,

@@ -9,20 +9,15 @@ import time
 import pytest
 
 from conftest import needs_smollm2, random_prompts
-from disagg.cluster import ClusterConfig, LocalCluster
-from serving_helpers import greedy_tokens, metric, metrics, reference, wait_metric
+from serving_helpers import (
+    greedy_tokens, metric, metrics, reference, running_cluster, wait_metric)
 
 pytestmark = [needs_smollm2, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cfg = ClusterConfig(policy="remote", node_timeout_s=1.5,
-                        log_dir=str(tmp_path_factory.mktemp("logs")),
-                        node_args=("--kv-cache-memory", "64MiB"))
-    with LocalCluster(cfg) as c:
-        c.start()
-        yield c
+    yield from running_cluster(tmp_path_factory, policy="remote", node_timeout_s=1.5)
 
 
 def test_prefill_node_killed_mid_flight_then_restarted(cluster, smollm2_dir):
@@ -42,6 +37,7 @@ def test_prefill_node_killed_mid_flight_then_restarted(cluster, smollm2_dir):
     assert sum(v for (name, _), v in metrics(url).items()
                if name == "disagg_fallbacks_total") >= 1
     assert wait_metric(url, "disagg_nodes", lambda v: v == 0, role="prefill", state="up") == 0
+    assert metric(url, "disagg_nodes", role="prefill", state="down") == 1
 
     remote = metric(url, "disagg_requests_total", route="remote", status="ok")
     cluster.start_node("prefill", tp=1)

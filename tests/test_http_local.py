@@ -6,19 +6,14 @@ from __future__ import annotations
 import pytest
 
 from conftest import needs_smollm2, random_prompts
-from disagg.cluster import ClusterConfig, LocalCluster
-from serving_helpers import greedy_tokens, metric, reference
+from serving_helpers import greedy_tokens, metric, reference, running_cluster
 
 pytestmark = [needs_smollm2, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cfg = ClusterConfig(policy="local", log_dir=str(tmp_path_factory.mktemp("logs")),
-                        node_args=("--kv-cache-memory", "64MiB"))
-    with LocalCluster(cfg) as c:
-        c.start()
-        yield c
+    yield from running_cluster(tmp_path_factory, policy="local")
 
 
 def test_forced_local_is_token_identical_and_counted(cluster, smollm2_dir):

@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from conftest import needs_smollm2, random_prompts
-from disagg.cluster import ClusterConfig, LocalCluster
-from serving_helpers import MODEL, greedy_tokens, metric, post, reference, wait_metric
+from serving_helpers import (
+    MODEL, greedy_tokens, metric, post, reference, running_cluster, wait_metric)
 
 pytestmark = [needs_smollm2, pytest.mark.slow]
 
@@ -22,12 +22,8 @@ BLOCK_BYTES = 16 * 30 * 2 * 3 * 64 * 4      # one SmolLM2 fp32 block: 16 tokens 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cfg = ClusterConfig(prefill_tp=3, decode_tp=1, policy="remote", api_key=KEY,
-                        max_inflight=MAX_INFLIGHT, log_dir=str(tmp_path_factory.mktemp("logs")),
-                        node_args=("--kv-cache-memory", "64MiB"))
-    with LocalCluster(cfg) as c:
-        c.start()
-        yield c
+    yield from running_cluster(tmp_path_factory, prefill_tp=3, decode_tp=1, policy="remote",
+                               api_key=KEY, max_inflight=MAX_INFLIGHT)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from disagg.engine.outputs import KVTransferEvent, RequestOutput
 from disagg.engine.request import KVMode
 from disagg.node.server import RoleHandler
 from disagg.sampling_params import SamplingParams
-from prefill_node.handler import logprobs_to_wire
 
 log = logging.getLogger("disagg.decode")
 
@@ -81,7 +80,7 @@ class DecodeHandler(RoleHandler):
             route = self._route(out) if out.finished else ""
             self.send(m.Tokens(
                 rid, list(out.new_token_ids), len(out.output_token_ids),
-                [logprobs_to_wire(lp) for lp in out.logprobs] if out.logprobs else [],
+                [m.logprobs_to_wire(lp) for lp in out.logprobs] if out.logprobs else [],
                 out.finished, out.finish_reason, out.text, out.num_cached_tokens, route, now,
                 self._received_at.pop(rid, None)))
             if out.finished:

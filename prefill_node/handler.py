@@ -13,13 +13,6 @@ from disagg.sampling_params import SamplingParams
 log = logging.getLogger("disagg.prefill")
 
 
-def logprobs_to_wire(lp) -> list | None:
-    """A ``TokenLogprobs`` as ``[token_id, logprob, [[id, logprob], ...]]`` (or None)."""
-    if lp is None:
-        return None
-    return [lp.token_id, float(lp.logprob), [[int(t), float(v)] for t, v in lp.top]]
-
-
 class PrefillHandler(RoleHandler):
     """``Prefill`` → a prefill-only request sending its KV to the message's target;
     its first token → ``FirstToken``; the end of its transfer → ``KVSent``."""
@@ -57,7 +50,7 @@ class PrefillHandler(RoleHandler):
                 continue                     # aborted, or an abort's final output
             self._first_token[out.request_id] = now
             self.send(m.FirstToken(out.request_id, out.kv_export.first_token_id,
-                                   logprobs_to_wire(out.logprobs[0] if out.logprobs else None),
+                                   m.logprobs_to_wire(out.logprobs[0] if out.logprobs else None),
                                    now - started, now))
 
     def on_kv_event(self, event: KVTransferEvent) -> None:

@@ -7,7 +7,7 @@ routing policy whether the prompt is prefilled locally on the decode node or
 remotely; then it streams tokens back. Start it with ``disagg router``.
 
     app.py              HTTP endpoints (FastAPI)         launch.py   flags, uvicorn on uvloop
-    dispatch.py         requests in flight, fallbacks    control_handlers.py  node messages
+    dispatch.py (+ inflight.py) requests, fallbacks   control_handlers.py  node messages
     nodes.py            node table, health, picking      prefix_index.py      cache guesses
     responder.py        tokens → OpenAI bodies / SSE     protocol.py (+ request_fields,
     policy.py (+ route_types, calibration, estimates)    openai_responses)  OpenAI shapes

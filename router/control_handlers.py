@@ -11,18 +11,10 @@ import logging
 import time
 
 from disagg.control import messages as m
-from disagg.engine.sampler import TokenLogprobs
+from router.inflight import Event
 from router.request_fields import ProtocolError
 
 log = logging.getLogger("disagg.router")
-
-
-def logprobs_from_wire(entry) -> TokenLogprobs | None:
-    """``[token_id, logprob, [[id, logprob], ...]]`` → :class:`TokenLogprobs`."""
-    if entry is None:
-        return None
-    token_id, logprob, top = entry
-    return TokenLogprobs(int(token_id), float(logprob), [(int(t), float(v)) for t, v in top])
 
 
 class ControlHandlers:
@@ -117,8 +109,7 @@ class ControlHandlers:
         req = self._request(node_id, msg.rid)
         if req is None:
             return
-        req.ingress_s = msg.received_at - req.arrival
-        self.d.metrics.router_overhead.labels(direction="ingress").observe(max(req.ingress_s, 0.0))
+        self._ingress(req, msg.received_at)
         self.d.metrics.prefix_cached_tokens.inc(msg.num_cached_tokens)
         node = self.d.registry.nodes.get(req.decode)
         missing = len(msg.target.get("block_ids", [])) - msg.num_cached_tokens // (
@@ -140,7 +131,7 @@ class ControlHandlers:
         self.d.send(req.decode, msg, frame)
         now = time.monotonic()
         if req.num_output == 0:
-            self._deliver(req, [msg.token_id], [logprobs_from_wire(msg.logprobs)], 1, msg.sent_at)
+            self._deliver(req, [msg.token_id], [m.logprobs_from_wire(msg.logprobs)], 1, msg.sent_at)
             self.d.policy.observe_remote_overhead(max(now - req.arrival - msg.prefill_s, 0.0))
 
     def kv_sent(self, node_id: str, msg: m.KVSent, frame: bytes) -> None:
@@ -166,14 +157,12 @@ class ControlHandlers:
             if not msg.finished:
                 self.d.send(node_id, m.Abort(msg.rid))
             return
-        if msg.received_at is not None and req.ingress_s is None:
-            req.ingress_s = msg.received_at - req.arrival
-            self.d.metrics.router_overhead.labels(direction="ingress").observe(
-                max(req.ingress_s, 0.0))
+        if msg.received_at is not None:
+            self._ingress(req, msg.received_at)
         start = msg.output_len - len(msg.new_token_ids)
         skip = max(req.num_output - start, 0)      # a remote first token already delivered
         ids = msg.new_token_ids[skip:]
-        lps = [logprobs_from_wire(e) for e in msg.logprobs[skip:]] if msg.logprobs \
+        lps = [m.logprobs_from_wire(e) for e in msg.logprobs[skip:]] if msg.logprobs \
             else [None] * len(ids)
         if ids or msg.finished:
             self.d.unpend(req)
@@ -189,10 +178,16 @@ class ControlHandlers:
         else:
             self.d.fail(req, ProtocolError(400, f"the decode node refused the request: {msg.error}"))
 
+    def _ingress(self, req, received_at: float) -> None:
+        """The decode node got ``req`` at ``received_at``: record the hop once."""
+        if req.ingress_s is None:
+            req.ingress_s = received_at - req.arrival
+            self.d.metrics.router_overhead.labels(direction="ingress").observe(
+                max(req.ingress_s, 0.0))
+
     def _deliver(self, req, ids: list, lps: list, output_len: int, sent_at: float,
                  end: m.Tokens | None = None) -> None:
         """Hand tokens (and the end) to the HTTP handler; latency metrics."""
-        from router.dispatch import Event
         met, now = self.d.metrics, time.monotonic()
         if ids:
             if req.first_token_at is None:

@@ -22,12 +22,13 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 
 from disagg.control import messages as m
+from router.control_handlers import ControlHandlers
+from router.inflight import Event, Inflight
 from disagg.kv_cache.hashing import hash_blocks
 from disagg.sampling_params import SamplingParams
 from router.metrics import RouterMetrics
@@ -37,46 +38,6 @@ from router.request_fields import ProtocolError
 from router.route_types import RouteInput
 
 log = logging.getLogger("disagg.router")
-
-
-@dataclass
-class Event:
-    """What an HTTP handler receives: new tokens, the end, or an error."""
-
-    token_ids: list = field(default_factory=list)
-    logprobs: list = field(default_factory=list)     # TokenLogprobs | None per token
-    finished: bool = False
-    finish_reason: str | None = None
-    text: str | None = None                          # final text (stop strings applied)
-    error: ProtocolError | None = None
-    sent_at: float | None = None                     # when the node sent these tokens
-
-
-@dataclass
-class Inflight:
-    """One request between admission and its end."""
-
-    rid: str
-    prompt: list
-    params: SamplingParams
-    hashes: list
-    arrival: float
-    decode: str
-    prefill: str | None
-    route: str                                   # the decision: "local" | "remote"
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    num_output: int = 0                          # tokens handed to the client so far
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    transfer_bytes: int = 0
-    kv_done: bool = False                        # remote KV delivered (or no longer needed)
-    fell_back: bool = False
-    ingress_s: float | None = None               # arrival → decode node got it
-    dispatch_s: float | None = None              # arrival → Generate left the router
-
-    def deliver(self, event: Event) -> None:
-        """Hand ``event`` to the HTTP handler."""
-        self.events.put_nowait(event)
 
 
 class Dispatcher:
@@ -98,7 +59,6 @@ class Dispatcher:
         self.address: str = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._ids = itertools.count()
         self._tasks: list[asyncio.Task] = []
-        from router.control_handlers import ControlHandlers
         self.handlers = ControlHandlers(self)
 
     # ---- lifecycle -------------------------------------------------------

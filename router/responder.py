@@ -15,7 +15,8 @@ import asyncio
 import time
 from typing import AsyncIterator
 
-from router.dispatch import Dispatcher, Event, Inflight
+from router.dispatch import Dispatcher
+from router.inflight import Event, Inflight
 from router.openai_responses import (
     SSE_DONE, chat_chunk, chat_logprobs, chat_response, chat_usage_chunk, completion_chunk,
     completion_logprobs, completion_response, completion_usage_chunk, sse)

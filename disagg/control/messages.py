@@ -31,6 +31,22 @@ from dataclasses import asdict, dataclass, fields
 import msgpack
 
 
+def logprobs_to_wire(lp) -> list | None:
+    """A ``TokenLogprobs`` as ``[token_id, logprob, [[id, logprob], ...]]`` (or None)."""
+    if lp is None:
+        return None
+    return [lp.token_id, float(lp.logprob), [[int(t), float(v)] for t, v in lp.top]]
+
+
+def logprobs_from_wire(entry):
+    """Inverse of :func:`logprobs_to_wire` (a ``TokenLogprobs``, or None)."""
+    from disagg.engine.sampler import TokenLogprobs
+    if entry is None:
+        return None
+    token_id, logprob, top = entry
+    return TokenLogprobs(int(token_id), float(logprob), [(int(t), float(v)) for t, v in top])
+
+
 class ControlError(ValueError):
     """A control frame that is not a well-formed message."""
 

@@ -1,0 +1,49 @@
+"""A request in flight in the router, and the events its HTTP handler receives."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from disagg.sampling_params import SamplingParams
+from router.request_fields import ProtocolError
+
+
+@dataclass
+class Event:
+    """What an HTTP handler receives: new tokens, the end, or an error."""
+
+    token_ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)     # TokenLogprobs | None per token
+    finished: bool = False
+    finish_reason: str | None = None
+    text: str | None = None                          # final text (stop strings applied)
+    error: ProtocolError | None = None
+    sent_at: float | None = None                     # when the node sent these tokens
+
+
+@dataclass
+class Inflight:
+    """One request between admission and its end."""
+
+    rid: str
+    prompt: list
+    params: SamplingParams
+    hashes: list
+    arrival: float
+    decode: str
+    prefill: str | None
+    route: str                                   # the decision: "local" | "remote"
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    num_output: int = 0                          # tokens handed to the client so far
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    transfer_bytes: int = 0
+    kv_done: bool = False                        # remote KV delivered (or no longer needed)
+    fell_back: bool = False
+    ingress_s: float | None = None               # arrival → decode node got it
+    dispatch_s: float | None = None              # arrival → Generate left the router
+
+    def deliver(self, event: Event) -> None:
+        """Hand ``event`` to the HTTP handler."""
+        self.events.put_nowait(event)

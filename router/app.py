@@ -81,10 +81,6 @@ def create_app(dispatcher: Dispatcher, registry: Registry, tokenizer, model_name
         arrival = time.monotonic()
         try:
             check_key(request)
-            if len(dispatcher.inflight) >= max_inflight:
-                raise ProtocolError(429, f"the server is at capacity ({max_inflight} requests in "
-                                         f"flight); retry after {retry_after_s} s",
-                                    code="rate_limit_exceeded", type="rate_limit_error")
             body = await read_json(request)
             parsed = parse_chat_request(body) if chat else parse_completion_request(body)
             check_model(parsed.model, [model_name])
@@ -101,6 +97,12 @@ def create_app(dispatcher: Dispatcher, registry: Registry, tokenizer, model_name
                 params = SamplingParams(**kwargs)
             except ValueError as exc:
                 raise ProtocolError(400, str(exc)) from None
+            # The capacity check and the submit have no await between them, so a burst
+            # cannot slip past the limit while its bodies are being read.
+            if len(dispatcher.inflight) >= max_inflight:
+                raise ProtocolError(429, f"the server is at capacity ({max_inflight} requests in "
+                                         f"flight); retry after {retry_after_s} s",
+                                    code="rate_limit_exceeded", type="rate_limit_error")
             req = dispatcher.submit(ids, params, arrival)
         except ProtocolError as exc:
             headers = {"Retry-After": str(retry_after_s)} if exc.status == 429 else None

@@ -5,6 +5,8 @@
     disagg bench transfer --json    KV transfer GB/s vs raw pyzmq and memcpy
     disagg bench router --json      latency the router adds per request
     disagg serve                    router + prefill node + decode node on this machine
+    disagg replay --trace F --base-url URL   replay a trace against any OpenAI endpoint
+    disagg experiment               colocated vs disaggregated vs conditional, one report
     disagg router ...               the router (HTTP + control plane)
     disagg prefill-node ...         a prefill node (connects to a router)
     disagg decode-node ...          a decode node (connects to a router)
@@ -39,6 +41,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", default=d.attention_backend,
                    choices=["auto", "torch", "flashinfer"])
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="CPU threads per rank (default: this process's usable cores / TP)")
     p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
                    help="'dummy' = random weights at the model's real shapes (speed tests only)")
 
@@ -51,7 +55,8 @@ def engine_config_from_args(a: argparse.Namespace, **overrides) -> EngineConfig:
               max_num_batched_tokens=a.max_num_batched_tokens,
               max_prefill_chunk=a.max_prefill_chunk, max_model_len=a.max_model_len,
               enable_prefix_caching=not a.no_prefix_caching,
-              attention_backend=a.attention_backend, load_format=a.load_format)
+              attention_backend=a.attention_backend, load_format=a.load_format,
+              torch_threads=a.torch_threads)
     kw.update(overrides)
     return EngineConfig(**kw)
 
@@ -111,6 +116,16 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return run_serve(a)
 
 
+def _cmd_replay(a: argparse.Namespace) -> int:
+    from disagg.replay.commands import run_replay_command
+    return run_replay_command(a)
+
+
+def _cmd_experiment(a: argparse.Namespace) -> int:
+    from disagg.replay.experiment import run_experiment
+    return run_experiment(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disagg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("router", help="run the router (OpenAI HTTP endpoint + control plane)")
     add_router_args(r)
     r.set_defaults(func=_cmd_router)
+
+    from disagg.replay.commands import add_replay_args
+    rp = sub.add_parser("replay", help="replay a request trace against an OpenAI-compatible "
+                                       "endpoint; write a report (tables, plots, raw results)")
+    add_replay_args(rp)
+    rp.set_defaults(func=_cmd_replay)
+    from disagg.replay.experiment import add_experiment_args
+    ex = sub.add_parser("experiment", help="colocated vs always-disaggregated vs conditional "
+                                           "serving on the same trace and cores, side by side")
+    add_experiment_args(ex)
+    ex.set_defaults(func=_cmd_experiment)
 
     b = sub.add_parser("bench", help="benchmarks (print JSON)")
     bsub = b.add_subparsers(dest="bench", required=True)

@@ -29,7 +29,9 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """What to start. ``node_args`` are extra flags for every node (engine flags)."""
+    """What to start. ``node_args`` are extra flags for every node (engine flags);
+    ``prefill_args`` / ``decode_args`` go to that role's nodes only (after
+    ``node_args``, so they win), e.g. ``("--cpus", "0", "--torch-threads", "1")``."""
 
     model: str = "default"
     prefill_tp: int = 1
@@ -45,6 +47,8 @@ class ClusterConfig:
     max_inflight: int = 256
     node_timeout_s: float = 3.0
     node_args: tuple[str, ...] = ()
+    prefill_args: tuple[str, ...] = ()
+    decode_args: tuple[str, ...] = ()
     log_dir: str | None = None
     startup_timeout_s: float = 180.0
 
@@ -118,7 +122,9 @@ class LocalCluster:
         self._spawn(name, [f"{role}_node", "--router", self.control_address, "--node-id", name,
                            "--model", self.config.model, "--tp", str(tp),
                            "--kv-transport", self.config.kv_transport,
-                           "--kv-address", f"tcp://{self.config.host}:*", *self.config.node_args])
+                           "--kv-address", f"tcp://{self.config.host}:*", *self.config.node_args,
+                           *(self.config.prefill_args if role == "prefill"
+                             else self.config.decode_args)])
         if wait:
             have = self.health()
             self.wait_nodes(have.get("prefill_nodes", 0) + (role == "prefill"),

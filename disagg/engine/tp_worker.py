@@ -44,11 +44,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def usable_cpus() -> int:
+    """Cores this process may run on (its affinity mask, e.g. after ``--cpus``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
 def threads_per_rank(config: EngineConfig) -> int:
-    """Split the machine's cores between the engine's ranks."""
+    """Split the usable cores between the engine's ranks."""
     if config.torch_threads:
         return config.torch_threads
-    return max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
+    return max(1, usable_cpus() // config.tensor_parallel_size)
 
 
 def _worker_main(config: EngineConfig, model_cfg, model_dir: Path | None, rank: int,

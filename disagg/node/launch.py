@@ -53,9 +53,39 @@ def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
                    help="send KV after the whole forward instead of layer by layer")
     p.add_argument("--kv-load-timeout-s", type=float, default=30.0,
                    help="decode: prefill locally if remote KV has not arrived by then")
+    p.add_argument("--cpus", default=env("DISAGG_CPUS"),
+                   help="pin this node (and its TP ranks) to these cores, e.g. 0-3,8 "
+                        "(env DISAGG_CPUS; default: no pinning)")
     p.add_argument("--heartbeat-s", type=float, default=0.5)
     p.add_argument("--log-level", default=env("DISAGG_LOG_LEVEL", "INFO"))
     add_engine_args(p)
+
+
+def parse_cpus(text: str) -> set[int]:
+    """``"0-3,8"`` → ``{0, 1, 2, 3, 8}``; ``ValueError`` on anything else."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ValueError(f"--cpus must look like 0-3,8, got {text!r}") from None
+        if first < 0 or last < first:
+            raise ValueError(f"--cpus range {part.strip()!r} is empty or negative")
+        cpus.update(range(first, last + 1))
+    return cpus
+
+
+def pin_to_cpus(text: str) -> None:
+    """Restrict this process (and the TP ranks it starts) to the cores in ``text``."""
+    cpus = parse_cpus(text)
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("--cpus needs a platform with CPU affinity (Linux)")
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        raise ValueError(f"cannot pin to cores {sorted(cpus)}: {exc} "
+                         f"(this machine has {os.cpu_count()})") from None
 
 
 def run_node(a: argparse.Namespace, role: str) -> int:
@@ -75,6 +105,8 @@ def run_node(a: argparse.Namespace, role: str) -> int:
         from decode_node.handler import DecodeHandler as handler_cls
     else:
         from prefill_node.handler import PrefillHandler as handler_cls
+    if a.cpus:
+        pin_to_cpus(a.cpus)
     node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
     transport = TransportConfig(kind=a.kv_transport, address=a.kv_address)
     config = engine_config_from_args(a, role=role, kv_transfer=transport,

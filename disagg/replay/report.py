@@ -223,8 +223,13 @@ def markdown_table(summaries: dict[str, dict]) -> str:
     for label, key, stat, mult, fmt in _ROWS:
         cells = [_cell(s, key, stat, mult, fmt) for s in summaries.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    routes = [s.get("routes") or {} for s in summaries.values()]
+    servers = [s.get("server") or {} for s in summaries.values()]
+    routes = [srv.get("routes") or s.get("routes") or {}
+              for srv, s in zip(servers, summaries.values())]
     if any(routes):
         cells = [", ".join(f"{k} {v}" for k, v in r.items()) or "n/a" for r in routes]
         lines.append("| routes | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    if any(servers):
+        cells = [f"{srv['kv_bytes'] / 1e6:.1f}" if "kv_bytes" in srv else "n/a" for srv in servers]
+        lines.append("| KV moved (MB) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

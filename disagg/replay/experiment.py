@@ -1,0 +1,163 @@
+"""``disagg experiment``: colocated vs always-disaggregated vs conditional, same trace.
+
+Each mode is a fresh deployment on this machine with the same cores in total,
+started, warmed up, replayed at every ``--rates`` entry (ascending) and
+stopped before the next mode starts::
+
+    colocated       decode node alone (policy local), pinned to every core
+    disaggregated   prefill node on half the cores, decode node on the other
+                    half, policy remote: every prompt is prefilled remotely
+    conditional     the same two nodes, the cost-model router decides per request
+
+The router and the load generator are not pinned: they run beside the nodes
+in every mode alike. One report folder compares the modes side by side (see
+``report_files``); ``--rates`` with several entries finds each mode's highest
+rate with at least ``--attainment-target`` SLO attainment (DistServe's goodput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from disagg.cluster import ClusterConfig, LocalCluster
+from disagg.replay.commands import (add_shaping_args, offered_rate, run_one, shape_runs,
+                                    slo_bounds)
+from disagg.replay.loadgen import TargetConfig
+from disagg.replay.report_files import RunRecord, write_report
+from disagg.replay.shaping import ShapedRequest
+
+MODES = ("colocated", "disaggregated", "conditional")
+DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "traces" / "AzureLLMInferenceTrace_conv.csv"
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``disagg experiment`` (defaults fit a 2-core CPU and SmolLM2)."""
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated subset of {', '.join(MODES)}")
+    p.add_argument("--model", default="default", help="served model ('default' = SmolLM2)")
+    p.add_argument("--cpus", default=None,
+                   help="cores to use in total, e.g. 0-3 (default: all this process may use); "
+                        "disaggregated modes give the prefill node the first half")
+    p.add_argument("--prefill-tp", type=int, default=1)
+    p.add_argument("--decode-tp", type=int, default=1)
+    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="cost-model option for the conditional mode; repeatable")
+    p.add_argument("--kv-transport", default="shm", choices=["shm", "zmq"])
+    p.add_argument("--node-arg", action="append", default=[], metavar="FLAG[=VALUE]",
+                   help="extra engine flag for every node, e.g. --node-arg=--max-num-seqs=32")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="requests sent (not measured) after each deployment starts")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="per request")
+    p.add_argument("--out", default="results/experiment", help="report folder")
+    add_shaping_args(p, defaults={
+        "trace": str(DEFAULT_TRACE), "start_s": 600.0, "max_requests": 40,
+        "length_scale": 0.25, "max_input_tokens": 1024, "max_output_tokens": 64,
+        "rates": "0.25,0.5,0.75,1", "ttft_slo_ms": 2000.0, "tpot_slo_ms": 200.0})
+
+
+def split_cpus(cpus: list[int]) -> tuple[list[int], list[int]]:
+    """Prefill gets the first half of the cores, decode the rest (at least one each)."""
+    if len(cpus) < 2:
+        raise ValueError(f"disaggregated modes need at least 2 cores, got {cpus}")
+    half = len(cpus) // 2
+    return cpus[:half], cpus[half:]
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
+def mode_config(mode: str, a: argparse.Namespace, cpus: list[int], log_dir: Path) -> ClusterConfig:
+    """The deployment of one mode (see the module docstring)."""
+    extra = tuple(arg for item in a.node_arg for arg in item.split("=", 1)) if a.node_arg else ()
+    common = dict(model=a.model, prefill_tp=a.prefill_tp, decode_tp=a.decode_tp,
+                  kv_transport=a.kv_transport, node_args=extra, log_dir=str(log_dir / mode))
+    if mode == "colocated":
+        return ClusterConfig(num_prefill=0, policy="local", **common,
+                             decode_args=("--cpus", _cpu_list(cpus)))
+    pre, dec = split_cpus(cpus)
+    return ClusterConfig(num_prefill=1, policy="remote" if mode == "disaggregated" else "cost",
+                         policy_options=tuple(a.policy_option) if mode == "conditional" else (),
+                         prefill_args=("--cpus", _cpu_list(pre)),
+                         decode_args=("--cpus", _cpu_list(dec)), **common)
+
+
+def warm_up(target: TargetConfig, requests: list[ShapedRequest], n: int) -> None:
+    """Send ``n`` requests one at a time (first calls, cost-model calibration); the
+    prompts are reversed so they share no prefix with the measured ones."""
+    from disagg.replay.loadgen import replay
+    picks = [ShapedRequest(send_at_s=0.0, prompt_token_ids=r.prompt_token_ids[::-1],
+                           max_tokens=min(r.max_tokens, 16), source_index=-1)
+             for r in requests[:max(n, 0)]]
+    for req in picks:
+        run = replay([req], target, show_progress=False)
+        if run.results and run.results[0].status != "ok":
+            raise RuntimeError(f"warm-up request failed: {run.results[0].error}")
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_experiment(a: argparse.Namespace) -> int:
+    """Run every mode at every rate; write the side-by-side report."""
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"--modes must be a subset of {', '.join(MODES)}, got {a.modes!r}")
+    if a.cpus:
+        from disagg.node.launch import parse_cpus
+        cpus = sorted(parse_cpus(a.cpus))
+    elif hasattr(os, "sched_getaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+    else:
+        cpus = list(range(os.cpu_count() or 1))
+    slo = slo_bounds(a)
+    runs = shape_runs(a)
+    out = Path(a.out)
+    records: list[RunRecord] = []
+    t_start = time.monotonic()
+    interrupted = False
+    for i, mode in enumerate(modes, 1):
+        print(f"[experiment] {mode} ({i}/{len(modes)}): starting", file=sys.stderr, flush=True)
+        with LocalCluster(mode_config(mode, a, cpus, out / "logs")) as cluster:
+            cluster.start()
+            target = TargetConfig(base_url=cluster.http_url, model=_served_name(cluster),
+                                  timeout_s=a.timeout_s)
+            warm_up(target, runs[0][1], a.warmup)
+            for rate, requests in runs:
+                rec = run_one(requests, target, mode, offered_rate(requests, rate), slo)
+                records.append(rec)
+                s = rec.summary
+                print(f"[experiment] {mode} @ {rec.rate:g} req/s: SLO attainment "
+                      f"{100 * (s['slo_attainment'] or 0):.0f} %, goodput {s['goodput_rps']:.2f} "
+                      f"req/s, errors {s['num_errors']}", file=sys.stderr, flush=True)
+                if rec.run.interrupted:
+                    interrupted = True
+                    break
+        if interrupted:
+            print("interrupted: writing what was collected", file=sys.stderr)
+            break
+    meta = {"command": " ".join(["disagg", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": _git_commit(),
+            "cpus": cpus, "modes": modes, "model": a.model, "trace": str(a.trace),
+            "prefill_tp": a.prefill_tp, "decode_tp": a.decode_tp, "kv_transport": a.kv_transport,
+            "wall_time_s": round(time.monotonic() - t_start, 1)}
+    write_report(out, records, meta, a.attainment_target,
+                 title="Colocated vs disaggregated vs conditional")
+    print(f"[experiment] report written to {out}/report.md", file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+def _served_name(cluster: LocalCluster) -> str:
+    from disagg.replay.commands import served_model
+    return served_model(cluster.http_url, {})

@@ -28,6 +28,7 @@ AZURE = (
     "2023-11-16 18:15:50.9951690,396,109\n"
     "2023-11-16 18:16:00.0000001,12,7"
 )
+CARRIED = Path(__file__).resolve().parents[1] / "traces"        # travels with the repo
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
 
 
@@ -96,13 +97,18 @@ def test_format_detection_and_registry(tmp_path, monkeypatch):
     assert read_trace(tmp_path / "c.txt", fmt="one") == [TraceRecord(0.0, 4, 2)]
 
 
+def test_carried_traces_are_present():
+    for name in ("AzureLLMInferenceTrace_conv.csv", "mooncake_conversation_trace.jsonl"):
+        assert (CARRIED / name).is_file(), f"{name} must travel with the repo (traces/)"
+
+
 @pytest.mark.parametrize("name, rows, span_s", [
     ("mooncake_conversation_trace.jsonl", 12031, 3536.999),
     ("mooncake_synthetic_trace.jsonl", 3993, 1022.025),
     ("AzureLLMInferenceTrace_conv.csv", 19366, 3501.7),
 ])
 def test_real_traces_if_present(name, rows, span_s):
-    path = SHARED / name
+    path = CARRIED / name if (CARRIED / name).exists() else SHARED / name
     if not path.exists():
         pytest.skip(f"{path} not present")
     recs = read_trace(path)

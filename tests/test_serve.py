@@ -14,81 +14,16 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import needs_smollm2
+from serving_helpers import SERVE, Serve
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [REPO / "scripts" / f"launch_{role}.sh" for role in ("router", "prefill", "decode")]
-READY = re.compile(r"disagg serve ready: (http://\S+/v1)\s+\(model (\S+); router pid (\d+), "
-                   r"prefill pid (\d+), decode pid (\d+)\)")
-SERVE = [sys.executable, "-m", "disagg.cli", "serve", "--port", "0",
-         "--kv-cache-memory", "32MiB", "--max-num-seqs", "4"]
-
-
-class Serve:
-    """``disagg serve`` in a new session, its merged output collected by a thread."""
-
-    def __init__(self, *extra: str) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        env.pop("DISAGG_API_KEY", None)
-        self.proc = subprocess.Popen([*SERVE, *extra], cwd=REPO, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        """Everything printed so far (serve and its children)."""
-        return "".join(self.lines)
-
-    def wait_ready(self, timeout_s: float = 240.0) -> re.Match:
-        """The ready line's match, once printed; fail if serve exits or time runs out."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := READY.search(line):
-                    return m
-            if self.proc.poll() is not None:
-                self._reader.join(5)
-                pytest.fail(f"disagg serve exited {self.proc.returncode} before ready:\n{self.output}")
-            time.sleep(0.1)
-        pytest.fail(f"no ready line within {timeout_s} s:\n{self.output}")
-
-    def wait_exit(self, timeout_s: float = 30.0) -> int:
-        """Its exit code (fail the test if it is still running after ``timeout_s``)."""
-        try:
-            code = self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"disagg serve still running {timeout_s} s later:\n{self.output}")
-        self._reader.join(5)
-        return code
-
-    def group_alive(self) -> bool:
-        """Whether any process of its session (children included) still exists."""
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def kill_all(self) -> None:
-        """Clean-up: SIGKILL the whole process group, whatever is left of it."""
-        if self.group_alive():
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
 
 
 def gone(pid: int) -> bool:

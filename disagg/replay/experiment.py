@@ -56,8 +56,8 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/experiment", help="report folder")
     add_shaping_args(p, defaults={
         "trace": str(DEFAULT_TRACE), "start_s": 600.0, "max_requests": 40,
-        "length_scale": 0.25, "max_input_tokens": 1024, "max_output_tokens": 64,
-        "rates": "0.25,0.5,0.75,1", "ttft_slo_ms": 2000.0, "tpot_slo_ms": 200.0})
+        "length_scale": 0.25, "max_input_tokens": 512, "max_output_tokens": 64,
+        "rates": "0.2,0.4,0.6,0.8", "ttft_slo_ms": 2000.0, "tpot_slo_ms": 200.0})
 
 
 def split_cpus(cpus: list[int]) -> tuple[list[int], list[int]]:
@@ -127,26 +127,19 @@ def run_experiment(a: argparse.Namespace) -> int:
     records: list[RunRecord] = []
     t_start = time.monotonic()
     interrupted = False
-    for i, mode in enumerate(modes, 1):
-        print(f"[experiment] {mode} ({i}/{len(modes)}): starting", file=sys.stderr, flush=True)
-        with LocalCluster(mode_config(mode, a, cpus, out / "logs")) as cluster:
-            cluster.start()
-            target = TargetConfig(base_url=cluster.http_url, model=_served_name(cluster),
-                                  timeout_s=a.timeout_s)
-            warm_up(target, runs[0][1], a.warmup)
-            for rate, requests in runs:
-                rec = run_one(requests, target, mode, offered_rate(requests, rate), slo)
-                records.append(rec)
-                s = rec.summary
-                print(f"[experiment] {mode} @ {rec.rate:g} req/s: SLO attainment "
-                      f"{100 * (s['slo_attainment'] or 0):.0f} %, goodput {s['goodput_rps']:.2f} "
-                      f"req/s, errors {s['num_errors']}", file=sys.stderr, flush=True)
-                if rec.run.interrupted:
-                    interrupted = True
-                    break
-        if interrupted:
-            print("interrupted: writing what was collected", file=sys.stderr)
-            break
+    try:
+        for i, mode in enumerate(modes, 1):
+            print(f"[experiment] {mode} ({i}/{len(modes)}): starting", file=sys.stderr, flush=True)
+            if _run_mode(mode, a, cpus, runs, slo, out, records):
+                interrupted = True
+                break
+    except KeyboardInterrupt:       # Ctrl-C while a deployment starts or warms up
+        interrupted = True
+    if interrupted:
+        print("interrupted: writing what was collected", file=sys.stderr)
+    if not records:
+        print("[experiment] nothing was measured; no report written", file=sys.stderr)
+        return 130 if interrupted else 1
     meta = {"command": " ".join(["disagg", *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": _git_commit(),
             "cpus": cpus, "modes": modes, "model": a.model, "trace": str(a.trace),
@@ -156,6 +149,26 @@ def run_experiment(a: argparse.Namespace) -> int:
                  title="Colocated vs disaggregated vs conditional")
     print(f"[experiment] report written to {out}/report.md", file=sys.stderr)
     return 130 if interrupted else 0
+
+
+def _run_mode(mode: str, a: argparse.Namespace, cpus: list[int], runs, slo, out: Path,
+              records: list[RunRecord]) -> bool:
+    """Deploy ``mode``, warm it up, replay every rate; True when interrupted."""
+    with LocalCluster(mode_config(mode, a, cpus, out / "logs")) as cluster:
+        cluster.start()
+        target = TargetConfig(base_url=cluster.http_url, model=_served_name(cluster),
+                              timeout_s=a.timeout_s)
+        warm_up(target, runs[0][1], a.warmup)
+        for rate, requests in runs:
+            rec = run_one(requests, target, mode, offered_rate(requests, rate), slo)
+            records.append(rec)
+            s = rec.summary
+            print(f"[experiment] {mode} @ {rec.rate:g} req/s: SLO attainment "
+                  f"{100 * (s['slo_attainment'] or 0):.0f} %, goodput {s['goodput_rps']:.2f} "
+                  f"req/s, errors {s['num_errors']}", file=sys.stderr, flush=True)
+            if rec.run.interrupted:
+                return True
+    return False
 
 
 def _served_name(cluster: LocalCluster) -> str:

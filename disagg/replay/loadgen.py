@@ -132,7 +132,7 @@ async def send_one(client: httpx.AsyncClient, rid: str, req: ShapedRequest,
                     if usage:
                         res.output_tokens = int(usage.get("completion_tokens", 0))
                         res.prompt_tokens = int(usage.get("prompt_tokens", res.prompt_tokens))
-    except (httpx.HTTPError, ValueError) as exc:
+    except Exception as exc:    # noqa: BLE001 — any failure is this request's error, not the run's
         res.status, res.error = "error", f"{type(exc).__name__}: {exc}"[:300]
     res.end_time = time.perf_counter() - t0
     if res.output_tokens == 0:          # no usage chunk: count text chunks

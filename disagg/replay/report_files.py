@@ -95,7 +95,7 @@ def write_report(out_dir: str | Path, records: list[RunRecord], meta: dict,
     for rate in rates:
         at_rate = {r.series: r.summary for r in records if r.rate == rate}
         md += [f"## Offered rate {rate:g} req/s\n", markdown_table(at_rate)]
-    md += [f"## Goodput and SLO attainment against rate\n",
+    md += ["## Goodput and SLO attainment against rate\n",
            f"SLO: TTFT ≤ {_ms(ttft_slo)}, TPOT ≤ {_ms(tpot_slo)}; goodput = requests/s meeting "
            f"both; attainment target {100 * attainment_target:g} %.\n",
            sweep_table(records, attainment_target),

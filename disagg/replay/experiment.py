@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 from disagg.cluster import ClusterConfig, LocalCluster
-from disagg.replay.commands import (add_shaping_args, offered_rate, run_one, shape_runs,
-                                    slo_bounds)
-from disagg.replay.loadgen import TargetConfig
+from disagg.replay.commands import (add_shaping_args, offered_rate, run_one, served_model,
+                                    shape_runs, slo_bounds)
+from disagg.replay.loadgen import TargetConfig, replay
 from disagg.replay.report_files import RunRecord, write_report
 from disagg.replay.shaping import ShapedRequest
 
@@ -90,7 +90,6 @@ def mode_config(mode: str, a: argparse.Namespace, cpus: list[int], log_dir: Path
 def warm_up(target: TargetConfig, requests: list[ShapedRequest], n: int) -> None:
     """Send ``n`` requests one at a time (first calls, cost-model calibration); the
     prompts are reversed so they share no prefix with the measured ones."""
-    from disagg.replay.loadgen import replay
     picks = [ShapedRequest(send_at_s=0.0, prompt_token_ids=r.prompt_token_ids[::-1],
                            max_tokens=min(r.max_tokens, 16), source_index=-1)
              for r in requests[:max(n, 0)]]
@@ -156,7 +155,7 @@ def _run_mode(mode: str, a: argparse.Namespace, cpus: list[int], runs, slo, out:
     """Deploy ``mode``, warm it up, replay every rate; True when interrupted."""
     with LocalCluster(mode_config(mode, a, cpus, out / "logs")) as cluster:
         cluster.start()
-        target = TargetConfig(base_url=cluster.http_url, model=_served_name(cluster),
+        target = TargetConfig(base_url=cluster.http_url, model=served_model(cluster.http_url, {}),
                               timeout_s=a.timeout_s)
         warm_up(target, runs[0][1], a.warmup)
         for rate, requests in runs:
@@ -170,7 +169,3 @@ def _run_mode(mode: str, a: argparse.Namespace, cpus: list[int], runs, slo, out:
                 return True
     return False
 
-
-def _served_name(cluster: LocalCluster) -> str:
-    from disagg.replay.commands import served_model
-    return served_model(cluster.http_url, {})

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from disagg.cli import build_parser
-from disagg.node.launch import parse_cpus, pin_to_cpus
+from disagg.cpus import parse_cpus, pin_to_cpus, usable_cpus
 from disagg.replay.commands import offered_rate, parse_rates, shape_runs, slo_bounds
 from disagg.replay.experiment import DEFAULT_TRACE, mode_config, split_cpus
 from disagg.replay.shaping import ShapedRequest
@@ -29,6 +29,7 @@ def test_parse_cpus_and_bad_pins():
             parse_cpus(bad)
     with pytest.raises(ValueError, match="cannot pin"):
         pin_to_cpus("100000")
+    assert usable_cpus() and usable_cpus() == sorted(usable_cpus())
 
 
 def test_split_cpus():

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -41,6 +40,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from disagg.cpus import usable_cpus
 
 TARGET_P50_MS = 5.0
 PROMPTS = ("The capital of France is", "Write a haiku about the sea.", "Once upon a time",
@@ -250,7 +251,7 @@ def run_router_bench(a: argparse.Namespace) -> dict:
             shutil.rmtree(log_dir, ignore_errors=True)
         else:
             _log(f"failed; the router's and node's logs are kept in {log_dir}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = len(usable_cpus())
     return {"benchmark": "router_overhead",
             "path": "HTTP -> router -> decode node (policy local, no prefill node) and back",
             "policy": "local", "model": a.model, "max_tokens": a.max_tokens,

@@ -21,7 +21,6 @@ With TP = 1 the driver runs the model itself and none of this is used.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import socket
 import sys
 import traceback
@@ -31,6 +30,7 @@ import msgpack
 import torch
 
 from disagg.config import EngineConfig
+from disagg.cpus import usable_cpus
 from disagg.distributed import destroy_tensor_parallel, init_tensor_parallel
 from disagg.engine.step_input import StepInput
 
@@ -44,19 +44,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def usable_cpus() -> int:
-    """Cores this process may run on (its affinity mask, e.g. after ``--cpus``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:          # no affinity API (macOS)
-        return os.cpu_count() or 1
-
-
 def threads_per_rank(config: EngineConfig) -> int:
     """Split the usable cores between the engine's ranks."""
     if config.torch_threads:
         return config.torch_threads
-    return max(1, usable_cpus() // config.tensor_parallel_size)
+    return max(1, len(usable_cpus()) // config.tensor_parallel_size)
 
 
 def _worker_main(config: EngineConfig, model_cfg, model_dir: Path | None, rank: int,

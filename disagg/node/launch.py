@@ -61,33 +61,6 @@ def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
     add_engine_args(p)
 
 
-def parse_cpus(text: str) -> set[int]:
-    """``"0-3,8"`` → ``{0, 1, 2, 3, 8}``; ``ValueError`` on anything else."""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            first, last = int(lo), int(hi) if sep else int(lo)
-        except ValueError:
-            raise ValueError(f"--cpus must look like 0-3,8, got {text!r}") from None
-        if first < 0 or last < first:
-            raise ValueError(f"--cpus range {part.strip()!r} is empty or negative")
-        cpus.update(range(first, last + 1))
-    return cpus
-
-
-def pin_to_cpus(text: str) -> None:
-    """Restrict this process (and the TP ranks it starts) to the cores in ``text``."""
-    cpus = parse_cpus(text)
-    if not hasattr(os, "sched_setaffinity"):
-        raise ValueError("--cpus needs a platform with CPU affinity (Linux)")
-    try:
-        os.sched_setaffinity(0, cpus)
-    except OSError as exc:
-        raise ValueError(f"cannot pin to cores {sorted(cpus)}: {exc} "
-                         f"(this machine has {os.cpu_count()})") from None
-
-
 def run_node(a: argparse.Namespace, role: str) -> int:
     """Serve as a ``role`` node until SIGINT/SIGTERM; returns the exit code."""
     from disagg.cli import engine_config_from_args
@@ -106,6 +79,7 @@ def run_node(a: argparse.Namespace, role: str) -> int:
     else:
         from prefill_node.handler import PrefillHandler as handler_cls
     if a.cpus:
+        from disagg.cpus import pin_to_cpus
         pin_to_cpus(a.cpus)
     node_id = a.node_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
     transport = TransportConfig(kind=a.kv_transport, address=a.kv_address)

@@ -86,9 +86,10 @@ def add_shaping_args(p: argparse.ArgumentParser, defaults: dict | None = None) -
 
 def model_limits(model: str) -> tuple[int, int]:
     """``(vocab_size, max_position_embeddings)`` from a model's ``config.json``."""
+    from disagg.model.config import ModelConfig
     from disagg.model.loader import resolve_model_dir
-    cfg = json.loads((resolve_model_dir(model) / "config.json").read_text())
-    return int(cfg["vocab_size"]), int(cfg.get("max_position_embeddings", 2048))
+    cfg = ModelConfig.from_dir(resolve_model_dir(model))
+    return cfg.vocab_size, cfg.max_position_embeddings
 
 
 def shape_runs(a: argparse.Namespace) -> list[tuple[float | None, list[ShapedRequest]]]:

@@ -18,13 +18,13 @@ rate with at least ``--attainment-target`` SLO attainment (DistServe's goodput).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from disagg.cluster import ClusterConfig, LocalCluster
+from disagg.cpus import parse_cpus, usable_cpus
 from disagg.replay.commands import (add_shaping_args, offered_rate, run_one, served_model,
                                     shape_runs, slo_bounds)
 from disagg.replay.loadgen import TargetConfig, replay
@@ -113,13 +113,7 @@ def run_experiment(a: argparse.Namespace) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ValueError(f"--modes must be a subset of {', '.join(MODES)}, got {a.modes!r}")
-    if a.cpus:
-        from disagg.node.launch import parse_cpus
-        cpus = sorted(parse_cpus(a.cpus))
-    elif hasattr(os, "sched_getaffinity"):
-        cpus = sorted(os.sched_getaffinity(0))
-    else:
-        cpus = list(range(os.cpu_count() or 1))
+    cpus = sorted(parse_cpus(a.cpus)) if a.cpus else usable_cpus()
     slo = slo_bounds(a)
     runs = shape_runs(a)
     out = Path(a.out)

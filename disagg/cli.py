@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-from disagg.config import EngineConfig
+from disagg.config import DTYPE_CHOICES, EngineConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="'default' (embedded SmolLM2-135M-Instruct), a local HF directory, or a hub id")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int,
                    default=d.tensor_parallel_size, help="tensor-parallel degree (must divide the heads)")
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bfloat16 on CUDA and on CPUs with AVX-512 BF16 or AMX, "
+                        "float32 on other CPUs (or $DISAGG_DTYPE)")
     p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--kv-cache-memory", default="256MiB", help="KV cache budget per rank, e.g. 512MiB")
@@ -40,7 +42,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", default=d.attention_backend,
-                   choices=["auto", "torch", "flashinfer"])
+                   choices=["auto", "torch", "cpu", "flashinfer"],
+                   help="auto: FlashInfer on CUDA, the C++ kernels on a CPU (torch if they are off)")
+    p.add_argument("--no-cpu-kernels", action="store_true",
+                   help="run the PyTorch reference path instead of the C++ CPU kernels")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads per rank (default: this process's usable cores / TP)")
     p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
@@ -56,7 +61,7 @@ def engine_config_from_args(a: argparse.Namespace, **overrides) -> EngineConfig:
               max_prefill_chunk=a.max_prefill_chunk, max_model_len=a.max_model_len,
               enable_prefix_caching=not a.no_prefix_caching,
               attention_backend=a.attention_backend, load_format=a.load_format,
-              torch_threads=a.torch_threads)
+              torch_threads=a.torch_threads, cpu_kernels=not a.no_cpu_kernels)
     kw.update(overrides)
     return EngineConfig(**kw)
 

@@ -7,6 +7,7 @@ the scheduler treats requests that carry KV-transfer parameters.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +17,28 @@ if TYPE_CHECKING:
 
 ROLES = ("colocated", "prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
+#: what ``--dtype`` accepts: a dtype, or "auto" (see :func:`resolve_dtype`)
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The concrete dtype for ``dtype`` on ``device``.
+
+    "auto" is ``$DISAGG_DTYPE`` when set; otherwise bfloat16 on CUDA and on
+    CPUs that compute it natively (AVX-512 BF16 or AMX), float32 on other CPUs,
+    where bfloat16 is emulated and both slower and less exact.
+    """
+    if dtype != "auto":
+        return dtype
+    env = os.environ.get("DISAGG_DTYPE", "").strip()
+    if env:
+        if env not in DTYPES:
+            raise ValueError(f"DISAGG_DTYPE must be one of {DTYPES}, got {env!r}")
+        return env
+    if device.startswith("cuda"):
+        return "bfloat16"
+    from disagg.cpus import has_native_bf16
+    return "bfloat16" if has_native_bf16() else "float32"
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
@@ -38,6 +61,8 @@ class EngineConfig:
 
     model: ``"default"`` (the embedded SmolLM2-135M-Instruct), a local Hugging
         Face directory, or a hub id (fetched only when named; fails offline).
+    dtype: weights, activations and KV cache; "auto" is resolved when the
+        config is made (:func:`resolve_dtype`), so ``config.dtype`` is always concrete.
     kv_cache_memory: bytes of KV cache per rank; the block count follows from
         it unless ``num_kv_blocks`` is given explicitly.
     max_num_batched_tokens: the per-step token budget shared by decodes and
@@ -55,12 +80,16 @@ class EngineConfig:
     kv_layerwise: a prefill sends each layer's blocks as soon as that layer is
         computed (overlapping the rest of the forward pass) instead of all
         layers after it.
+    cpu_kernels: on a CPU device, run the hot path (small-batch linears,
+        decode attention, norms, RoPE, SiLU) in the C++ kernels of
+        ``disagg/kernels`` (built on first use); False = the PyTorch reference
+        path throughout. A failed build falls back to the reference with a warning.
     """
 
     model: str = "default"
     tensor_parallel_size: int = 1
     role: str = "colocated"
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
     block_size: int = 16
     kv_cache_memory: int = 256 << 20
@@ -78,6 +107,7 @@ class EngineConfig:
     pin_lease_s: float = 30.0
     kv_transfer: "TransportConfig | None" = None
     kv_layerwise: bool = True
+    cpu_kernels: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_cache_memory", parse_size(self.kv_cache_memory))
@@ -95,10 +125,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.block_size & (self.block_size - 1):

@@ -1,4 +1,5 @@
-"""Which CPU cores a process may use, and pinning to a set of them (torch-free).
+"""Which CPU cores a process may use, pinning to a set of them, and what the
+cores can compute natively (torch-free).
 
 ``--cpus`` flags take Linux's list syntax (``0-3,8``). Pinning sets the
 affinity mask, which child processes (TP ranks) inherit; thread counts then
@@ -42,3 +43,25 @@ def pin_to_cpus(text: str) -> None:
     except OSError as exc:
         raise ValueError(f"cannot pin to cores {sorted(cpus)}: {exc} "
                          f"(this machine has {os.cpu_count()})") from None
+
+
+#: /proc/cpuinfo flags of a CPU with native bfloat16 arithmetic (AVX-512 BF16, AMX)
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this machine's first CPU (empty where unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX)."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in NATIVE_BF16_FLAGS)

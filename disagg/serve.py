@@ -26,6 +26,7 @@ import threading
 import time
 
 from disagg.cluster import ClusterConfig, LocalCluster
+from disagg.config import DTYPE_CHOICES
 
 # Engine flags ``disagg serve`` forwards to both nodes: (attribute, node flag).
 NODE_FLAGS = (("kv_cache_memory", "--kv-cache-memory"), ("max_num_seqs", "--max-num-seqs"),
@@ -59,7 +60,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine flags passed to both nodes")
     g.add_argument("--kv-cache-memory", default=None, help="KV cache budget per rank, e.g. 512MiB")
     g.add_argument("--max-num-seqs", type=int, default=None)
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help="default auto: bfloat16 where the CPU has AVX-512 BF16 or AMX, else float32")
     g.add_argument("--device", default=None, help="cpu or cuda[:N]")
 
 

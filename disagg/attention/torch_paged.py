@@ -59,10 +59,14 @@ class TorchPagedAttention(AttentionBackend):
     _plan: _Plan | None = None
     _planned: AttentionMetadata | None = None
 
+    #: whether decode rows are gathered into a padded batch (subclasses with an
+    #: in-place decode kernel turn this off and skip planning the gather)
+    gathers_decodes = True
+
     def plan(self, meta: AttentionMetadata) -> None:
         bs, nd, dev = self.block_size, meta.num_decodes, meta.block_tables.device
         decode_rows = decode_mask = None
-        if nd:
+        if nd and self.gathers_decodes:
             n = -(-max(meta.seq_lens_cpu[:nd]) // bs)
             decode_rows = kv_row_index(meta.block_tables[:nd, :n], self.num_kv_heads)
             keys = torch.arange(n * bs, device=dev)
@@ -82,19 +86,34 @@ class TorchPagedAttention(AttentionBackend):
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if self._planned is not meta:
             self.plan(meta)
-        plan = self._plan
-        write_kv(kv_cache, k, v, meta.slot_mapping)
-        gqa = self.num_heads != self.num_kv_heads
+        self.write(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            kc, vc = gather_kv(kv_cache, plan.decode_rows)                  # (B, H_kv, L, D)
-            o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kc, vc,  # q: (B, H, 1, D)
-                                               attn_mask=plan.decode_mask, scale=scale,
-                                               enable_gqa=gqa)
-            out[:nd] = o.squeeze(2)
-        pos = nd
-        for i in range(nd, meta.num_seqs):
+            out[:nd] = self.attend_decodes(q[:nd], kv_cache, meta, scale)
+        self.attend_prefills(q, k, v, kv_cache, meta, scale, out)
+        return out
+
+    def write(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:
+        """Store the step's new K/V rows in their cache slots."""
+        write_kv(kv_cache, k, v, slot_mapping)
+
+    def attend_decodes(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                       scale: float) -> torch.Tensor:
+        """q (B_d, H, D), one query per decode sequence -> (B_d, H, D)."""
+        kc, vc = gather_kv(kv_cache, self._plan.decode_rows)                 # (B, H_kv, L, D)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc,            # q: (B, H, 1, D)
+                                           attn_mask=self._plan.decode_mask, scale=scale,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        return o.squeeze(2)
+
+    def attend_prefills(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float,
+                        out: torch.Tensor) -> None:
+        """Prefill chunks one at a time into ``out`` (rows after the decodes)."""
+        plan, gqa = self._plan, self.num_heads != self.num_kv_heads
+        pos = meta.num_decodes
+        for i in range(meta.num_decodes, meta.num_seqs):
             q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
             qi = q[pos:pos + q_len].transpose(0, 1).unsqueeze(0)            # (1, H, q_len, D)
             if i in plan.prefix_rows:
@@ -109,4 +128,3 @@ class TorchPagedAttention(AttentionBackend):
                                                    enable_gqa=gqa)
             out[pos:pos + q_len] = o[0].transpose(0, 1)                      # (q_len, H, D)
             pos += q_len
-        return out

@@ -17,6 +17,7 @@ from disagg.attention.layer import ForwardContext, forward_context
 from disagg.config import EngineConfig
 from disagg.distributed import get_tp_rank, get_tp_size
 from disagg.engine.step_input import StepInput
+from disagg.kernels import ops
 from disagg.model import ModelConfig, load_model
 
 
@@ -54,10 +55,12 @@ class ModelRunner:
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
+        if self.device.type == "cpu":
+            ops.use_cpu_kernels(config.cpu_kernels)
         self.model = load_model(model_cfg, model_dir, dtype=config.torch_dtype, device=self.device,
                                 load_format=config.load_format)
-        if self.device.type == "cpu" and config.dtype == "float32":
-            _column_major_lm_head(self.model)
+        if self.device.type == "cpu" and config.dtype == "float32" and ops.cpu_kernels() is None:
+            _column_major_lm_head(self.model)   # the kernels stream row-major weights instead
         heads = model_cfg.num_heads_per_rank(self.tp)
         kv_heads = model_cfg.num_kv_heads_per_rank(self.tp)
         shape = (num_blocks, 2, kv_heads, config.block_size, model_cfg.head_dim)   # HND

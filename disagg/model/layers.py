@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disagg.distributed import get_tp_rank, get_tp_size, tp_all_reduce
+from disagg.kernels import ops
 
 
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
@@ -53,27 +54,30 @@ def _split(total: int, tp: int, what: str) -> int:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back before the weight, like HF."""
+    """RMSNorm computed in fp32 and cast back before the weight, like HF.
+
+    Called with a ``residual`` it first adds ``x`` to it (the decoder's skip
+    connection, fused with the norm that follows it) and returns
+    ``(normed, new_residual)``.
+    """
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = _param((size,), default_weight_loader)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., size) -> (..., size)."""
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x (..., size) -> (..., size), or with ``residual`` -> (normed, x + residual)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class SiluAndMul(nn.Module):
     """(T, 2I) -> (T, I): ``silu(gate) * up`` on the two halves."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return ops.silu_and_mul(x)
 
 
 class ReplicatedEmbedding(nn.Module):
@@ -97,7 +101,7 @@ class ReplicatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) -> (N, out)."""
-        return F.linear(x, self.weight)
+        return ops.linear(x, self.weight)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -122,7 +126,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, in) -> (T, out / tp)."""
-        return F.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -146,8 +150,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, in / tp) -> (T, out), summed over ranks; the bias is added once."""
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)   # same kernel as HF's nn.Linear
-        y = tp_all_reduce(F.linear(x, self.weight))
+            return ops.linear(x, self.weight, self.bias)
+        y = tp_all_reduce(ops.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 

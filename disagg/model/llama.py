@@ -12,16 +12,26 @@ Residual structure and op order mirror Hugging Face so greedy outputs match::
     h = embed(ids)
     for layer:  h = h + attn(input_norm(h));  h = h + mlp(post_attn_norm(h))
     logits = lm_head(norm(h))
+
+written as a residual stream, so each skip-connection add is fused with the
+norm after it (one pass over the activations on the CPU kernels)::
+
+    x, r = input_norm(embed(ids)), embed(ids)
+    for layer:  x, r = post_attn_norm(attn(x), r)     # r += attn(x); x = norm(r)
+                x, r = next_input_norm(mlp(x), r)     # r += mlp(x);  x = norm(r)
+
+The per-op arithmetic lives in :mod:`disagg.kernels.ops` (C++ kernels on the
+CPU, the PyTorch reference elsewhere).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from disagg.attention.layer import PagedAttention
 from disagg.distributed import get_tp_size
+from disagg.kernels import ops
 from disagg.model.config import ModelConfig
 from disagg.model.layers import (MergedColumnParallelLinear, QKVParallelLinear,
                                  ReplicatedEmbedding, ReplicatedLinear, RMSNorm,
@@ -91,10 +101,17 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """h (T, hidden) -> (T, hidden)."""
-        h = h + self.self_attn(positions, self.input_layernorm(h))
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, positions: torch.Tensor, h: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (T, hidden): the previous layer's output, not yet added to ``residual``
+        (the skip stream; None before the first layer) -> (output, residual)."""
+        if residual is None:
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm(h, residual)      # residual += h; norm
+        h = self.self_attn(positions, h)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -110,10 +127,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids (T,), positions (T,) -> (T, hidden)."""
-        h = self.embed_tokens(input_ids)                          # (T, hidden)
+        h, residual = self.embed_tokens(input_ids), None          # (T, hidden)
         for layer in self.layers:
-            h = layer(positions, h)
-        return self.norm(h)
+            h, residual = layer(positions, h, residual)
+        return self.norm(h, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -144,4 +161,4 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> full-vocabulary logits (N, vocab) in float32."""
         w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, w).float()
+        return ops.linear(hidden, w).float()

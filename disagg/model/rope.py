@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from disagg.kernels import ops
+
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -124,12 +126,6 @@ def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | Non
     return _yarn_inv_freq(base, head_dim, s, max_position_embeddings)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(..., D) -> (..., D): ``[x1, x2] -> [-x2, x1]``."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to flattened q and k given each token's position."""
 
@@ -160,11 +156,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,); q (T, H, D); k (T, H_kv, D) -> rotated q, k."""
-        cos = self.cos_cache[positions].to(q.dtype)[:, None, :]  # (T, 1, D)
-        sin = self.sin_cache[positions].to(q.dtype)[:, None, :]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        return q, k
+        return ops.rotary(positions, q, k, self.cos_cache, self.sin_cache)
 
 
 def default_max_positions(max_position_embeddings: int, rope_scaling: dict[str, Any] | None) -> int:

@@ -1,0 +1,106 @@
+"""Build and load the C++ CPU kernels (``cpu_ops.cpp``) on first use.
+
+The extension is compiled once per machine with the host's instruction set
+(``-march=native``) by ``torch.utils.cpp_extension`` and cached under
+``$DISAGG_CACHE_DIR/kernels`` (default ``~/.cache/disagg/kernels``), keyed by
+the source, the flags, the CPU model and the torch and Python versions, so a
+restart loads it in well under a second. Several processes starting at once
+(TP ranks, a prefill and a decode node) share one build: ``cpp_extension``
+holds a lock file in the build directory while one of them compiles.
+
+If the build fails (no compiler, no ninja, an unsupported CPU), the engine
+keeps serving on the PyTorch reference path and says so once. Set
+``DISAGG_CPU_KERNELS=0`` to skip the kernels entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
+
+_loaded: ModuleType | None = None
+_failure: str | None = None
+
+
+def kernels_disabled() -> bool:
+    """Whether ``DISAGG_CPU_KERNELS`` turns the kernels off (0, false, off, no)."""
+    return os.environ.get("DISAGG_CPU_KERNELS", "1").strip().lower() in ("0", "false", "off", "no")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_dir() -> Path:
+    """Where this machine's build of the kernels lives (created if missing)."""
+    import torch
+    from disagg.model.embedded import cache_root
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS), _cpu_model(),
+                                    torch.__version__, sys.version]).encode()).hexdigest()[:16]
+    path = cache_root() / "kernels" / key
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; the pip-installed one lives in the venv."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    if bin_dir and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
+def load_cpu_ops() -> ModuleType | None:
+    """The compiled kernels, building them if needed; ``None`` if unavailable.
+
+    Never raises: a failed build is logged once as a warning and remembered,
+    and the caller uses the PyTorch reference path.
+    """
+    global _loaded, _failure
+    if _loaded is not None or _failure is not None or kernels_disabled():
+        return _loaded
+    try:
+        from torch.utils import cpp_extension
+        _ninja_on_path()
+        path = build_dir()
+        fresh = not any(path.glob("*.so"))
+        if fresh:
+            print(f"[disagg] building CPU kernels into {path} (once per machine, ~1 min) ...",
+                  file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        _loaded = cpp_extension.load(name="disagg_cpu_ops", sources=[str(SOURCE)],
+                                     extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                                     build_directory=str(path), verbose=False)
+        if fresh:
+            print(f"[disagg] CPU kernels built in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+    except Exception as exc:     # noqa: BLE001 - any build failure means: serve without them
+        _failure = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        log.warning("CPU kernels unavailable (%s); using the PyTorch reference path", _failure)
+    return _loaded
+
+
+def failure() -> str | None:
+    """Why the last :func:`load_cpu_ops` returned ``None`` (``None`` if it did not fail)."""
+    return _failure

@@ -1,7 +1,7 @@
 # Set-up and the two jobs. Every target installs what it needs first.
 #   make demo   - serve the embedded SmolLM2 model: router + prefill + decode node (Ctrl-C stops)
 #   make test   - the test suite (what CI runs)
-#   make bench  - engine throughput against transformers generate (JSON)
+#   make bench  - engine throughput against transformers generate (JSON; vLLM too: see README)
 #   make peers  - vLLM's CPU build in its own venv (.peers/vllm), the peer that
 #                 `disagg bench engine --baseline vllm` compares against
 

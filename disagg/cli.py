@@ -1,7 +1,7 @@
 """The ``disagg`` command: one entry point, one subcommand per job.
 
     disagg generate "prompt" ...    offline generation with the engine
-    disagg bench engine --json      engine throughput vs transformers generate
+    disagg bench engine --json      engine throughput vs transformers generate and vLLM
     disagg bench transfer --json    KV transfer GB/s vs raw pyzmq and memcpy
     disagg bench router --json      latency the router adds per request
     disagg serve                    router + prefill node + decode node on this machine
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (print JSON)")
     bsub = b.add_subparsers(dest="bench", required=True)
     from disagg.bench.engine import add_bench_args
-    e = bsub.add_parser("engine", help="engine throughput vs transformers generate")
+    e = bsub.add_parser("engine", help="engine throughput vs transformers generate and "
+                                       "vLLM's CPU build (--baseline)")
     add_bench_args(e)
     add_engine_args(e)
     e.set_defaults(func=_cmd_bench)

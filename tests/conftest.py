@@ -90,3 +90,12 @@ def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi, (n,), generator=g).tolist()
     return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]
+
+
+def pytest_sessionstart(session) -> None:
+    """Build the C++ CPU kernels once, up front, in this process (about 50 s on a
+    fresh machine, nothing once cached), so no test's start-up timeout pays for it.
+    A failed build is not fatal here: the engine falls back to the PyTorch path
+    and tests/test_cpu_kernels.py reports the failure."""
+    from disagg.kernels.cpu import load_cpu_ops
+    load_cpu_ops()

@@ -228,3 +228,16 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
         EngineConfig()
     with pytest.raises(ValueError, match="dtype must be one of"):
         EngineConfig(dtype="fp8")
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start(ext, monkeypatch):
+    """cpp_extension's own lock file outlives a process killed mid-build; ours does not."""
+    path = cpu.build_dir()
+    (path / "lock").write_text("")
+    monkeypatch.setattr(cpu, "_loaded", None)
+    monkeypatch.setattr(cpu, "_failure", None)
+    try:
+        assert cpu.load_cpu_ops() is not None and cpu.failure() is None
+        assert not (path / "lock").exists()
+    finally:
+        monkeypatch.undo()

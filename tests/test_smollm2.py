@@ -37,12 +37,17 @@ def _expected(model_dir: str) -> tuple:
     return tuple(map(tuple, ids)), tuple(tuple(hf_greedy(model_dir, p, 32)) for p in ids)
 
 
-@pytest.mark.parametrize("tp", [1, 3])
-def test_smollm2_greedy_matches_transformers(smollm2_dir, tp):
+@pytest.mark.parametrize("tp,kernels", [(1, True), (3, True), (1, False)],
+                         ids=["tp1", "tp3", "tp1-reference-path"])
+def test_smollm2_greedy_matches_transformers(smollm2_dir, tp, kernels):
+    """float32 on the C++ CPU kernels (default) and on the PyTorch reference path."""
+    from disagg.kernels import ops
     prompts, expected = _expected(smollm2_dir)
-    with LLMEngine(EngineConfig(model=smollm2_dir, tensor_parallel_size=tp)) as engine:
+    with LLMEngine(EngineConfig(model=smollm2_dir, tensor_parallel_size=tp,
+                                cpu_kernels=kernels, dtype="float32")) as engine:
         outs = engine.generate([list(p) for p in prompts],
                                SamplingParams(max_tokens=32, temperature=0.0))
+    ops.use_cpu_kernels(True)
     assert [tuple(o.output_token_ids) for o in outs] == list(expected)
 
 

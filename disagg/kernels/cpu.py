@@ -15,6 +15,8 @@ keeps serving on the PyTorch reference path and says so once. Set
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -23,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +42,17 @@ def kernels_disabled() -> bool:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and instruction-set flags (what -march=native builds for)."""
+    lines: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith(("model name", "flags")):
-                    return line
+                key = line.partition(":")[0].strip()
+                if key in ("model name", "flags") and key not in lines:
+                    lines[key] = line
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return "".join(lines.values()) or platform.processor() or platform.machine()
 
 
 def build_dir() -> Path:
@@ -71,6 +77,41 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """One process at a time builds or loads; the lock dies with its holder.
+
+    ``cpp_extension`` has a lock of its own, a plain file that a process
+    killed mid-build (Ctrl-C on a first start) leaves behind, after which every
+    later start would wait for it forever. Under this ``flock`` no other
+    process is inside ``cpp_extension``, so such a file is stale and removed.
+    """
+    with open(path / "disagg-build.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("[disagg] waiting for another process building the CPU kernels ...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        (path / "lock").unlink(missing_ok=True)
+        yield
+
+
+def _build_and_load(path: Path) -> ModuleType:
+    from torch.utils import cpp_extension
+    fresh = not any(path.glob("*.so"))
+    if fresh:
+        print(f"[disagg] building CPU kernels into {path} (once per machine, ~1 min) ...",
+              file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    module = cpp_extension.load(name="disagg_cpu_ops", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                                extra_ldflags=["-fopenmp"], build_directory=str(path), verbose=False)
+    if fresh:
+        print(f"[disagg] CPU kernels built in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr, flush=True)
+    return module
+
+
 def load_cpu_ops() -> ModuleType | None:
     """The compiled kernels, building them if needed; ``None`` if unavailable.
 
@@ -81,20 +122,10 @@ def load_cpu_ops() -> ModuleType | None:
     if _loaded is not None or _failure is not None or kernels_disabled():
         return _loaded
     try:
-        from torch.utils import cpp_extension
         _ninja_on_path()
         path = build_dir()
-        fresh = not any(path.glob("*.so"))
-        if fresh:
-            print(f"[disagg] building CPU kernels into {path} (once per machine, ~1 min) ...",
-                  file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        _loaded = cpp_extension.load(name="disagg_cpu_ops", sources=[str(SOURCE)],
-                                     extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                                     build_directory=str(path), verbose=False)
-        if fresh:
-            print(f"[disagg] CPU kernels built in {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr, flush=True)
+        with _build_lock(path):
+            _loaded = _build_and_load(path)
     except Exception as exc:     # noqa: BLE001 - any build failure means: serve without them
         _failure = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
         log.warning("CPU kernels unavailable (%s); using the PyTorch reference path", _failure)

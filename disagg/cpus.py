@@ -49,16 +49,27 @@ def pin_to_cpus(text: str) -> None:
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of this machine's first CPU (empty where unknown)."""
+def _cpuinfo(field: str) -> str:
+    """``field`` of this machine's first CPU in /proc/cpuinfo ("" where unknown)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
+                key, _, value = line.partition(":")
+                if key.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name ("" where unknown)."""
+    return _cpuinfo("model name")
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this machine's first CPU (empty where unknown)."""
+    return set(_cpuinfo("flags").split())
 
 
 def has_native_bf16(flags: set[str] | None = None) -> bool:

@@ -13,6 +13,7 @@ Sides (``--baseline`` picks the others; ``--skip-baseline`` = none):
     vllm          vLLM's CPU build in its own virtual environment
                   (``make peers`` → ``.peers/vllm``), running ``vllm_peer.py``
 
+(the first two run :mod:`disagg.bench.engine_sides`; this module is the driver).
 Each run is its own process tree, one after the other, so the sides never
 compete for the cores and each one's peak memory (summed RSS of the tree,
 sampled every 50 ms, :mod:`disagg.bench.peak_rss`) is its own. The order is
@@ -41,8 +42,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import copy
-import dataclasses
 import json
 import os
 import re
@@ -51,14 +50,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import torch
 
 import disagg
+from disagg.bench.engine_sides import bench_disagg, bench_transformers
 from disagg.bench.peak_rss import PeakRssSampler
-from disagg.config import DTYPES
+from disagg.config import resolve_dtype
 
 BASELINES = ("transformers", "vllm")
 PROMPT_SEED = 1234          # the batch prompts
@@ -113,104 +112,6 @@ def _prompt_set(sizes: list[int], prompt_len: int, prefill_len: int, vocab: int)
     return {"warmup": _prompts(1, 16, vocab)[0],
             "batches": {str(b): _prompts(b, prompt_len, vocab) for b in sizes},
             "prefill": _prompts(1, prefill_len, vocab, PREFILL_SEED)[0] if prefill_len else None}
-
-
-# ---------------------------------------------------------------- child sides
-def _bench_disagg(a: argparse.Namespace, spec: dict) -> dict:
-    from disagg.cli import engine_config_from_args
-    from disagg.engine import LLMEngine
-    from disagg.sampling_params import SamplingParams
-
-    sizes = [len(p) for p in spec["batches"].values()]
-    overrides = dict(max_num_seqs=max(sizes))
-    if a.num_kv_blocks is None:
-        # Room for the largest batch at full length, or the prefill prompt (plus
-        # slack), so the run measures steady batching rather than preemption.
-        per_req = -(-(a.prompt_len + a.output_len) // a.block_size)
-        prefill = -(-(len(spec["prefill"] or ()) + 1) // a.block_size)
-        overrides["num_kv_blocks"] = max(max(sizes) * per_req, prefill) + 64
-    # The default step budget (2,048 tokens) holds the default 2,048-token prefill
-    # prompt in one step; a longer one is chunked, as the engine always does.
-    cfg = engine_config_from_args(a, **overrides)
-    params = SamplingParams(max_tokens=a.output_len, temperature=0.0, ignore_eos=True)
-    runs, prefill_run = {}, None
-    with LLMEngine(cfg) as engine:
-        engine.generate([spec["warmup"]], SamplingParams(max_tokens=4, temperature=0.0))
-        for b, prompts in spec["batches"].items():
-            dt, outs = _timed(a.device, lambda: engine.generate(prompts, params))
-            runs[b] = {"seconds": dt, "tokens_per_s": len(prompts) * a.output_len / dt,
-                       "outputs": [o.output_token_ids for o in outs]}
-        if spec["prefill"]:
-            one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-            dt, outs = _timed(a.device, lambda: engine.generate([spec["prefill"]], one))
-            prefill_run = _prefill_row(len(spec["prefill"]), dt, outs[0].output_token_ids[0])
-    return {"system": "disagg", "version": disagg.__version__, "torch": torch.__version__,
-            "dtype": a.dtype, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "runs": runs, "prefill": prefill_run,
-            "engine_config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                              if isinstance(getattr(cfg, f.name), (bool, int, float, str))}}
-
-
-def _bench_transformers(a: argparse.Namespace, spec: dict) -> dict:
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from disagg.model import resolve_model_dir
-    model_dir = str(resolve_model_dir(a.model))
-    dtype = getattr(torch, a.dtype)
-    if a.load_format == "dummy":
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    model = model.to(a.device).eval()
-    gen_cfg = copy.deepcopy(model.generation_config)
-    # Go on past EOS like the engine's ignore_eos. An empty list is what does
-    # it: None falls back to the model config's EOS and stops early, and
-    # min_new_tokens would forbid EOS instead of generating through it.
-    gen_cfg.eos_token_id = []
-    gen_cfg.do_sample = False
-    if gen_cfg.pad_token_id is None:    # every prompt has one length: nothing is padded
-        gen_cfg.pad_token_id = 0
-
-    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
-        ids = torch.tensor(prompts, device=a.device)    # (B, T)
-        cfg = copy.deepcopy(gen_cfg)
-        cfg.max_new_tokens = n
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
-        return out[:, ids.shape[1]:].tolist()
-
-    runs, prefill_run = {}, None
-    with torch.inference_mode():
-        generate([spec["warmup"]], 4)
-        for b, prompts in spec["batches"].items():
-            dt, outs = _timed(a.device, lambda: generate(prompts, a.output_len))
-            runs[b] = {"seconds": dt, "tokens_per_s": len(prompts) * a.output_len / dt,
-                       "outputs": outs}
-        if spec["prefill"]:
-            dt, outs = _timed(a.device, lambda: generate([spec["prefill"]], 1))
-            prefill_run = _prefill_row(len(spec["prefill"]), dt, outs[0][0])
-    return {"system": "transformers", "version": transformers.__version__,
-            "torch": torch.__version__, "dtype": a.dtype, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "runs": runs, "prefill": prefill_run}
-
-
-def _timed(device: str, fn) -> tuple[float, object]:
-    """Seconds ``fn()`` took (device work included) and what it returned."""
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - t0, out
-
-
-def _prefill_row(prompt_len: int, seconds: float, first_token: int) -> dict:
-    return {"prompt_len": prompt_len, "seconds": seconds,
-            "tokens_per_s": prompt_len / seconds, "first_token": int(first_token)}
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------- the driver side
@@ -393,24 +294,16 @@ def _check_args(a: argparse.Namespace) -> list[int]:
     return sizes
 
 
-def _concrete_dtype(dtype: str, device: str) -> str:
-    """The dtype every side runs in: ``--dtype`` itself, or what "auto" picks here."""
-    if dtype in DTYPES:
-        return dtype
-    from disagg.config import resolve_dtype
-    return resolve_dtype(dtype, device)
-
-
 def run_engine_bench(a: argparse.Namespace) -> dict:
     """Run the benchmark (or, with the hidden --system flag, one side of it)."""
     # Resolved once, so every side (and the report's command) names the same dtype.
-    a = argparse.Namespace(**{**vars(a), "dtype": _concrete_dtype(a.dtype, a.device)})
+    a = argparse.Namespace(**{**vars(a), "dtype": resolve_dtype(a.dtype, a.device)})
     if a.system:
         if not a.prompts_file:
             raise ValueError("--system needs --prompts-file (the bench passes both)")
         spec = json.loads(Path(a.prompts_file).read_text())
         torch.set_num_threads(os.cpu_count() or 1)
-        return (_bench_disagg if a.system == "disagg" else _bench_transformers)(a, spec)
+        return (bench_disagg if a.system == "disagg" else bench_transformers)(a, spec)
 
     sizes = _check_args(a)
     baselines = () if a.skip_baseline else tuple(a.baseline)

@@ -41,25 +41,13 @@ def kernels_disabled() -> bool:
     return os.environ.get("DISAGG_CPU_KERNELS", "1").strip().lower() in ("0", "false", "off", "no")
 
 
-def _cpu_model() -> str:
-    """The CPU's model name and instruction-set flags (what -march=native builds for)."""
-    lines: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key = line.partition(":")[0].strip()
-                if key in ("model name", "flags") and key not in lines:
-                    lines[key] = line
-    except OSError:
-        pass
-    return "".join(lines.values()) or platform.processor() or platform.machine()
-
-
 def build_dir() -> Path:
     """Where this machine's build of the kernels lives (created if missing)."""
     import torch
+    from disagg.cpus import cpu_flags, cpu_model_name
     from disagg.model.embedded import cache_root
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS), _cpu_model(),
+    host = f"{cpu_model_name()} {' '.join(sorted(cpu_flags()))}".strip() or platform.machine()
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS), host,
                                     torch.__version__, sys.version]).encode()).hexdigest()[:16]
     path = cache_root() / "kernels" / key
     path.mkdir(parents=True, exist_ok=True)

@@ -502,11 +502,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary", &rotary);
   m.def("write_kv", &write_kv);
   m.def("paged_attention", &paged_attention);
-  m.def("has_avx2", []() {
-#ifdef DISAGG_AVX2
-    return true;
-#else
-    return false;
-#endif
-  });
 }

@@ -123,6 +123,20 @@ def wait_metric(url: str, name: str, want, timeout_s: float = 10.0, **labels) ->
         time.sleep(0.1)
 
 
+def settled_metric(url: str, name: str, quiet_s: float = 1.5, timeout_s: float = 15.0,
+                   **labels) -> float:
+    """The value once it has not moved for ``quiet_s`` (several heartbeats): a baseline
+    that a previous request's late-reported counters can no longer change."""
+    deadline = time.monotonic() + timeout_s
+    value, since = metric(url, name, **labels), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = metric(url, name, **labels)
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 def reference(model_dir: str, tokenizer, prompt_ids: list[int],
               max_tokens: int) -> tuple[list[str], str]:
     """transformers' greedy continuation: per-token strings (what logprobs.tokens shows)

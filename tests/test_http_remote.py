@@ -11,7 +11,7 @@ import pytest
 
 from conftest import needs_smollm2, random_prompts
 from serving_helpers import (
-    MODEL, greedy_tokens, metric, post, reference, running_cluster, wait_metric)
+    MODEL, greedy_tokens, metric, post, reference, running_cluster, settled_metric, wait_metric)
 
 pytestmark = [needs_smollm2, pytest.mark.slow]
 
@@ -66,7 +66,7 @@ def test_openai_client_streams(cluster):
 def test_cached_prefix_moves_only_missing_blocks(cluster):
     url = cluster.http_url
     base = random_prompts(1, 49152, 70, 71, seed=7)[0]          # 4 full blocks + 6 tokens
-    sent0 = metric(url, "disagg_kv_transfer_bytes_total")
+    sent0 = settled_metric(url, "disagg_kv_transfer_bytes_total")   # earlier tests' sends reported
     assert post(url, key=KEY, model=MODEL, prompt=base, max_tokens=2, temperature=0).status_code == 200
     sent1 = wait_metric(url, "disagg_kv_transfer_bytes_total", lambda v: v >= sent0 + 5 * BLOCK_BYTES)
     assert sent1 - sent0 == 5 * BLOCK_BYTES                      # nothing cached: all 5 blocks

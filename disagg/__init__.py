@@ -1,7 +1,7 @@
 """disagg: a disaggregated prefill/decode LLM serving system.
 
 The engine core in this package is shared by every role: a prefill node and a
-decode node run the same :class:`~disagg.engine.llm_engine.LLMEngine`, differing
+decode node run the same :class:`disagg.engine.LLMEngine`, differing
 only in configuration and in which half of the KV connector is active.
 """
 

@@ -18,52 +18,7 @@ import argparse
 import json
 import sys
 
-from disagg.config import DTYPE_CHOICES, EngineConfig
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that starts an engine."""
-    d = EngineConfig()
-    p.add_argument("--model", default=d.model,
-                   help="'default' (embedded SmolLM2-135M-Instruct), a local HF directory, or a hub id")
-    p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int,
-                   default=d.tensor_parallel_size, help="tensor-parallel degree (must divide the heads)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="auto: bfloat16 on CUDA and on CPUs with AVX-512 BF16 or AMX, "
-                        "float32 on other CPUs (or $DISAGG_DTYPE)")
-    p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
-    p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--kv-cache-memory", default="256MiB", help="KV cache budget per rank, e.g. 512MiB")
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="override the block count")
-    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
-                   help="per-step token budget (decodes + prefill chunks)")
-    p.add_argument("--max-prefill-chunk", type=int, default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--attention-backend", default=d.attention_backend,
-                   choices=["auto", "torch", "cpu", "flashinfer"],
-                   help="auto: FlashInfer on CUDA, the C++ kernels on a CPU (torch if they are off)")
-    p.add_argument("--no-cpu-kernels", action="store_true",
-                   help="run the PyTorch reference path instead of the C++ CPU kernels")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="CPU threads per rank (default: this process's usable cores / TP)")
-    p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
-                   help="'dummy' = random weights at the model's real shapes (speed tests only)")
-
-
-def engine_config_from_args(a: argparse.Namespace, **overrides) -> EngineConfig:
-    """Build an :class:`EngineConfig` from parsed ``add_engine_args`` flags."""
-    kw = dict(model=a.model, tensor_parallel_size=a.tensor_parallel_size, dtype=a.dtype,
-              device=a.device, block_size=a.block_size, kv_cache_memory=a.kv_cache_memory,
-              num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
-              max_num_batched_tokens=a.max_num_batched_tokens,
-              max_prefill_chunk=a.max_prefill_chunk, max_model_len=a.max_model_len,
-              enable_prefix_caching=not a.no_prefix_caching,
-              attention_backend=a.attention_backend, load_format=a.load_format,
-              torch_threads=a.torch_threads, cpu_kernels=not a.no_cpu_kernels)
-    kw.update(overrides)
-    return EngineConfig(**kw)
+from disagg.engine_args import add_engine_args, engine_config_from_args
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
@@ -132,6 +87,7 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``disagg`` parser: one subcommand per job, each with its module's flags."""
     parser = argparse.ArgumentParser(prog="disagg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``disagg`` command; ``ValueError`` / ``RuntimeError`` → message and exit 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transport.base import KINDS
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -58,8 +60,8 @@ class ClusterConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not isinstance(self.num_prefill, int) or self.num_prefill < 0:
             raise ValueError(f"num_prefill must be an int >= 0, got {self.num_prefill!r}")
-        if self.kv_transport not in ("zmq", "shm", "cuda_ipc"):
-            raise ValueError(f"kv_transport must be zmq, shm or cuda_ipc, got {self.kv_transport!r}")
+        if self.kv_transport not in KINDS:
+            raise ValueError(f"kv_transport must be one of {KINDS}, got {self.kv_transport!r}")
         if self.startup_timeout_s <= 0 or self.node_timeout_s <= 0:
             raise ValueError("startup_timeout_s and node_timeout_s must be > 0")
 

@@ -19,6 +19,9 @@ ROLES = ("colocated", "prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
 #: what ``--dtype`` accepts: a dtype, or "auto" (see :func:`resolve_dtype`)
 DTYPE_CHOICES = ("auto", *DTYPES)
+#: how weights are filled: "auto" reads the model's safetensors, "dummy" = random
+#: weights at the model's real shapes (speed tests only)
+LOAD_FORMATS = ("auto", "dummy")
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -74,7 +77,7 @@ class EngineConfig:
     pin_lease_s: how long a finished prefill-only request's blocks stay pinned
         without a ``release_kv`` before they are freed anyway.
     kv_transfer: how KV blocks travel between a prefill and a decode engine
-        (a ``transport.TransportConfig``: zmq, shm or cuda_ipc, the address
+        (a ``transport.base.TransportConfig``: zmq, shm or cuda_ipc, the address
         each rank binds, leases, timeouts); ``None`` = no transport, KV moves
         only through the hooks (``notify_kv_ready``). Needs role prefill or decode.
     kv_layerwise: a prefill sends each layer's blocks as soon as that layer is
@@ -130,14 +133,14 @@ class EngineConfig:
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_transfer is not None:
             from transport.base import TransportConfig
             if not isinstance(self.kv_transfer, TransportConfig):
-                raise ValueError(f"kv_transfer must be a transport.TransportConfig, got "
+                raise ValueError(f"kv_transfer must be a transport.base.TransportConfig, got "
                                  f"{type(self.kv_transfer).__name__}")
             if self.role == "colocated":
                 raise ValueError("kv_transfer needs role 'prefill' or 'decode'; a colocated "

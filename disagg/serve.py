@@ -26,7 +26,8 @@ import threading
 import time
 
 from disagg.cluster import ClusterConfig, LocalCluster
-from disagg.config import DTYPE_CHOICES
+from disagg.engine_args import add_dtype_arg, add_kv_transport_arg
+from router.policy import add_policy_arg
 
 # Engine flags ``disagg serve`` forwards to both nodes: (attribute, node flag).
 NODE_FLAGS = (("kv_cache_memory", "--kv-cache-memory"), ("max_num_seqs", "--max-num-seqs"),
@@ -44,13 +45,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="HTTP port, 0 = any free one (env DISAGG_PORT)")
     p.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel degree of the prefill node")
     p.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel degree of the decode node")
-    p.add_argument("--policy", default="cost", choices=["cost", "local", "remote", "threshold"],
-                   help="local vs remote prefill: cost model (default), always local, always "
-                        "remote, or a token threshold")
+    add_policy_arg(p)
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter, e.g. min_remote_tokens=512 (threshold); repeatable")
-    p.add_argument("--kv-transport", default="shm", choices=["shm", "zmq", "cuda_ipc"],
-                   help="how KV moves from prefill to decode (shm: shared memory, same host)")
+    add_kv_transport_arg(p, default="shm", note="shm (default): shared memory, this host; "
+                         "cuda_ipc: GPUs of this host; zmq: sockets")
     p.add_argument("--api-key", default=env("DISAGG_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (env DISAGG_API_KEY)")
     p.add_argument("--max-inflight", type=int, default=256,
@@ -60,8 +59,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine flags passed to both nodes")
     g.add_argument("--kv-cache-memory", default=None, help="KV cache budget per rank, e.g. 512MiB")
     g.add_argument("--max-num-seqs", type=int, default=None)
-    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                   help="default auto: bfloat16 where the CPU has AVX-512 BF16 or AMX, else float32")
+    add_dtype_arg(g, default=None)
     g.add_argument("--device", default=None, help="cpu or cuda[:N]")
 
 
@@ -125,7 +123,7 @@ def _supervise(cluster: LocalCluster, stop: threading.Event) -> int:
 
 def run_serve(a: argparse.Namespace) -> int:
     """Start, announce, supervise and stop the local deployment; return the exit code."""
-    from disagg.node.launch import served_model_name
+    from disagg.model.resolve import served_model_name
     try:
         config = cluster_config_from_args(a)
     except ValueError as exc:

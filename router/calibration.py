@@ -10,7 +10,7 @@ router's measurements::
     remote overhead   = weighted mean of measured extra hop cost
 
 The fitting method (decayed ridge regression toward the prior line) lives in
-:mod:`router.estimates`; its names are re-exported here.
+:mod:`router.estimates`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from .estimates import (DECODE_X_REF, LINK_X_REF, PREFILL_X_REF, SLOPE_PRIOR_SHARE, AffineEstimate,
-                        KeyedEstimates, MeanEstimate, check_count, check_measure)
+from .estimates import (DECODE_X_REF, LINK_X_REF, PREFILL_X_REF, AffineEstimate, KeyedEstimates,
+                        MeanEstimate, check_count, check_measure)
 
-__all__ = ["AffineEstimate", "Calibration", "CostBreakdown", "CostModelConfig", "DECODE_X_REF",
-           "KeyedEstimates", "LINK_X_REF", "MeanEstimate", "PREFILL_X_REF", "SLOPE_PRIOR_SHARE",
-           "check_count", "check_measure"]
+__all__ = ["Calibration", "CostBreakdown", "CostModelConfig"]
 
 
 @dataclass(frozen=True)

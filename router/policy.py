@@ -1,9 +1,9 @@
 """Routing policies: per request, prefill locally on the decode node or remotely?
 
 The router fills a :class:`RouteInput` from the nodes' latest heartbeats
-(:class:`NodeLoad`) and its prefix-cache look-ups, asks a policy to
+(:class:`~router.route_types.NodeLoad`) and its prefix-cache look-ups, asks a policy to
 ``decide``, and counts ``Decision.reason`` in /metrics (a short, fixed
-vocabulary: :data:`REASONS`) while logging ``Decision.detail``. It feeds
+vocabulary: :data:`router.route_types.REASONS`) while logging ``Decision.detail``. It feeds
 measured durations back through the ``observe_*`` hooks. Policies are pure:
 no I/O, no clocks, deterministic, meant for one asyncio loop.
 
@@ -31,15 +31,15 @@ learned per node, which absorbs TP and hardware differences.
 
 from __future__ import annotations
 
+import argparse
 from abc import ABC, abstractmethod
 
 from .calibration import Calibration, CostBreakdown, CostModelConfig
-from .estimates import check_count, check_measure
-from .route_types import POLICY_NAMES, REASONS, ROUTES, Decision, NodeLoad, RouteInput
+from .estimates import check_count
+from .route_types import Decision, RouteInput
 
-__all__ = ["AlwaysLocal", "AlwaysRemote", "Calibration", "CostBreakdown", "CostModel", "CostModelConfig",
-           "Decision", "NodeLoad", "POLICY_NAMES", "REASONS", "ROUTES", "RouteInput", "RoutingPolicy",
-           "TokenThreshold", "check_count", "check_measure", "make_policy"]
+__all__ = ["AlwaysLocal", "AlwaysRemote", "CostModel", "POLICY_NAMES", "RoutingPolicy",
+           "TokenThreshold", "add_policy_arg", "make_policy"]
 
 
 class RoutingPolicy(ABC):
@@ -198,11 +198,21 @@ class CostModel(RoutingPolicy):
                 f"{b.remote_overhead_s:.3f}s) prompt={inp.num_prompt_tokens}")
 
 
-_FACTORIES = {"cost": CostModel, "local": AlwaysLocal, "remote": AlwaysRemote, "threshold": TokenThreshold}
+_FACTORIES = {cls.name: cls for cls in (CostModel, AlwaysLocal, AlwaysRemote, TokenThreshold)}
+#: the policies :func:`make_policy` builds, by name (what ``--policy`` accepts)
+POLICY_NAMES = tuple(_FACTORIES)
+
+
+def add_policy_arg(p: argparse.ArgumentParser, default: str = "cost") -> None:
+    """``--policy``: one of :data:`POLICY_NAMES` (``default`` may come from the environment;
+    :func:`make_policy` refuses a bad one)."""
+    p.add_argument("--policy", default=default, choices=POLICY_NAMES,
+                   help="local vs remote prefill: cost model (default), always local, always "
+                        "remote, or a token threshold")
 
 
 def make_policy(name: str = "cost", **kwargs) -> RoutingPolicy:
-    """Build a policy by name: "cost" (default), "local", "remote" or "threshold"."""
+    """Build a policy by name: one of :data:`POLICY_NAMES`, "cost" by default."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown routing policy {name!r}; choose one of {POLICY_NAMES}")
     try:

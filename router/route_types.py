@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from .estimates import check_count, check_measure
 
 ROUTES = ("local", "remote")
-POLICY_NAMES = ("cost", "local", "remote", "threshold")
 REASONS = ("cost_local_faster", "cost_remote_faster", "fully_cached", "no_prefill_node",
            "always_local", "always_remote", "below_threshold", "prefill_queue_full",
            "above_threshold", "uncalibrated_default")

@@ -92,6 +92,15 @@ def test_command_round_trips_through_the_parser():
     assert bench._bench_flags(_args()) == []     # defaults are left out
 
 
+def test_vllm_peer_choices_match_the_engine_flags():
+    """``vllm_peer.py`` keeps its own copies of the choice lists (the peer environment
+    has no disagg to import them from); they must stay equal to the engine's."""
+    from disagg.bench import vllm_peer
+    from disagg.config import DTYPES, LOAD_FORMATS
+    choices = {a.dest: tuple(a.choices) for a in vllm_peer.build_parser()._actions if a.choices}
+    assert choices == {"dtype": DTYPES, "load_format": LOAD_FORMATS}
+
+
 def test_vllm_cores_are_read_from_its_log():
     log = ("INFO 11-23 [ompmultiprocessing.py:185] OpenMP thread binding info: \n"
            "\tVLLM_CPU_OMP_THREADS_BIND='auto', auto_setup=True, skip_setup=False\n"

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from disagg.kv_cache import (BlockPool, NoFreeBlocksError, hash_block, hash_blocks,
-                             split_full_blocks)
+from disagg.kv_cache.block_pool import BlockPool, NoFreeBlocksError
+from disagg.kv_cache.hashing import hash_block, hash_blocks, split_full_blocks
 
 BS = 4
 

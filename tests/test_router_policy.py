@@ -6,9 +6,11 @@ import math
 
 import pytest
 
-from router.calibration import AffineEstimate, CostModelConfig
-from router.policy import (POLICY_NAMES, REASONS, AlwaysLocal, AlwaysRemote, CostModel, Decision,
-                           NodeLoad, RouteInput, TokenThreshold, make_policy)
+from router.calibration import CostModelConfig
+from router.estimates import AffineEstimate
+from router.policy import (POLICY_NAMES, AlwaysLocal, AlwaysRemote, CostModel, TokenThreshold,
+                           make_policy)
+from router.route_types import REASONS, Decision, NodeLoad, RouteInput
 
 KV = 46080  # SmolLM2: 30 layers x (K, V) x 3 heads x 64 x fp32
 

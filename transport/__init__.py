@@ -20,7 +20,8 @@ receiver's copy overlaps the wire; layer-wise transfers send one per layer.
 
 Inside the engine the connector halves in ``disagg/connector/transfer_*.py``
 drive these classes on every TP rank (``EngineConfig.kv_transfer``); used on
-their own (decode rank q, prefill rank r)::
+their own (decode rank q, prefill rank r; each name imported from its module,
+``transport_classes(kind)`` picks a kind's pair)::
 
     rx = ZmqKVReceiver(TransportConfig(), kv_caches, tp_rank=q, tp_size=d)
     rx.expect(rid, load.block_ids[skip:], load.epochs[skip:]); rx.wait_ready(rid)
@@ -30,25 +31,19 @@ their own (decode rank q, prefill rank r)::
     tid = tx.send(rid, q, src_ids, dst_ids, dst_epochs); tx.wait(tid)
 """
 
-from .base import (KVReceiver, KVSender, TransportConfig, TransportError, TransportTimeout,
-                   missing_blocks, pool_geometry, rank_address)
-from .pins import PinTable
-from .resharding import ReshardPlan, kv_heads_of_rank
-from .shm_transport import ShmKVPool, ShmKVReceiver, ShmKVSender
-from .wire import ErrorCode, WireError, WireLimits, validate_kv_header
-from .zmq_transport import ZmqKVReceiver, ZmqKVSender
-
-
 
 def transport_classes(kind: str) -> tuple[type, type]:
-    """``(sender class, receiver class)`` of a ``TransportConfig.kind``.
+    """``(sender class, receiver class)`` of a ``TransportConfig.kind`` (one of
+    :data:`transport.base.KINDS`).
 
     Pool-reading senders (shm, cuda_ipc) take a pool object, the zmq sender
     the per-layer caches; every receiver takes the per-layer caches.
     """
     if kind == "zmq":
+        from .zmq_transport import ZmqKVReceiver, ZmqKVSender
         return ZmqKVSender, ZmqKVReceiver
     if kind == "shm":
+        from .shm_transport import ShmKVReceiver, ShmKVSender
         return ShmKVSender, ShmKVReceiver
     if kind == "cuda_ipc":
         from .cuda_ipc import CudaIpcKVReceiver, CudaIpcKVSender
@@ -56,7 +51,4 @@ def transport_classes(kind: str) -> tuple[type, type]:
     raise ValueError(f"unknown transport kind {kind!r}")
 
 
-__all__ = ["transport_classes", "KVReceiver", "KVSender", "TransportConfig", "TransportError", "TransportTimeout",
-           "missing_blocks", "pool_geometry", "rank_address", "PinTable", "ReshardPlan", "kv_heads_of_rank",
-           "ShmKVPool", "ShmKVReceiver", "ShmKVSender", "ErrorCode", "WireError", "WireLimits",
-           "validate_kv_header", "ZmqKVReceiver", "ZmqKVSender"]
+__all__ = ["transport_classes"]

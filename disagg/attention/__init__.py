@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from disagg.attention.base import AttentionBackend, AttentionMetadata
+from disagg.attention.base import AttentionBackend
 from disagg.attention.torch_paged import TorchPagedAttention
 
 BACKENDS = ("auto", "torch", "cpu", "flashinfer")
@@ -45,4 +45,4 @@ def make_backend(name: str, *, num_heads: int, num_kv_heads: int, head_dim: int,
     return TorchPagedAttention(**kwargs)
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "make_backend"]
+__all__ = ["BACKENDS", "make_backend"]

@@ -21,8 +21,10 @@ import msgpack
 import torch
 import zmq
 
-from transport import (ReshardPlan, ShmKVPool, ShmKVReceiver, ShmKVSender, TransportConfig,
-                       ZmqKVReceiver, ZmqKVSender)
+from transport.base import TransportConfig
+from transport.resharding import ReshardPlan
+from transport.shm_transport import ShmKVPool, ShmKVReceiver, ShmKVSender
+from transport.zmq_transport import ZmqKVReceiver, ZmqKVSender
 from transport.wire import DTYPES
 from transport.zmq_sender import as_bytes
 

@@ -58,6 +58,7 @@ import disagg
 from disagg.bench.engine_sides import bench_disagg, bench_transformers
 from disagg.bench.peak_rss import PeakRssSampler
 from disagg.config import resolve_dtype
+from disagg.engine_args import add_engine_args
 
 BASELINES = ("transformers", "vllm")
 PROMPT_SEED = 1234          # the batch prompts
@@ -139,7 +140,6 @@ def _bench_flags(a: argparse.Namespace) -> list[str]:
     Rebuilt from the parser's own actions, so a flag added to ``add_engine_args``
     is passed on to the child sides and shows in the report's ``command``.
     """
-    from disagg.cli import add_engine_args
     p = argparse.ArgumentParser(add_help=False)
     add_bench_args(p)
     add_engine_args(p)

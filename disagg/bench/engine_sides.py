@@ -26,8 +26,8 @@ import disagg
 
 def bench_disagg(a: argparse.Namespace, spec: dict) -> dict:
     """This engine on ``spec``'s prompts (``--system disagg``): per-batch runs, the prefill."""
-    from disagg.cli import engine_config_from_args
     from disagg.engine import LLMEngine
+    from disagg.engine_args import engine_config_from_args
     from disagg.sampling_params import SamplingParams
 
     sizes = [len(p) for p in spec["batches"].values()]

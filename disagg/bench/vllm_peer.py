@@ -48,12 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm_peer.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a local Hugging Face model directory")
-    p.add_argument("--dtype", required=True, choices=["float32", "bfloat16", "float16"])
+    # Copies of disagg.config.DTYPES / LOAD_FORMATS: this file runs where disagg is not
+    # installed (see above); tests/test_bench_engine.py checks that they stay equal.
+    p.add_argument("--dtype", required=True, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--prompts", required=True, help="the bench's prompts JSON (see above)")
     p.add_argument("--output-len", type=int, required=True, help="tokens generated per sequence")
     p.add_argument("--gpu-memory-utilization", type=float, required=True,
                    help="on vLLM's CPU backend: the fraction of RAM it reserves")
-    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
                    help="'dummy' = random weights (speed only; outputs mean nothing)")
     return p
 

@@ -19,22 +19,13 @@ import signal
 import socket
 import sys
 import threading
-from pathlib import Path
 
-from disagg.model.embedded import MODEL_NAME
-from disagg.model.loader import EMBEDDED_ALIASES
-
-
-def served_model_name(model: str) -> str:
-    """The name clients use for ``model`` unless told otherwise."""
-    if model.lower() in EMBEDDED_ALIASES:
-        return MODEL_NAME
-    return Path(model).name or model
+from disagg.engine_args import add_engine_args, add_kv_transport_arg, engine_config_from_args
+from disagg.model.resolve import served_model_name
 
 
 def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
     """Flags of a node of ``role`` (engine flags included)."""
-    from disagg.cli import add_engine_args
     env = os.environ.get
     p.add_argument("--router", default=env("DISAGG_ROUTER"),
                    help="the router's control address, e.g. tcp://10.0.0.5:7100 "
@@ -43,9 +34,9 @@ def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
                    help=f"unique name (default {role}-HOST-PID; env DISAGG_NODE_ID)")
     p.add_argument("--served-model-name", default=env("DISAGG_SERVED_MODEL_NAME"),
                    help="the model name clients use (default: from --model)")
-    p.add_argument("--kv-transport", default=env("DISAGG_KV_TRANSPORT", "zmq"),
-                   choices=["zmq", "shm", "cuda_ipc"],
-                   help="zmq: any two hosts; shm / cuda_ipc: prefill and decode on one host")
+    add_kv_transport_arg(p, default=env("DISAGG_KV_TRANSPORT", "zmq"),
+                         note="zmq: any two hosts; shm / cuda_ipc: prefill and decode on one "
+                              "host (env DISAGG_KV_TRANSPORT)")
     p.add_argument("--kv-address", default=env("DISAGG_KV_ADDRESS", "tcp://127.0.0.1:*"),
                    help="where this node's ranks receive KV: tcp://HOST:* (free ports), "
                         "tcp://HOST:PORT (rank r uses PORT+r) or ipc://* (env DISAGG_KV_ADDRESS)")
@@ -63,7 +54,6 @@ def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
 
 def run_node(a: argparse.Namespace, role: str) -> int:
     """Serve as a ``role`` node until SIGINT/SIGTERM; returns the exit code."""
-    from disagg.cli import engine_config_from_args
     from disagg.engine import LLMEngine
     from disagg.node.server import NodeServer
     from transport.base import TransportConfig

@@ -25,11 +25,13 @@ from pathlib import Path
 
 from disagg.cluster import ClusterConfig, LocalCluster
 from disagg.cpus import parse_cpus, usable_cpus
+from disagg.engine_args import add_kv_transport_arg
 from disagg.replay.commands import (add_shaping_args, offered_rate, run_one, served_model,
                                     shape_runs, slo_bounds)
 from disagg.replay.loadgen import TargetConfig, replay
 from disagg.replay.report_files import RunRecord, write_report
 from disagg.replay.shaping import ShapedRequest
+from transport.base import KINDS
 
 MODES = ("colocated", "disaggregated", "conditional")
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "traces" / "AzureLLMInferenceTrace_conv.csv"
@@ -47,7 +49,9 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tp", type=int, default=1)
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="cost-model option for the conditional mode; repeatable")
-    p.add_argument("--kv-transport", default="shm", choices=["shm", "zmq"])
+    # every mode runs on this machine's CPU cores: no cuda_ipc
+    add_kv_transport_arg(p, default="shm", kinds=tuple(k for k in KINDS if k != "cuda_ipc"),
+                         note="shm (default): shared memory; zmq: sockets")
     p.add_argument("--node-arg", action="append", default=[], metavar="FLAG[=VALUE]",
                    help="extra engine flag for every node, e.g. --node-arg=--max-num-seqs=32")
     p.add_argument("--warmup", type=int, default=3,

@@ -12,7 +12,8 @@ import zmq
 
 from test_transport_zmq import BLOCK_BYTES, L, check_blocks, make_receivers, transfer
 from transport.shm_transport import ShmKVPool, ShmKVReceiver
-from transport.wire import ErrorCode, Hello, decode_header, encode
+from transport.messages import Error, ErrorCode, Hello
+from transport.wire import decode_header, encode
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +80,9 @@ def test_pool_lifetime_and_unknown_pools(tmp_path):
         hello = Hello(0, 1, L, 4, 2, 4, 8, "float32", info)
         sock.send(encode(hello))
         assert rx.poll(2.0) == 1 and sock.poll(2000)
-        assert decode_header(sock.recv())["code"] == code
+        assert decode_header(sock.recv(), (Error,)).code == code
     sock.send(msgpack.packb({"v": 1, "kind": "kv_blocks"}))
     assert rx.poll(2.0) == 1 and sock.poll(2000)
-    assert decode_header(sock.recv())["kind"] == "error"
+    assert decode_header(sock.recv(), (Error,)).code == ErrorCode.FIELD
     sock.close(linger=0)
     rx.close()

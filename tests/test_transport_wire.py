@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from transport.base import TransportConfig
-from transport.wire import (WIRE_VERSION, Ack, Error, ErrorCode, Hello, KVBlocks, WireError,
-                            WireLimits, decode_header, encode, validate_kv_header)
+from transport.messages import WIRE_VERSION, Ack, Error, ErrorCode, Hello, KVBlocks, WireError
+from transport.wire import WireLimits, decode_header, encode, header_ids, validate_kv_header
 from transport.zmq_transport import ZmqKVReceiver
 
 L, N, H, B, D = 3, 16, 2, 4, 8
@@ -35,15 +35,28 @@ def frames(n: int = L, size: int = FRAME) -> list[bytes]:
 def test_round_trips():
     for msg in (good_msg(), Ack("r", "t", 3, True, 10), Error("bad_kind", "nope", "r", "t", 1),
                 Hello(0, 2, L, N, H, B, D, "bfloat16", {"kind": "shm", "name": "x"})):
-        header = decode_header(encode(msg))
-        assert type(msg).from_header(header) == msg
-    assert validate_kv_header(good_msg().to_header(), frames(), LIMITS) == good_msg()
+        back = decode_header(encode(msg))
+        assert type(back) is type(msg) and back == msg
+        assert decode_header(encode(msg), (type(msg),)) == msg
+    validate_kv_header(good_msg(), frames(), LIMITS)
+
+
+def test_header_is_a_versioned_map_tagged_with_its_kind():
+    header = msgpack.unpackb(encode(Ack("r", "t", 3, True, 10)))
+    assert header == {"v": WIRE_VERSION, "kind": "ack", "request_id": "r", "transfer_id": "t",
+                      "seq": 3, "ready": True, "bytes_written": 10}
+    assert decode_header(msgpack.packb({**header, "future_field": 1})) == Ack("r", "t", 3, True, 10)
 
 
 def _h(**over):
-    h = good_msg().to_header()
+    h = msgpack.unpackb(encode(good_msg()))
     h.update(over)
     return h
+
+
+def check_kv(header: dict, frs: list, limits: WireLimits = LIMITS) -> None:
+    """What a receiver does with a KV_BLOCKS header dict and its frames."""
+    validate_kv_header(decode_header(msgpack.packb(header), (KVBlocks,)), frs, limits)
 
 
 @pytest.mark.parametrize("header,frs,code", [
@@ -55,6 +68,9 @@ def _h(**over):
     (_h(final=1), frames(), ErrorCode.FIELD),
     (_h(dst_block_ids=[3, True]), frames(), ErrorCode.FIELD),
     (_h(heads=[0, 1]), frames(), ErrorCode.FIELD),
+    (_h(lease_deadline=True), frames(), ErrorCode.FIELD),
+    (_h(request_id=b"req"), frames(), ErrorCode.FIELD),
+    ({**_h(), 1: 2}, frames(), ErrorCode.DECODE),
     (_h(request_id=""), frames(), ErrorCode.REQUEST_ID),
     (_h(request_id="x" * 257), frames(), ErrorCode.REQUEST_ID),
     (_h(layers=[0, L + 1]), frames(), ErrorCode.LAYER_RANGE),
@@ -80,20 +96,37 @@ def _h(**over):
 ])
 def test_each_rule_rejects_with_its_code(header, frs, code):
     with pytest.raises(WireError) as exc:
-        validate_kv_header(header, frs, LIMITS)
+        check_kv(header, frs)
     assert exc.value.code == code, exc.value
 
 
 def test_too_large_and_bad_envelopes():
     small = WireLimits(L, N, H, B, D, "float32", max_message_bytes=L * FRAME - 1)
     with pytest.raises(WireError, match="exceeds") as exc:
-        validate_kv_header(_h(), frames(), small)
+        check_kv(_h(), frames(), small)
     assert exc.value.code == ErrorCode.TOO_LARGE
-    for buf in (b"\xc1", b"", msgpack.packb([1, 2]), msgpack.packb({"v": WIRE_VERSION})):
-        with pytest.raises(WireError):
+    for buf, code in ((b"\xc1", ErrorCode.DECODE), (b"", ErrorCode.DECODE),
+                      (encode(good_msg()) + b"\x00", ErrorCode.DECODE),
+                      (msgpack.packb([1, 2]), ErrorCode.DECODE),
+                      (msgpack.packb({"v": WIRE_VERSION}), ErrorCode.KIND),
+                      (msgpack.packb({"v": WIRE_VERSION, "kind": ["ack"]}), ErrorCode.KIND),
+                      (msgpack.packb({"v": 2, "kind": "ack"}), ErrorCode.VERSION),
+                      (b"\x90" * (1 << 20) + b"\x00", ErrorCode.DECODE)):
+        with pytest.raises(WireError) as exc:
             decode_header(buf)
+        assert exc.value.code == code, (buf[:20], exc.value)
+    with pytest.raises(WireError) as exc:                  # a valid message of another kind
+        decode_header(encode(Ack("r", "t", 3, True, 10)), (Hello, KVBlocks))
+    assert exc.value.code == ErrorCode.KIND
     with pytest.raises(ValueError, match="positive"):
         WireLimits(L, 0, H, B, D, "float32", 10)
+
+
+def test_header_ids_of_malformed_headers():
+    assert header_ids(msgpack.packb(_h(seq="0"))) == ("req", "req/0->0", -1)
+    assert header_ids(msgpack.packb(_h(request_id=7, seq=True))) == ("", "req/0->0", -1)
+    for buf in (b"", b"\xc1", msgpack.packb([1]), b"\x81\x92\x01\x02\x03"):    # map keyed by an array
+        assert header_ids(buf) == ("", "", -1)
 
 
 # --------------------------------------------------------------- live fuzzing
@@ -110,22 +143,22 @@ def live():
     rx.close()
 
 
-def _exchange(rx, sock, parts) -> dict:
+def _exchange(rx, sock, parts) -> Ack | Error:
     sock.send_multipart(parts)
     assert rx.poll(2.0) == 1
     assert sock.poll(2000)
-    return decode_header(sock.recv())
+    return decode_header(sock.recv(), (Ack, Error))
 
 
 _values = st.one_of(st.integers(-5, 40), st.text(max_size=5), st.booleans(), st.none(),
                     st.lists(st.integers(-2, 20), max_size=4), st.binary(max_size=8))
-_keys = st.sampled_from(list(good_msg().to_header()) + ["extra"])
+_keys = st.sampled_from(list(_h()) + ["extra"])
 
 
 @st.composite
 def messages(draw):
     """A valid message, then a random corruption of its header and/or frames."""
-    header, frs = good_msg().to_header(), frames()
+    header, frs = _h(), frames()
     how = draw(st.sampled_from(["field", "drop", "frames", "truncate", "garbage", "version", "big",
                                 "valid"]))
     if how == "field":
@@ -155,10 +188,10 @@ def test_fuzzed_receiver_survives_and_writes_only_valid_blocks(live, parts):
     rx.expect("req", [3, 7], [1, 1])
     reply = _exchange(rx, sock, parts)
     written = [(layer, b) for layer in range(L) for b in range(N) if not (pool[layer][b] == -1).all()]
-    if reply["kind"] == "ack":
+    if isinstance(reply, Ack):
         assert {b for _, b in written} <= {3, 7}
     else:
-        assert reply["kind"] == "error" and written == []
+        assert isinstance(reply, Error) and written == []
     rx.cancel("req")
     rx.pop_ready()
     assert rx.pending_request_ids() == set()
@@ -168,8 +201,10 @@ def test_good_transfer_after_fuzzing(live):
     rx, sock, pool = live
     rx.expect("req", [3, 7], [1, 1])
     reply = _exchange(rx, sock, [encode(good_msg(epochs=(1, 2))), *frames()])
-    assert reply["code"] == ErrorCode.EPOCH                       # epoch mismatch rejected
+    assert reply == Error(ErrorCode.EPOCH, reply.message, "req", "req/0->0", 0)   # epoch mismatch
+    reply = _exchange(rx, sock, [msgpack.packb(_h(seq="1")), *frames()])
+    assert reply == Error(ErrorCode.FIELD, reply.message, "req", "req/0->0", -1)  # ids echoed
     reply = _exchange(rx, sock, [encode(good_msg()), *frames()])
-    assert reply["kind"] == "ack" and reply["ready"] is True
+    assert isinstance(reply, Ack) and reply.ready is True
     assert rx.pop_ready() == {"req"} and rx.pending_request_ids() == set()
     assert bool((pool[2][7] == torch.frombuffer(bytearray(bytes([7]) * 4), dtype=torch.float32)).all())

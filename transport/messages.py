@@ -1,27 +1,19 @@
-"""Wire messages: small frozen dataclasses ↔ plain msgpack-able header dicts.
+"""Wire messages: frozen ``msgspec`` structs, one tagged union with tag field ``kind``.
 
-Every message is ``{"v": WIRE_VERSION, "kind": ..., **fields}``. ``from_header``
-checks the version, the kind and the type of every field and raises
-:class:`WireError` (never ``KeyError``/``TypeError``) on anything malformed;
-range checks against a pool live in :func:`transport.wire.validate_kv_header`.
+Every header is a msgpack map ``{"kind": KIND, **fields, "v": WIRE_VERSION}``.
+:func:`transport.wire.decode_header` parses it with one typed decoder over the
+union (checking the version, the kind and the type of every field while it
+parses) and raises :class:`WireError` on anything malformed; range checks
+against a pool live in :func:`transport.wire.validate_kv_header`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
+
+import msgspec
 
 WIRE_VERSION = 1
-
-
-class Kind:
-    """Message kinds (the header's ``kind`` field)."""
-
-    HELLO = "hello"          # handshake: pool geometry (and a shared pool's address)
-    KV_BLOCKS = "kv_blocks"  # KV of some blocks for a layer range
-    ACK = "ack"              # a KV_BLOCKS message was written
-    ERROR = "error"          # a message was rejected (code + message)
-    ALL = (HELLO, KV_BLOCKS, ACK, ERROR)
 
 
 class ErrorCode:
@@ -58,86 +50,19 @@ class WireError(Exception):
         self.message = message
 
 
-def _check(header: dict, name: str, kind: type) -> Any:
-    """``header[name]`` if present with type ``kind`` (bools are not ints)."""
-    if name not in header:
-        raise WireError(ErrorCode.FIELD, f"header field {name!r} is missing")
-    value = header[name]
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    if kind is list:
-        ok = isinstance(value, (list, tuple))
-    if not ok:
-        raise WireError(ErrorCode.FIELD, f"header field {name!r} must be {kind.__name__}, "
-                                         f"got {type(value).__name__}")
-    return value
+class WireMessage(msgspec.Struct, frozen=True, tag_field="kind", kw_only=True):
+    """Base of every header: a frozen struct tagged with its ``kind``; ``v`` is the wire version."""
+
+    v: Literal[WIRE_VERSION] = WIRE_VERSION
 
 
-def _ints(header: dict, name: str, depth: int = 1) -> tuple:
-    """A list of ints (depth 1) or of lists of ints (depth 2) as nested tuples."""
-    def conv(v: Any, d: int) -> Any:
-        if d == 0:
-            if isinstance(v, int) and not isinstance(v, bool):
-                return v
-        elif isinstance(v, (list, tuple)):
-            return tuple(conv(x, d - 1) for x in v)
-        raise WireError(ErrorCode.FIELD, f"header field {name!r} must be a "
-                                         f"{'list of ' * depth}ints")
-    return conv(_check(header, name, list), depth)
-
-
-class _Message:
-    """Mixin: dataclass ↔ header dict, with type checks on the way in."""
-
-    KIND = ""
-
-    def to_header(self) -> dict:
-        """The msgpack-able header dict (tuples become lists)."""
-        return {"v": WIRE_VERSION, "kind": self.KIND,
-                **{f.name: getattr(self, f.name) for f in fields(self)}}
-
-    @classmethod
-    def from_header(cls, header: dict) -> Any:
-        """Rebuild from a decoded header; raises :class:`WireError` on bad types."""
-        check_envelope(header, cls.KIND)
-        values = {}
-        for f in fields(cls):
-            t = f.type if isinstance(f.type, str) else f.type.__name__
-            if t.startswith("tuple[tuple"):
-                values[f.name] = _ints(header, f.name, 2)
-            elif t.startswith("tuple"):
-                values[f.name] = _ints(header, f.name)
-            else:
-                values[f.name] = _check(header, f.name, {"int": int, "str": str, "bool": bool,
-                                                         "float": float, "dict": dict}[t])
-        return cls(**values)
-
-
-def check_envelope(header: Any, kind: str | None = None) -> str:
-    """Check ``header`` is a dict of this wire version with a known kind; return the kind."""
-    if not isinstance(header, dict):
-        raise WireError(ErrorCode.DECODE, f"header must be a map, got {type(header).__name__}")
-    if header.get("v") != WIRE_VERSION:
-        raise WireError(ErrorCode.VERSION, f"wire version {header.get('v')!r} is not supported; "
-                                           f"this side speaks version {WIRE_VERSION}")
-    got = header.get("kind")
-    if got not in Kind.ALL or (kind is not None and got != kind):
-        raise WireError(ErrorCode.KIND, f"unexpected message kind {got!r}"
-                        + (f" (wanted {kind!r})" if kind else ""))
-    return got
-
-
-@dataclass(frozen=True)
-class Hello(_Message):
+class Hello(WireMessage, tag="hello"):
     """Handshake, both directions: who I am and my pool's geometry.
 
     ``pool`` describes a pool the peer may read directly (shared memory or a
     CUDA IPC handle); it is empty for plain ZeroMQ transfers.
     """
 
-    KIND = Kind.HELLO
     tp_rank: int
     tp_size: int
     num_layers: int
@@ -146,11 +71,10 @@ class Hello(_Message):
     block_size: int
     head_dim: int
     dtype: str
-    pool: dict = field(default_factory=dict)
+    pool: dict[str, Any] = {}
 
 
-@dataclass(frozen=True)
-class KVBlocks(_Message):
+class KVBlocks(WireMessage, tag="kv_blocks"):
     """KV of ``len(dst_block_ids)`` blocks for layers ``[layers[0], layers[1])``.
 
     ``heads`` lists ``(src local head, dst local head)`` pairs; frame head ``i``
@@ -162,7 +86,6 @@ class KVBlocks(_Message):
     the blocks, so a later copy is refused instead of delivering stale KV.
     """
 
-    KIND = Kind.KV_BLOCKS
     request_id: str
     transfer_id: str
     seq: int
@@ -184,11 +107,9 @@ class KVBlocks(_Message):
         return self.layers[1] - self.layers[0]
 
 
-@dataclass(frozen=True)
-class Ack(_Message):
+class Ack(WireMessage, tag="ack"):
     """KV_BLOCKS message ``seq`` of ``transfer_id`` was written; ``ready``: request complete."""
 
-    KIND = Kind.ACK
     request_id: str
     transfer_id: str
     seq: int
@@ -196,11 +117,9 @@ class Ack(_Message):
     bytes_written: int
 
 
-@dataclass(frozen=True)
-class Error(_Message):
+class Error(WireMessage, tag="error"):
     """A message was rejected; ids are empty / -1 when the header was unreadable."""
 
-    KIND = Kind.ERROR
     code: str
     message: str
     request_id: str = ""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .wire import ErrorCode, KVBlocks, WireError
+from .messages import ErrorCode, KVBlocks, WireError
 
 
 @dataclass

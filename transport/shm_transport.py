@@ -28,7 +28,8 @@ import weakref
 import torch
 
 from .resharding import copy_blocks
-from .wire import DTYPES, ErrorCode, Hello, KVBlocks, WireError
+from .messages import ErrorCode, Hello, KVBlocks, WireError
+from .wire import DTYPES
 from .zmq_sender import ZmqKVSender
 from .zmq_transport import ZmqKVReceiver
 

@@ -9,9 +9,11 @@ One message is one ZeroMQ multipart message::
     │ (dict)     │   │ raw bytes, C order           │  the heads listed in "heads"
     └────────────┘   └──────────────────────────────┘
 
-Headers are plain dicts of ints, strings, bools and lists (never pickle). A
-receiver calls :func:`validate_kv_header` before it touches any buffer: every
-field's type, every range and every frame length is checked against the
+Headers are msgpack maps of ints, strings, bools and lists (never pickle),
+encoded from and decoded into the structs of :mod:`transport.messages` by
+``msgspec``. :func:`decode_header` checks the version, the kind and every
+field's type; a receiver then calls :func:`validate_kv_header` before it
+touches any buffer: every range and every frame length is checked against the
 receiver's own pool geometry (:class:`WireLimits`). Failures raise
 :class:`WireError` with a stable ``code`` that travels back in an ERROR reply.
 """
@@ -21,15 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
-import msgpack
+import msgspec
 import torch
 
-from .messages import (WIRE_VERSION, Ack, Error, ErrorCode, Hello, Kind, KVBlocks, WireError,
-                       check_envelope)
+from .messages import WIRE_VERSION, Ack, Error, ErrorCode, Hello, KVBlocks, WireError, WireMessage
 
-__all__ = ["WIRE_VERSION", "MAX_HEADER_BYTES", "DTYPES", "Kind", "ErrorCode", "WireError", "Hello",
-           "KVBlocks", "Ack", "Error", "WireLimits", "dtype_name", "encode", "decode_header",
-           "validate_kv_header", "check_envelope"]
+__all__ = ["MAX_HEADER_BYTES", "DTYPES", "HEADER_TYPES", "WireLimits", "dtype_name", "encode",
+           "decode_header", "header_ids", "validate_kv_header"]
 
 MAX_HEADER_BYTES = 1 << 20
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,21 +43,71 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"dtype {dtype} cannot travel on the wire; supported: {sorted(DTYPES)}")
 
 
-def encode(msg: Hello | KVBlocks | Ack | Error) -> bytes:
+HEADER_TYPES = (Hello, KVBlocks, Ack, Error)
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Hello | KVBlocks | Ack | Error)
+
+
+def encode(msg: WireMessage) -> bytes:
     """Pack a message's header with msgpack."""
-    return msgpack.packb(msg.to_header(), use_bin_type=True)
+    return _ENCODER.encode(msg)
 
 
-def decode_header(buf: Any) -> dict:
-    """Unpack a header frame; raises :class:`WireError` (never anything else)."""
+def decode_header(buf: Any, accept: tuple[type, ...] = HEADER_TYPES) -> WireMessage:
+    """Unpack a header frame into a message of one of the ``accept`` types.
+
+    Raises :class:`WireError` (never anything else), with the code of the first
+    check that fails: ``DECODE`` (not msgpack, not a map, too big), ``VERSION``,
+    ``KIND`` (unknown, or not in ``accept``), ``FIELD`` (missing or mistyped).
+    """
     if len(buf) > MAX_HEADER_BYTES:
         raise WireError(ErrorCode.DECODE, f"header of {len(buf)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(buf, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises many types on garbage
+        msg = _DECODER.decode(buf)
+    except msgspec.ValidationError as exc:       # msgpack, but not a well-formed header
+        _check_envelope(_plain(buf), accept)
+        raise WireError(ErrorCode.FIELD, f"bad header field: {exc}") from None
+    except msgspec.DecodeError as exc:
         raise WireError(ErrorCode.DECODE, f"header is not valid msgpack: {exc}") from None
-    check_envelope(header)
-    return header
+    if not isinstance(msg, accept):
+        _check_envelope({"v": msg.v, "kind": type(msg).__struct_config__.tag}, accept)
+    return msg
+
+
+def _plain(buf: Any) -> Any:
+    """``buf`` decoded without a schema (None when even that fails)."""
+    try:
+        return msgspec.msgpack.decode(buf)
+    except (msgspec.DecodeError, TypeError):     # TypeError: unhashable map keys
+        return None
+
+
+def _check_envelope(header: Any, accept: tuple[type, ...]) -> None:
+    """Raise ``DECODE`` / ``VERSION`` / ``KIND`` for a header that fails those checks."""
+    if not isinstance(header, dict) or not all(isinstance(k, str) for k in header):
+        raise WireError(ErrorCode.DECODE, f"header must be a map with string keys, "
+                                          f"got {type(header).__name__}")
+    if header.get("v", WIRE_VERSION) != WIRE_VERSION:
+        raise WireError(ErrorCode.VERSION, f"wire version {header.get('v')!r} is not supported; "
+                                           f"this side speaks version {WIRE_VERSION}")
+    kinds = [t.__struct_config__.tag for t in accept]
+    if header.get("kind") not in kinds:
+        raise WireError(ErrorCode.KIND, f"unexpected message kind {header.get('kind')!r} "
+                                        f"(wanted {' / '.join(kinds)})")
+
+
+def header_ids(buf: Any) -> tuple[str, str, int]:
+    """``(request_id, transfer_id, seq)`` from a header frame, however malformed.
+
+    For ERROR replies, so that a sender can fail the right transfer: a missing
+    or mistyped id is ``""`` / ``-1``, and ids are cut to 256 characters.
+    """
+    header = _plain(buf) if len(buf) <= MAX_HEADER_BYTES else None
+    header = header if isinstance(header, dict) else {}
+    def get(key: str, kind: type, default: Any) -> Any:
+        v = header.get(key, default)
+        return v if isinstance(v, kind) and not isinstance(v, bool) else default
+    return get("request_id", str, "")[:256], get("transfer_id", str, "")[:256], get("seq", int, -1)
 
 
 @dataclass(frozen=True)
@@ -93,13 +143,12 @@ class WireLimits:
         return DTYPES[self.dtype].itemsize
 
 
-def validate_kv_header(header: dict, frames: Sequence[Any], limits: WireLimits) -> KVBlocks:
-    """Check a KV_BLOCKS header and its frames against ``limits``; return the message.
+def validate_kv_header(msg: KVBlocks, frames: Sequence[Any], limits: WireLimits) -> None:
+    """Check a decoded KV_BLOCKS header and its frames against ``limits``.
 
     Nothing is written before this returns; any failure raises
     :class:`WireError` with the matching :class:`ErrorCode`.
     """
-    msg = KVBlocks.from_header(header)
     for name in ("request_id", "transfer_id"):
         v = getattr(msg, name)
         if not 0 < len(v) <= limits.max_id_len:
@@ -139,4 +188,3 @@ def validate_kv_header(header: dict, frames: Sequence[Any], limits: WireLimits) 
     for i, f in enumerate(frames):
         if len(f) != frame_bytes:
             raise WireError(ErrorCode.FRAME_SIZE, f"frame {i} has {len(f)} bytes, expected {frame_bytes}")
-    return msg

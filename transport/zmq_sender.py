@@ -18,7 +18,8 @@ import zmq
 from .base import KVSender, TransportConfig, TransportError, TransportTimeout, pool_geometry
 from .pins import PinTable, ReleaseFn
 from .resharding import ReshardPlan, gather_heads
-from .wire import Ack, Error, Hello, Kind, KVBlocks, WireError, decode_header, encode
+from .messages import Ack, Error, Hello, KVBlocks, WireError, WireMessage
+from .wire import decode_header, encode
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +95,17 @@ class ZmqKVSender(KVSender):
             raise TransportTimeout(f"no HELLO reply from decode rank {dst_rank} at {endpoint} "
                                    f"within {timeout_s:.3g} s")
         try:
-            header = decode_header(sock.recv())
-            return self._on_hello(dst_rank, header)
+            return self._on_hello(dst_rank, decode_header(sock.recv(), (Hello, Error)))
         except (WireError, TransportError) as exc:
             self._drop(dst_rank, str(exc))
             raise TransportError(f"handshake with decode rank {dst_rank} failed: {exc}") from None
 
-    def _on_hello(self, dst_rank: int, header: dict) -> Hello:
+    def _on_hello(self, dst_rank: int, peer: WireMessage) -> Hello:
         """Check a decode rank's HELLO reply against this pool and the plan."""
-        if header["kind"] == Kind.ERROR:
-            raise TransportError(f"refused: {header.get('message')}")
-        peer = Hello.from_header(header)
+        if isinstance(peer, Error):
+            raise TransportError(f"refused: [{peer.code}] {peer.message}")
+        if not isinstance(peer, Hello):
+            raise TransportError(f"expected a HELLO reply, got {type(peer).__name__}")
         me = self.hello
         mine = (me.num_layers, me.block_size, me.head_dim, me.dtype)
         theirs = (peer.num_layers, peer.block_size, peer.head_dim, peer.dtype)
@@ -198,7 +199,7 @@ class ZmqKVSender(KVSender):
             q = ranks[sock]
             while q in self._socks:
                 try:
-                    header = decode_header(sock.recv(zmq.NOBLOCK))
+                    reply = decode_header(sock.recv(zmq.NOBLOCK))
                 except zmq.Again:
                     break
                 except WireError as exc:
@@ -207,14 +208,11 @@ class ZmqKVSender(KVSender):
                 handled += 1
                 if q in self._handshakes:              # the first reply answers the HELLO
                     try:
-                        self._on_hello(q, header)
-                    except (WireError, TransportError) as exc:
+                        self._on_hello(q, reply)
+                    except TransportError as exc:
                         self._drop(q, f"handshake failed: {exc}")
-                elif header["kind"] in (Kind.ACK, Kind.ERROR):
-                    try:
-                        self._on_reply(header)
-                    except WireError as exc:
-                        log.warning("malformed reply from KV receiver %d: %s", q, exc)
+                elif isinstance(reply, (Ack, Error)):
+                    self._on_reply(reply)
         now = time.monotonic()
         for q in [q for q, t in self._handshakes.items() if t <= now]:
             self._drop(q, f"no HELLO reply within {self.config.timeout_s:.3g} s")
@@ -238,9 +236,8 @@ class ZmqKVSender(KVSender):
             del self._transfers[tid]
         return out
 
-    def _on_reply(self, header: dict) -> None:
+    def _on_reply(self, reply: Ack | Error) -> None:
         """Apply one ACK / ERROR to its transfer."""
-        reply = (Ack if header["kind"] == Kind.ACK else Error).from_header(header)
         tr = self._transfers.get(reply.transfer_id)
         if tr is None or tr.done:
             return

@@ -22,8 +22,8 @@ import zmq
 from .base import KVReceiver, TransportConfig, TransportError, TransportTimeout, pool_geometry
 from .pending import PendingLoads
 from .resharding import scatter_heads
-from .wire import (DTYPES, Ack, Error, ErrorCode, Hello, Kind, KVBlocks, WireError, WireLimits,
-                   decode_header, encode, validate_kv_header)
+from .messages import Ack, Error, ErrorCode, Hello, KVBlocks, WireError
+from .wire import DTYPES, WireLimits, decode_header, encode, header_ids, validate_kv_header
 from .zmq_sender import ZmqKVSender
 
 __all__ = ["ZmqKVReceiver", "ZmqKVSender"]
@@ -107,21 +107,19 @@ class ZmqKVReceiver(KVReceiver):
     def _handle(self, frames: list) -> None:
         """Answer one message; never raises (a bad message gets an ERROR reply)."""
         ident, body = frames[0], frames[1:]
-        header: dict = {}
+        header = body[0].buffer if body else b""
         try:
             if not body:
                 raise WireError(ErrorCode.FRAMES, "empty message: no header frame")
-            header = decode_header(body[0].buffer)
-            if header["kind"] == Kind.HELLO:
-                reply = self._on_hello(Hello.from_header(header))
-            elif header["kind"] == Kind.KV_BLOCKS:
-                msg = validate_kv_header(header, body[1:], self.limits)
+            msg = decode_header(header, (Hello, KVBlocks))
+            if isinstance(msg, Hello):
+                reply = self._on_hello(msg)
+            else:
+                validate_kv_header(msg, body[1:], self.limits)
                 self._pending.check(msg)
                 nbytes = self._write(msg, body[1:])
                 self.bytes_received += nbytes
                 reply = Ack(msg.request_id, msg.transfer_id, msg.seq, self._pending.mark(msg), nbytes)
-            else:
-                raise WireError(ErrorCode.KIND, f"a receiver accepts hello / kv_blocks, not {header['kind']!r}")
         except WireError as exc:
             reply = self._error(exc.code, exc.message, header)
         except Exception as exc:  # a bug must not stop the receiver serving others
@@ -129,14 +127,10 @@ class ZmqKVReceiver(KVReceiver):
             reply = self._error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", header)
         self._sock.send_multipart([ident, encode(reply)])
 
-    def _error(self, code: str, message: str, header: dict) -> Error:
-        """An ERROR reply echoing whatever ids the header carried."""
+    def _error(self, code: str, message: str, header) -> Error:
+        """An ERROR reply echoing whatever ids the header frame carried."""
         self.messages_rejected += 1
-        def get(k, t, dflt):
-            v = header.get(k, dflt) if isinstance(header, dict) else dflt
-            return v if isinstance(v, t) and not isinstance(v, bool) else dflt
-        return Error(code, message, get("request_id", str, "")[:256],
-                     get("transfer_id", str, "")[:256], get("seq", int, -1))
+        return Error(code, message, *header_ids(header))
 
     def _on_hello(self, peer: Hello) -> Hello:
         """A sender introduced itself; subclasses open its shared pool here."""

@@ -1,7 +1,6 @@
-"""KV connectors: the two-halves interface between an engine and KV transport."""
+"""KV connectors: the two-halves interface between an engine and KV transport.
 
-from disagg.connector.base import (KVConnectorMetadata, KVConnectorScheduler,
-                                   KVConnectorWorker, NoOpConnector, make_connector)
-
-__all__ = ["KVConnectorMetadata", "KVConnectorScheduler", "KVConnectorWorker",
-           "NoOpConnector", "make_connector"]
+``base`` holds the interfaces, ``transfer_scheduler`` / ``transfer_worker``
+the transport connector, ``factory.make_connector`` picks one for a config;
+import each name from its module.
+"""

@@ -19,14 +19,15 @@ look-ups); a connector only moves bytes and reports completions. The default
 ``LLMEngine.notify_kv_ready`` by whatever data plane the caller uses. With
 ``EngineConfig.kv_transfer`` set, :mod:`disagg.connector.transfer_scheduler`
 and :mod:`disagg.connector.transfer_worker` move the blocks over
-:mod:`transport`.
+:mod:`transport`; :func:`disagg.connector.factory.make_connector` picks the
+pair for a config. This module holds only the interfaces, so the
+implementations import it and it imports none of them.
 """
 
 from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -141,17 +142,3 @@ class KVConnectorWorker(ABC):
 class NoOpConnector(KVConnectorScheduler, KVConnectorWorker):
     """The default: both halves do nothing."""
 
-
-def make_connector(config, model_cfg) -> tuple[KVConnectorScheduler,
-                                               Callable[[], KVConnectorWorker] | None]:
-    """The scheduler half and a picklable factory for the worker half of ``config``.
-
-    ``config.kv_transfer`` set → the transport connector; else no connector.
-    """
-    if config.kv_transfer is None:
-        return NoOpConnector(), None
-    from functools import partial
-
-    from disagg.connector.transfer_scheduler import TransferScheduler
-    from disagg.connector.transfer_worker import TransferWorker
-    return TransferScheduler(config), partial(TransferWorker, config, model_cfg)

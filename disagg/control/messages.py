@@ -1,11 +1,15 @@
-"""Control messages between the router and the nodes: small dataclasses ↔ msgpack.
+"""Control messages between the router and the nodes: frozen ``msgspec`` structs ↔ msgpack.
 
 One ZeroMQ ROUTER socket on the router, one DEALER per node (its identity is
-the node id). A frame is ``msgpack({"type": NAME, **fields})``; :func:`decode`
-checks the type name and every field's type before building the dataclass,
-and raises :class:`ControlError` on anything malformed (never pickle). Token
-ids, targets and sampling params are checked again by whoever uses them
-(``LLMEngine.add_request``, ``KVLoadTarget.from_dict``, ``SamplingParams``).
+the node id). A frame is ``msgpack({"type": NAME, **fields})``: the messages
+form one tagged union (tag field ``type``, tag = the class name), and
+:func:`decode` runs one typed ``msgspec`` decoder over it, which checks the
+type name and every field's type (bools are not ints, ints are floats, no
+missing or extra fields) while it parses, and raises :class:`ControlError` on
+anything malformed (never pickle). The contents of the dict fields (targets,
+sampling params) are checked again by whoever uses them
+(``KVLoadTarget.from_dict``, ``SamplingParams.from_dict``), so new sampling
+fields travel without codec changes.
 
 The request flows (``rid`` is the router's request id)::
 
@@ -25,10 +29,9 @@ processes of one host only, used for latency accounting.
 
 from __future__ import annotations
 
-import typing
-from dataclasses import asdict, dataclass, fields
+from typing import Any, Union
 
-import msgpack
+import msgspec
 
 
 def logprobs_to_wire(lp) -> list | None:
@@ -51,8 +54,12 @@ class ControlError(ValueError):
     """A control frame that is not a well-formed message."""
 
 
-@dataclass(frozen=True)
-class Register:
+class ControlMessage(msgspec.Struct, frozen=True, tag_field="type", tag=True,
+               forbid_unknown_fields=True):
+    """Base of every control message (a frozen struct; the tag ``type`` is the class name)."""
+
+
+class Register(ControlMessage):
     """Node → router: who I am and what I can hold."""
 
     node_id: str
@@ -65,35 +72,31 @@ class Register:
     num_kv_blocks: int
     kv_bytes_per_token: int       # over all ranks
     kv_transport: str             # zmq | shm | cuda_ipc
-    kv_endpoints: list            # decode ranks' receive endpoints (empty on prefill)
+    kv_endpoints: list[str]       # decode ranks' receive endpoints (empty on prefill)
     pid: int
     host: str
 
 
-@dataclass(frozen=True)
-class Registered:
+class Registered(ControlMessage):
     """Router → node: registration accepted."""
 
     node_id: str
 
 
-@dataclass(frozen=True)
-class Refused:
+class Refused(ControlMessage):
     """Router → node: registration refused for good (``reason`` says why); the node exits."""
 
     node_id: str
     reason: str
 
 
-@dataclass(frozen=True)
-class RegisterAgain:
+class RegisterAgain(ControlMessage):
     """Router → node: I do not know you (restarted, or dropped you); send Register."""
 
     node_id: str
 
 
-@dataclass(frozen=True)
-class Heartbeat:
+class Heartbeat(ControlMessage):
     """Node → router: alive, with its load and what it measured since the last one.
 
     ``load``: ``LLMEngine.load()``. ``steps``: ``[prefill_tokens, decode_seqs,
@@ -102,24 +105,22 @@ class Heartbeat:
     """
 
     node_id: str
-    load: dict
-    steps: list
+    load: dict[str, int | float]
+    steps: list[tuple[int, int, float]]
     kv_bytes_sent: int
     kv_bytes_received: int
 
 
-@dataclass(frozen=True)
-class Generate:
+class Generate(ControlMessage):
     """Router → decode: run this request; ``remote`` = its KV comes from a prefill node."""
 
     rid: str
-    prompt_token_ids: list
-    params: dict                  # SamplingParams.to_dict()
+    prompt_token_ids: list[int]
+    params: dict[str, Any]        # SamplingParams.to_dict()
     remote: bool
 
 
-@dataclass(frozen=True)
-class KVTarget:
+class KVTarget(ControlMessage):
     """Decode → router: blocks reserved for a remote request (``KVLoadTarget.to_dict()``).
 
     ``num_cached_tokens`` of the prompt were already in the decode node's
@@ -127,23 +128,21 @@ class KVTarget:
     """
 
     rid: str
-    target: dict
+    target: dict[str, Any]
     num_cached_tokens: int
     received_at: float            # when the decode node got the Generate
 
 
-@dataclass(frozen=True)
-class Prefill:
+class Prefill(ControlMessage):
     """Router → prefill: compute this prompt's KV and send it to ``target``."""
 
     rid: str
-    prompt_token_ids: list
-    params: dict
-    target: dict
+    prompt_token_ids: list[int]
+    params: dict[str, Any]
+    target: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class FirstToken:
+class FirstToken(ControlMessage):
     """Prefill → router → decode: the remote prefill's first token.
 
     ``logprobs``: ``[token_id, logprob, [[id, logprob], ...]]`` or None.
@@ -157,8 +156,7 @@ class FirstToken:
     sent_at: float
 
 
-@dataclass(frozen=True)
-class KVSent:
+class KVSent(ControlMessage):
     """Prefill → router: the KV transfer ended (``error`` None = delivered).
 
     ``seconds``: from the first token to the end of the transfer (the part not
@@ -170,8 +168,7 @@ class KVSent:
     seconds: float
 
 
-@dataclass(frozen=True)
-class Tokens:
+class Tokens(ControlMessage):
     """Decode → router: new tokens of a request (and its end when ``finished``).
 
     ``output_len`` is the request's output length after ``new_token_ids``
@@ -181,9 +178,9 @@ class Tokens:
     """
 
     rid: str
-    new_token_ids: list
+    new_token_ids: list[int]
     output_len: int
-    logprobs: list                # per new token: [id, logprob, [[id, lp], ...]] or None
+    logprobs: list[list | None]   # per new token: [id, logprob, [[id, lp], ...]] or None
     finished: bool
     finish_reason: str | None
     text: str | None              # final text (stop strings applied) when finished
@@ -193,23 +190,20 @@ class Tokens:
     received_at: float | None
 
 
-@dataclass(frozen=True)
-class Fallback:
+class Fallback(ControlMessage):
     """Router → decode: the remote prefill failed; prefill this request locally."""
 
     rid: str
     reason: str
 
 
-@dataclass(frozen=True)
-class Abort:
+class Abort(ControlMessage):
     """Router → node: forget this request and free its blocks (client gone)."""
 
     rid: str
 
 
-@dataclass(frozen=True)
-class Rejected:
+class Rejected(ControlMessage):
     """Node → router: a request could not be taken or ended in error (``error`` says why)."""
 
     rid: str
@@ -220,49 +214,20 @@ MESSAGES = {cls.__name__: cls for cls in (
     Register, Registered, Refused, RegisterAgain, Heartbeat, Generate, KVTarget, Prefill, FirstToken,
     KVSent, Tokens, Fallback, Abort, Rejected)}
 
-_SIMPLE = {str: str, int: int, float: (int, float), bool: bool, list: list, dict: dict,
-           type(None): type(None)}
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Union[tuple(MESSAGES.values())])
 
 
-def _allowed(cls) -> dict[str, tuple]:
-    """Field name → accepted Python types, from the dataclass annotations."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in fields(cls):
-        args = typing.get_args(hints[f.name]) or (hints[f.name],)
-        out[f.name] = tuple(t for a in args for t in (_SIMPLE[a] if isinstance(_SIMPLE[a], tuple)
-                                                       else (_SIMPLE[a],)))
-    return out
+def encode(msg: ControlMessage) -> bytes:
+    """One frame for ``msg`` (a control message)."""
+    if MESSAGES.get(type(msg).__name__) is not type(msg):
+        raise TypeError(f"{type(msg).__name__} is not a control message")
+    return _ENCODER.encode(msg)
 
 
-_FIELD_TYPES = {name: _allowed(cls) for name, cls in MESSAGES.items()}
-
-
-def encode(msg) -> bytes:
-    """One frame for ``msg`` (a message dataclass)."""
-    name = type(msg).__name__
-    if MESSAGES.get(name) is not type(msg):
-        raise TypeError(f"{name} is not a control message")
-    return msgpack.packb({"type": name, **asdict(msg)}, use_bin_type=True)
-
-
-def decode(frame: bytes):
+def decode(frame: bytes) -> ControlMessage:
     """The message in ``frame``; :class:`ControlError` if it is malformed."""
     try:
-        data = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ControlError(f"control frame is not msgpack: {exc}") from None
-    if not isinstance(data, dict):
-        raise ControlError(f"control frame must be a map, got {type(data).__name__}")
-    if not all(isinstance(k, str) for k in data):
-        raise ControlError("control message field names must be strings")
-    name = data.pop("type", None)
-    if not isinstance(name, str) or name not in MESSAGES:
-        raise ControlError(f"unknown control message type {name!r}")
-    types = _FIELD_TYPES[name]
-    if set(data) != set(types):
-        raise ControlError(f"{name}: fields {sorted(data)} != expected {sorted(types)}")
-    for key, value in data.items():
-        if not isinstance(value, types[key]) or (isinstance(value, bool) and bool not in types[key]):
-            raise ControlError(f"{name}.{key} has type {type(value).__name__}")
-    return MESSAGES[name](**data)
+        return _DECODER.decode(frame)
+    except msgspec.DecodeError as exc:     # ValidationError included: wrong shape or type
+        raise ControlError(f"malformed control frame: {exc}") from None

@@ -53,6 +53,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -79,6 +84,24 @@ class SamplingParams:
                 not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(
                 f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if (not _is_number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty)
+                or self.repetition_penalty <= 0):
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0 (1 = off), "
+                f"got {self.repetition_penalty!r}")
+        object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
+        object.__setattr__(self, "logit_bias", self._normalise_logit_bias(self.logit_bias))
+        if self.prompt_logprobs is not None and (
+                not _is_int(self.prompt_logprobs)
+                or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise ValueError(
+                f"prompt_logprobs must be None or an int in [0, {MAX_LOGPROBS}], "
+                f"got {self.prompt_logprobs!r}")
 
     @staticmethod
     def _normalise_stop(stop: Any) -> tuple[str, ...]:
@@ -103,6 +126,51 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must contain ints >= 0, got {t!r}")
         return tuple(ids)
 
+    @staticmethod
+    def _normalise_logit_bias(bias: Any) -> tuple[tuple[int, float], ...] | None:
+        """Accept None, a mapping or ``(id, bias)`` pairs; return sorted pairs or None.
+
+        An empty mapping becomes None (no bias), so "no bias" has one form.
+        """
+        if bias is None:
+            return None
+        if isinstance(bias, dict):
+            items = list(bias.items())
+        elif isinstance(bias, (list, tuple)):
+            items = []
+            for pair in bias:
+                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                    raise ValueError(f"logit_bias pairs must be [token_id, bias], got {pair!r}")
+                items.append((pair[0], pair[1]))
+        else:
+            raise ValueError(
+                f"logit_bias must be a mapping token_id -> bias, got {type(bias).__name__}")
+        out: dict[int, float] = {}
+        for tid, b in items:
+            if not _is_int(tid) or tid < 0:
+                raise ValueError(f"logit_bias token ids must be ints >= 0, got {tid!r}")
+            if not _is_number(b) or not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {b!r}")
+            if tid in out:
+                raise ValueError(f"logit_bias lists token id {tid} twice")
+            out[tid] = float(b)
+        return tuple(sorted(out.items())) or None
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when the sampler must adjust this row's logits before picking."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0 or self.logit_bias is not None)
+
+    @property
+    def needs_local_prefill(self) -> bool:
+        """True when the prompt must be prefilled by the engine that decodes it.
+
+        Prompt logprobs come from the prefill's logits, which a decode node that
+        loads KV from a remote prefill node never sees.
+        """
+        return self.prompt_logprobs is not None
+
     @property
     def greedy(self) -> bool:
         """True when the next token is simply the argmax of the logits."""
@@ -118,6 +186,8 @@ class SamplingParams:
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["stop"] = list(self.stop)
         out["stop_token_ids"] = list(self.stop_token_ids)
+        out["logit_bias"] = (None if self.logit_bias is None
+                             else [[tid, b] for tid, b in self.logit_bias])
         return out
 
     @classmethod

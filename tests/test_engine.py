@@ -175,3 +175,78 @@ def test_stop_token_ids_and_logprobs(tiny_llama):
     assert out.finish_reason == "stop" and out.stop_reason == stop_at
     assert [lp.token_id for lp in lps] == ref[:3]
     assert all(len(lp.top) == 2 and lp.top[0][0] == lp.token_id for lp in lps)
+
+
+class _OpenAIPenalty:
+    """transformers logits processor: OpenAI's presence/frequency formula on the
+    tokens generated after ``prompt_len`` (the reference for the engine's)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        for b in range(scores.shape[0]):
+            for tok in set(input_ids[b, self.prompt_len:].tolist()):
+                count = input_ids[b, self.prompt_len:].tolist().count(tok)
+                scores[b, tok] -= count * self.frequency + self.presence
+        return scores
+
+
+def _hf_greedy_processed(model_dir: str, prompt: list[int], n: int, **kw) -> list[int]:
+    """transformers greedy ``generate`` with extra logits processing ``kw``."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from conftest import _hf_model
+    ids = torch.tensor([prompt])
+    extra = kw.pop("processors", [])
+    with torch.inference_mode():
+        out = _hf_model(model_dir).generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+            logits_processor=LogitsProcessorList(extra), **kw)
+    return out[0, len(prompt):].tolist()
+
+
+def test_penalties_match_transformers_and_break_repetition(tiny_llama):
+    prompts = random_prompts(6, 256, 4, 12, seed=21)
+    n = 24
+    with _engine(tiny_llama, max_prefill_chunk=5) as engine:
+        plain = engine.generate(prompts, SamplingParams(max_tokens=n, **GREEDY))
+        freq = engine.generate(prompts, SamplingParams(max_tokens=n, frequency_penalty=2.0,
+                                                       presence_penalty=0.5, **GREEDY))
+        rep = engine.generate(prompts, SamplingParams(max_tokens=n, repetition_penalty=1.5,
+                                                      **GREEDY))
+    for p, o in zip(prompts, freq):
+        proc = _OpenAIPenalty(len(p), presence=0.5, frequency=2.0)
+        assert o.output_token_ids == _hf_greedy_processed(tiny_llama, p, n, processors=[proc])
+    for p, o in zip(prompts, rep):
+        assert o.output_token_ids == _hf_greedy_processed(tiny_llama, p, n,
+                                                          repetition_penalty=1.5)
+    # Outputs agree until plain greedy first repeats a token; the penalty steers
+    # away from (at least some of) those repetitions.
+    steered = 0
+    for o_plain, o_freq in zip(plain, freq):
+        a, b = o_plain.output_token_ids, o_freq.output_token_ids
+        j = next((j for j in range(n) if a[j] in a[:j]), None)
+        if j is not None:
+            assert b[:j] == a[:j]
+            steered += b[j] != a[j]
+    assert steered > 0
+
+
+def test_strong_logit_bias_forces_a_token_and_bad_ids_are_rejected(tiny_llama):
+    prompt = [5, 6, 7, 8]
+    with _engine(tiny_llama) as engine:
+        greedy = engine.generate([prompt], SamplingParams(max_tokens=6, logit_bias={42: 100},
+                                                          **GREEDY))[0]
+        sampled = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=1.0, seed=3,
+                                                           logit_bias={42: 100},
+                                                           ignore_eos=True))[0]
+        banned = engine.generate([prompt], SamplingParams(max_tokens=6, **GREEDY))[0]
+        avoid = banned.output_token_ids[0]
+        other = engine.generate([prompt], SamplingParams(max_tokens=1, logit_bias={avoid: -100},
+                                                         **GREEDY))[0]
+        with pytest.raises(ValueError, match="logit_bias"):
+            engine.add_request(prompt, SamplingParams(logit_bias={256: 1.0}))
+    assert greedy.output_token_ids == [42] * 6 and sampled.output_token_ids == [42] * 6
+    assert other.output_token_ids[0] != avoid

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import random_prompts
 from disagg.config import EngineConfig
-from disagg.engine import KVMode, LLMEngine
+from disagg.engine import LLMEngine
+from disagg.engine.request import KVMode
 from disagg.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import needs_smollm2, random_prompts
 from disagg.config import EngineConfig
-from disagg.engine import KVMode, LLMEngine
+from disagg.engine import LLMEngine
+from disagg.engine.request import KVMode
 from disagg.sampling_params import SamplingParams
 from transport.base import TransportConfig
 

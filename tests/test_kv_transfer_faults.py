@@ -9,7 +9,8 @@ import pytest
 
 from conftest import random_prompts
 from disagg.config import EngineConfig
-from disagg.engine import KVMode, LLMEngine
+from disagg.engine import LLMEngine
+from disagg.engine.request import KVMode
 from disagg.sampling_params import SamplingParams
 from transport.base import TransportConfig
 

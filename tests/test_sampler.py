@@ -36,6 +36,14 @@ def _draw(logits_row: torch.Tensor, params: SamplingParams, n: int, seed: int) -
     ("stop", 3), ("stop", ["ok", ""]), ("stop_token_ids", [1, -1]), ("stop_token_ids", 5),
     ("ignore_eos", 1), ("include_stop_str_in_output", None),
     ("logprobs", -1), ("logprobs", 21), ("logprobs", False),
+    ("presence_penalty", 2.01), ("presence_penalty", float("nan")), ("presence_penalty", "1"),
+    ("frequency_penalty", -2.5), ("frequency_penalty", True),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+    ("repetition_penalty", float("inf")),
+    ("logit_bias", {-1: 1.0}), ("logit_bias", {3: 100.5}), ("logit_bias", {True: 1.0}),
+    ("logit_bias", {"3": 1.0}), ("logit_bias", [[1, 2, 3]]), ("logit_bias", [(1, 1), (1, 2)]),
+    ("logit_bias", 5), ("logit_bias", {3: float("nan")}),
+    ("prompt_logprobs", -1), ("prompt_logprobs", 21), ("prompt_logprobs", True),
 ])
 def test_invalid_field_raises_value_error_naming_it(field, value):
     with pytest.raises(ValueError, match=field):
@@ -52,6 +60,23 @@ def test_stop_normalised_and_dict_round_trip():
     assert SamplingParams.from_dict(d) == p
     with pytest.raises(ValueError, match="bogus"):
         SamplingParams.from_dict({**d, "bogus": 1})
+
+
+def test_penalty_fields_normalised_and_msgpack_round_trip():
+    import msgspec
+    p = SamplingParams(presence_penalty=1, frequency_penalty=-0.5, repetition_penalty=2,
+                       logit_bias={7: 5, 2: -100}, prompt_logprobs=0)
+    assert p.logit_bias == ((2, -100.0), (7, 5.0)) and isinstance(p.presence_penalty, float)
+    assert SamplingParams(logit_bias=[[7, 5], [2, -100]]).logit_bias == p.logit_bias
+    assert SamplingParams(logit_bias={}).logit_bias is None
+    hash(p)                                         # stays hashable
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(p.to_dict()))
+    assert wire["logit_bias"] == [[2, -100.0], [7, 5.0]]
+    assert SamplingParams.from_dict(wire) == p
+    assert p.has_penalties and p.needs_local_prefill
+    assert not SamplingParams().has_penalties and not SamplingParams().needs_local_prefill
+    assert SamplingParams(repetition_penalty=1.1).has_penalties
+    assert SamplingParams(logit_bias={1: 0.5}).has_penalties
 
 
 def test_greedy_property():

@@ -1,7 +1,9 @@
-"""The engine core shared by every node role: scheduler, block manager, runner."""
+"""The engine core shared by every node role: scheduler, block manager, runner.
+
+Its entry point, :class:`LLMEngine`, is imported from here (``from disagg.engine
+import LLMEngine``); every other name from the module that defines it.
+"""
 
 from disagg.engine.llm_engine import LLMEngine
-from disagg.engine.outputs import KVExport, KVLoadTarget, RequestOutput
-from disagg.engine.request import KVMode
 
-__all__ = ["LLMEngine", "KVExport", "KVLoadTarget", "KVMode", "RequestOutput"]
+__all__ = ["LLMEngine"]

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from disagg.config import EngineConfig
-from disagg.connector.base import make_connector
+from disagg.connector.factory import make_connector
 from disagg.connector.transfer_scheduler import check_kv_target
+from disagg.engine import prompt_logprobs
 from disagg.engine.block_manager import BlockManager
 from disagg.engine.model_runner import ModelRunner, kv_block_bytes
 from disagg.engine.output_processor import OutputProcessor
 from disagg.engine.outputs import KVLoadTarget, KVTransferEvent, RequestOutput
+from disagg.engine.penalties import TokenHistory
 from disagg.engine.request import KVMode, Request, RequestStatus
 from disagg.engine.sampler import Sampler, make_generator
 from disagg.engine.scheduler import Scheduler
@@ -107,6 +109,12 @@ class LLMEngine:
                              f"{self.num_blocks} this engine has (raise kv_cache_memory)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
+        vocab = self.model_config.vocab_size
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:     # sorted by id
+            raise ValueError(f"logit_bias token ids must be integers in [0, {vocab})")
+        if params.needs_local_prefill and KVMode(kv_mode) is KVMode.LOAD_REMOTE:
+            raise ValueError("prompt_logprobs needs the prompt prefilled here: a request whose "
+                             "KV comes from a remote prefill cannot return them")
         if kv_target is not None:
             if self.config.kv_transfer is None or KVMode(kv_mode) is not KVMode.PREFILL_ONLY:
                 raise ValueError("kv_target needs a prefill-only request on an engine with a KV "
@@ -226,15 +234,19 @@ class LLMEngine:
             step.poll_timeout_s = IDLE_POLL_S      # only KV transfers are moving: wait on them
         sampling = [req for req, n in sched.scheduled
                     if req.num_computed_tokens + n == req.num_tokens]
-        step.return_argmax = all(r.params.greedy and r.params.logprobs is None for r in sampling)
-        logits, reports = self._execute(step)
+        step.return_argmax = all(r.params.greedy and r.params.logprobs is None
+                                 and not r.params.has_penalties for r in sampling)
+        logits, plp, reports = self._execute(step)
+        prompt_logprobs.record(sched.scheduled, plp)
         sampled, logprobs = {}, {}
         if sampling:
             if step.return_argmax and self.workers is not None:
                 token_ids, lps = logits.tolist(), [None] * len(sampling)
             else:
+                histories = [TokenHistory(r.token_ids, r.num_prompt_tokens)
+                             if r.params.has_penalties else None for r in sampling]
                 out = self.sampler(logits, [r.params for r in sampling],
-                                   [r.generator for r in sampling])
+                                   [r.generator for r in sampling], histories)
                 token_ids, lps = out.token_ids, out.logprobs
             for req, tok, lp in zip(sampling, token_ids, lps):
                 sampled[req.request_id], logprobs[req.request_id] = tok, lp
@@ -245,12 +257,13 @@ class LLMEngine:
         self._apply_kv_reports(reports)
         return outputs
 
-    def _execute(self, step) -> tuple[torch.Tensor | None, list[dict]]:
-        """Run ``step`` on the ranks: rank 0's logits and every rank's KV report."""
+    def _execute(self, step) -> tuple[torch.Tensor | None, dict | None, list[dict]]:
+        """Run ``step`` on the ranks: rank 0's logits and prompt logprobs, and every
+        rank's KV report."""
         if self.workers is not None:
             return self.workers.execute(step)
-        logits = self.runner.execute(step)
-        return logits, [self.runner.kv_report(step.poll_timeout_s)]
+        logits, plp = self.runner.execute(step)
+        return logits, plp, [self.runner.kv_report(step.poll_timeout_s)]
 
     def _apply_kv_reports(self, reports: list[dict]) -> None:
         """Start requests whose KV arrived; release blocks whose send ended."""
@@ -271,14 +284,24 @@ class LLMEngine:
     def generate(self, prompts: list[str | list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:
-        """Run ``prompts`` to completion; final outputs in prompt order."""
+        """Run ``prompts`` to completion; final outputs in prompt order, each
+        carrying every logprob and the prompt logprobs of its request."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
         final: dict[str, RequestOutput] = {}
+        logprobs: dict[str, list] = {r: [] for r in rids}
+        prompt_lps: dict[str, list | None] = {}
         shown = -1
         while len(final) < len(rids):
             for out in self.step():
+                if out.request_id not in logprobs:      # added before this call
+                    continue
+                logprobs[out.request_id] += out.logprobs
+                if out.prompt_logprobs is not None:
+                    prompt_lps[out.request_id] = out.prompt_logprobs
                 if out.finished:
+                    out.logprobs = logprobs[out.request_id]
+                    out.prompt_logprobs = prompt_lps.get(out.request_id)
                     final[out.request_id] = out
             if progress and len(final) != shown:
                 shown = len(final)

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
-from disagg.attention import AttentionMetadata, make_backend
+from disagg.attention import make_backend
+from disagg.attention.base import AttentionMetadata
 from disagg.attention.layer import ForwardContext, forward_context
 from disagg.config import EngineConfig
 from disagg.distributed import get_tp_rank, get_tp_size
+from disagg.engine import prompt_logprobs
 from disagg.engine.step_input import StepInput
 from disagg.kernels import ops
 from disagg.model import ModelConfig, load_model
@@ -94,17 +96,19 @@ class ModelRunner:
         return meta if self.device.type == "cpu" else meta.to(self.device)
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor | None:
-        """Run one forward pass; rank 0 returns (len(logits_indices), vocab) fp32 logits.
+    def execute(self, step: StepInput) -> tuple[torch.Tensor | None, dict | None]:
+        """Run one forward pass; rank 0 returns (len(logits_indices), vocab) fp32
+        logits and the step's prompt logprobs (:func:`prompt_logprobs.compute`).
 
         A step without tokens only hands the connector its metadata (a KV
-        transfer can progress while nothing is scheduled).
+        transfer can progress while nothing is scheduled). Other ranks, and
+        steps without such rows, return None for either.
         """
         if self.connector is not None:
             from disagg.connector.base import KVConnectorMetadata
             self.connector.bind_metadata(KVConnectorMetadata.from_dict(step.connector_meta))
         if not step.token_ids:
-            return None
+            return None, None
         ids = torch.tensor(step.token_ids, dtype=torch.int64, device=self.device)
         pos = torch.tensor(step.positions, dtype=torch.int64, device=self.device)
         meta = self._metadata(step)
@@ -115,10 +119,13 @@ class ModelRunner:
             hidden = self.model(ids, pos)                               # (T, hidden)
         if self.connector is not None:
             self.connector.wait_for_save()
-        if self.rank != 0 or not step.logits_indices:
-            return None
+        if self.rank != 0:
+            return None, None
+        plp = prompt_logprobs.compute(self.model.compute_logits, hidden, step.prompt_logprobs)
+        if not step.logits_indices:
+            return None, plp
         idx = torch.tensor(step.logits_indices, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden[idx]).float()           # (N, vocab)
+        return self.model.compute_logits(hidden[idx]).float(), plp      # (N, vocab)
 
     def kv_report(self, timeout_s: float = 0.0) -> dict:
         """The connector's report of transfers that ended (empty without a connector)."""

@@ -33,11 +33,16 @@ class OutputProcessor:
         return RequestStatus.FINISHED_STOPPED
 
     def build(self, req: Request, new: list[int], logprobs=None, kv_load=None) -> RequestOutput:
-        """``req``'s output for this step; finished ones carry reason, text and KV export."""
+        """``req``'s output for this step; finished ones carry reason, text and KV export.
+
+        The first output with a token also carries the prompt logprobs, if asked for.
+        """
         done = req.status.finished or req.status is RequestStatus.PINNED
         out = RequestOutput(req.request_id, new, req.output_token_ids, req.num_prompt_tokens,
                             max(req.num_cached_tokens, 0), finished=done,
                             logprobs=logprobs or [], kv_load=kv_load)
+        if new and req.needs_prompt_logprobs:
+            out.prompt_logprobs = req.take_prompt_logprobs()
         if done:
             out.finish_reason = "length" if req.status is RequestStatus.PINNED else req.status.value
             out.stop_reason = req.stop_reason

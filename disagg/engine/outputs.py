@@ -90,6 +90,9 @@ class RequestOutput:
     stop_reason: str | int | None = None      # the stop string or token id that ended it
     text: str | None = None                   # full output text once finished (needs a tokenizer)
     logprobs: list = field(default_factory=list)   # disagg.engine.sampler.TokenLogprobs, new this step
+    # on the first output of a request with SamplingParams.prompt_logprobs: one
+    # entry per prompt position, None at 0, then TokenLogprobs (None when not asked)
+    prompt_logprobs: list | None = None
     kv_export: KVExport | None = None
     kv_load: KVLoadTarget | None = None
 

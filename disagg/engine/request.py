@@ -72,9 +72,25 @@ class Request:
     deadline: float | None = None         # KV wait or pin lease ends (monotonic seconds)
     kv_target: object | None = None       # prefill-only: KVLoadTarget to send the KV to
     kv_received: bool = False             # load-remote: every rank has its KV
+    # prompt logprobs being gathered (disagg.engine.prompt_logprobs), indexed by
+    # prompt position (entry 0 stays None); None when not asked for or delivered
+    prompt_logprobs: list | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        self.prompt_logprobs = (None if self.params.prompt_logprobs is None
+                                else [None] * len(self.prompt_token_ids))
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and not yet delivered: prefill computes
+        logits at every prompt position and skips the prefix cache."""
+        return self.prompt_logprobs is not None
+
+    def take_prompt_logprobs(self) -> list | None:
+        """The gathered prompt logprobs, once (for the first output); None after."""
+        out, self.prompt_logprobs = self.prompt_logprobs, None
+        return out
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,6 +2,8 @@
 
 Per row, in order::
 
+    penalties   ─▶ repetition, frequency/presence, logit_bias (rows that ask only;
+                   :mod:`disagg.engine.penalties`)
     greedy row  ─▶ argmax (ties → lowest id, same as transformers greedy)
     other rows  ─▶ logits / T ─▶ keep top_k ─▶ keep nucleus top_p ─▶ multinomial
 
@@ -10,7 +12,9 @@ drawing from its own ``torch.Generator`` when one is given, so a seeded
 request gets the same tokens whatever else shares its batch.
 
 Log-probabilities are always those of the *raw* distribution (log-softmax of
-the untempered, unfiltered logits), like vLLM's default "raw" mode.
+the unpenalised, untempered, unfiltered logits), like vLLM's default "raw"
+mode: a penalty or bias changes which token is picked, not the logprobs
+reported for it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from disagg.engine.penalties import TokenHistory, apply_penalties
 from disagg.sampling_params import SamplingParams
 
 
@@ -57,20 +62,26 @@ class Sampler:
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        histories: list[TokenHistory | None] | None = None,
     ) -> SamplerOutput:
-        """Pick one token per row of ``logits`` (B, V) under ``params[row]``."""
+        """Pick one token per row of ``logits`` (B, V) under ``params[row]``.
+
+        ``histories[row]`` (prompt and output ids) is needed for rows whose
+        params have penalties or a logit bias; other rows may pass None.
+        """
         self._check_inputs(logits, params, generators)
-        logits = logits.float()                                       # (B, V)
+        logits = logits.float()                                       # (B, V) raw
+        picked = apply_penalties(logits, params, histories)           # (B, V)
         batch = logits.shape[0]
         token_ids = torch.empty(batch, dtype=torch.long, device=logits.device)
 
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         if greedy_rows:
             idx = torch.tensor(greedy_rows, dtype=torch.long, device=logits.device)
-            token_ids[idx] = logits.index_select(0, idx).argmax(dim=-1)  # (G,)
+            token_ids[idx] = picked.index_select(0, idx).argmax(dim=-1)  # (G,)
         for i, p in enumerate(params):
             if not p.greedy:
-                token_ids[i] = _sample_row(logits[i], p, generators[i])
+                token_ids[i] = _sample_row(picked[i], p, generators[i])
 
         ids = token_ids.tolist()
         return SamplerOutput(token_ids=ids, logprobs=_compute_logprobs(logits, params, ids))

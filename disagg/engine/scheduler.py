@@ -200,7 +200,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             remote = req.kv_mode is KVMode.LOAD_REMOTE
-            prefix = self.blocks.match_prefix(req, leave_one=not remote)
+            # prompt logprobs need the logits of every prompt position: no cache reuse
+            prefix = [] if req.needs_prompt_logprobs else \
+                self.blocks.match_prefix(req, leave_one=not remote)
             cached = len(prefix) * self.blocks.block_size
             if remote:
                 if not self.blocks.allocate(req, req.num_tokens, prefix):

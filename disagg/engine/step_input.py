@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 import msgpack
 
+from disagg.engine.prompt_logprobs import step_spans
+
 
 @dataclass
 class StepInput:
@@ -25,7 +27,10 @@ class StepInput:
     num_decodes: int
     logits_indices: list[int]          # rows of the flattened batch to sample from
     connector_meta: dict = field(default_factory=dict)
-    return_argmax: bool = False        # every sampled row is greedy without logprobs
+    # rows whose prompt logprobs rank 0 computes: [first_row, k, [target ids]]
+    # (disagg.engine.prompt_logprobs)
+    prompt_logprobs: list[list] = field(default_factory=list)
+    return_argmax: bool = False        # every sampled row is greedy, no logprobs, no penalties
     poll_timeout_s: float = 0.0        # how long ranks may wait on KV links after the step
 
     def to_bytes(self) -> bytes:
@@ -44,7 +49,9 @@ def build_step_input(scheduled, block_size: int, connector_meta: dict | None = N
     """
     token_ids, positions, slots, qlens, slens, tables, logits_idx = [], [], [], [], [], [], []
     num_decodes = 0
+    first_rows = []
     for req, n in scheduled:
+        first_rows.append(len(token_ids))
         start = req.num_computed_tokens
         ids = req.block_ids
         token_ids.extend(req.token_ids[start:start + n])
@@ -58,4 +65,5 @@ def build_step_input(scheduled, block_size: int, connector_meta: dict | None = N
         if start + n == req.num_tokens:
             logits_idx.append(len(token_ids) - 1)
     return StepInput(token_ids, positions, slots, qlens, slens, tables, num_decodes,
-                     logits_idx, connector_meta or {})
+                     logits_idx, connector_meta or {},
+                     prompt_logprobs=step_spans(scheduled, first_rows))

@@ -69,9 +69,10 @@ def _worker_main(config: EngineConfig, model_cfg, model_dir: Path | None, rank: 
             if not data:
                 break
             step = StepInput.from_bytes(data)
-            logits = runner.execute(step)
+            logits, plp = runner.execute(step)
             report = runner.kv_report(step.poll_timeout_s)
-            conn.send_bytes(encode_reply(logits if rank == 0 else None, step.return_argmax, report))
+            conn.send_bytes(encode_reply(logits if rank == 0 else None, step.return_argmax, report,
+                                         plp))
     except (EOFError, KeyboardInterrupt):
         pass
     except Exception:
@@ -82,28 +83,32 @@ def _worker_main(config: EngineConfig, model_cfg, model_dir: Path | None, rank: 
         destroy_tensor_parallel()
 
 
-def encode_reply(logits: torch.Tensor | None, argmax: bool, kv_report: dict) -> bytes:
+def encode_reply(logits: torch.Tensor | None, argmax: bool, kv_report: dict,
+                 prompt_logprobs: dict | None = None) -> bytes:
     """A rank's reply: its KV-connector report, and on rank 0 fp32 logits (N, V)
-    or, when ``argmax``, int64 ids (N,)."""
+    or, when ``argmax``, int64 ids (N,), plus the step's prompt logprobs (plain
+    lists, :func:`disagg.engine.prompt_logprobs.compute`) if any."""
     if logits is None:
-        return msgpack.packb({"kind": "none", "kv": kv_report})
+        return msgpack.packb({"kind": "none", "kv": kv_report, "plp": prompt_logprobs})
     if argmax:
         ids = logits.argmax(dim=-1).cpu()
-        return msgpack.packb({"kind": "ids", "data": ids.numpy().tobytes(), "kv": kv_report})
+        return msgpack.packb({"kind": "ids", "data": ids.numpy().tobytes(), "kv": kv_report,
+                              "plp": prompt_logprobs})
     arr = logits.float().cpu().contiguous()
     return msgpack.packb({"kind": "logits", "shape": list(arr.shape), "data": arr.numpy().tobytes(),
-                          "kv": kv_report})
+                          "kv": kv_report, "plp": prompt_logprobs})
 
 
-def decode_reply(data: bytes) -> tuple[torch.Tensor | None, dict]:
-    """Inverse of :func:`encode_reply`; argmax ids come back as an int64 tensor."""
+def decode_reply(data: bytes) -> tuple[torch.Tensor | None, dict | None, dict]:
+    """Inverse of :func:`encode_reply`: (logits or argmax ids as int64, prompt
+    logprobs, KV report)."""
     msg = msgpack.unpackb(data)
     if msg["kind"] == "none":
-        return None, msg["kv"]
+        return None, msg["plp"], msg["kv"]
     if msg["kind"] == "ids":
-        return torch.frombuffer(bytearray(msg["data"]), dtype=torch.int64), msg["kv"]
+        return torch.frombuffer(bytearray(msg["data"]), dtype=torch.int64), msg["plp"], msg["kv"]
     logits = torch.frombuffer(bytearray(msg["data"]), dtype=torch.float32).view(*msg["shape"])
-    return logits, msg["kv"]
+    return logits, msg["plp"], msg["kv"]
 
 
 class TPWorkers:
@@ -136,24 +141,25 @@ class TPWorkers:
             infos.append(msg["info"])
         return infos
 
-    def execute(self, step: StepInput) -> tuple[torch.Tensor | None, list[dict]]:
-        """Run the step on every rank; rank 0's logits (or argmax ids) and every
-        rank's KV-connector report come back."""
+    def execute(self, step: StepInput) -> tuple[torch.Tensor | None, dict | None, list[dict]]:
+        """Run the step on every rank; rank 0's logits (or argmax ids) and prompt
+        logprobs, and every rank's KV-connector report come back."""
         data = step.to_bytes()
         for rank, (p, conn) in enumerate(zip(self.procs, self.conns)):
             if not p.is_alive():
                 raise RuntimeError(f"TP rank {rank} died (exit code {p.exitcode})")
             conn.send_bytes(data)
-        logits, reports = None, []
+        logits, plp, reports = None, None, []
         for rank, conn in enumerate(self.conns):
             while not conn.poll(1.0):
                 for r, p in enumerate(self.procs):
                     if not p.is_alive():
                         raise RuntimeError(f"TP rank {r} died during a step (exit code {p.exitcode})")
-            out, report = decode_reply(conn.recv_bytes())
-            logits = out if rank == 0 else logits
+            out, rank_plp, report = decode_reply(conn.recv_bytes())
+            if rank == 0:
+                logits, plp = out, rank_plp
             reports.append(report)
-        return logits, reports
+        return logits, plp, reports
 
     def shutdown(self) -> None:
         for conn in self.conns:

@@ -9,7 +9,9 @@ remotely; then it streams tokens back. Start it with ``disagg router``.
     app.py              HTTP endpoints (FastAPI)         launch.py   flags, uvicorn on uvloop
     dispatch.py (+ inflight.py) requests, fallbacks   control_handlers.py  node messages
     nodes.py            node table, health, picking      prefix_index.py      cache guesses
-    responder.py        tokens → OpenAI bodies / SSE     protocol.py (+ request_fields,
-    policy.py (+ route_types, calibration, estimates)    openai_responses)  OpenAI shapes
-    metrics.py (+ prom_registry, prom_text)  Prometheus
+    responder.py        tokens → OpenAI bodies / SSE     protocol.py  OpenAI request models
+    openai_responses.py OpenAI response shapes           openapi_schema.py  /openapi.json
+    errors.py           ProtocolError (the API's errors)
+    policy.py (+ route_types, calibration, estimates)
+    metrics.py          Prometheus metrics (prometheus_client)
 """

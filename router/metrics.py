@@ -1,25 +1,23 @@
-"""The router's Prometheus metrics (``disagg_*``) and the exposition toolkit.
+"""The router's Prometheus metrics (``disagg_*``), built on ``prometheus_client``.
 
 Usage::
 
-    registry = Registry()
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()      # one per app, never the global default
     m = RouterMetrics(registry)
     m.requests.labels(route="remote", status="ok").inc()
     m.ttft.observe(0.120)
-    body = registry.render()            # serve with CONTENT_TYPE at /metrics
+    body = generate_latest(registry)    # serve with CONTENT_TYPE_LATEST at /metrics
 
-The metric types (:class:`Counter`, :class:`Gauge`, :class:`Histogram`,
-:class:`Registry`) and :func:`parse_prometheus_text` are re-exported from
-:mod:`router.prom_registry` and :mod:`router.prom_text`, so
-``from router.metrics import ...`` is all a caller needs. No dependency
-beyond the standard library.
+Names, label names, help texts and bucket bounds are part of the contract with
+dashboards (``deploy/grafana/disagg-dashboard.json``): change them only
+together.
 """
 
 from __future__ import annotations
 
-from router.prom_registry import (  # noqa: F401  (re-exported API)
-    Counter, CounterChild, Gauge, GaugeChild, Histogram, HistogramChild, Registry)
-from router.prom_text import CONTENT_TYPE, parse_prometheus_text  # noqa: F401
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 ROUTES = ("local", "remote", "fallback")
 """Where a request's prefill ran: on the decode node, on a prefill node, or
@@ -51,62 +49,73 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.00
 
 
 class RouterMetrics:
-    """Creates and registers every router metric; attributes are the metric families.
+    """Creates every router metric in ``registry``; attributes are the metric families.
 
     The ``(route, status)`` request counters and ``(role, state)`` node gauges
     are created up front at 0, so ``rate()`` and dashboards see every series
-    from the first scrape.
+    from the first scrape. Constructing it turns off ``prometheus_client``'s
+    ``*_created`` timestamp series process-wide: no dashboard uses them, and
+    in text format 0.0.4 Prometheus would store each as an extra gauge series
+    per label set. Registering twice in one registry raises ValueError
+    (duplicated timeseries).
     """
 
-    def __init__(self, registry: Registry) -> None:
-        reg = registry.register
-        self.requests: Counter = reg(Counter(
+    def __init__(self, registry: CollectorRegistry) -> None:
+        disable_created_metrics()
+        kw = {"registry": registry}
+        self.requests = Counter(
             "disagg_requests_total", "Finished requests by prefill route and outcome.",
-            ("route", "status")))
-        self.route_decisions: Counter = reg(Counter(
+            ("route", "status"), **kw)
+        self.route_decisions = Counter(
             "disagg_route_decisions_total",
             "Routing decisions by policy, chosen route and the policy's reason.",
-            ("policy", "route", "reason")))
-        self.ttft: Histogram = reg(Histogram(
+            ("policy", "route", "reason"), **kw)
+        self.ttft = Histogram(
             "disagg_time_to_first_token_seconds",
-            "Time from request arrival to the first generated token.", TTFT_BUCKETS))
-        self.itl: Histogram = reg(Histogram(
+            "Time from request arrival to the first generated token.",
+            buckets=TTFT_BUCKETS, **kw)
+        self.itl = Histogram(
             "disagg_inter_token_latency_seconds",
-            "Time between consecutive generated tokens of one request.", ITL_BUCKETS))
-        self.e2e: Histogram = reg(Histogram(
+            "Time between consecutive generated tokens of one request.",
+            buckets=ITL_BUCKETS, **kw)
+        self.e2e = Histogram(
             "disagg_e2e_request_latency_seconds",
-            "Time from request arrival to its last token.", E2E_BUCKETS))
-        self.kv_transfer_bytes: Counter = reg(Counter(
-            "disagg_kv_transfer_bytes_total", "KV cache bytes moved from prefill to decode."))
-        self.kv_transfer_seconds: Counter = reg(Counter(
-            "disagg_kv_transfer_seconds_total", "Seconds spent moving KV cache blocks."))
-        self.queue_depth: Gauge = reg(Gauge(
-            "disagg_queue_depth", "Requests waiting or running on a node.", ("node", "role")))
-        self.kv_usage: Gauge = reg(Gauge(
+            "Time from request arrival to its last token.", buckets=E2E_BUCKETS, **kw)
+        self.kv_transfer_bytes = Counter(
+            "disagg_kv_transfer_bytes_total", "KV cache bytes moved from prefill to decode.",
+            **kw)
+        self.kv_transfer_seconds = Counter(
+            "disagg_kv_transfer_seconds_total", "Seconds spent moving KV cache blocks.", **kw)
+        self.queue_depth = Gauge(
+            "disagg_queue_depth", "Requests waiting or running on a node.", ("node", "role"),
+            **kw)
+        self.kv_usage = Gauge(
             "disagg_kv_usage_ratio", "Fraction of a node's KV cache blocks in use (0..1).",
-            ("node", "role")))
-        self.prompt_tokens: Counter = reg(Counter(
-            "disagg_prompt_tokens_total", "Prompt tokens of admitted requests."))
-        self.generation_tokens: Counter = reg(Counter(
-            "disagg_generation_tokens_total", "Tokens generated and returned to clients."))
-        self.http_errors: Counter = reg(Counter(
-            "disagg_http_errors_total", "HTTP error responses by status code.", ("status",)))
-        self.nodes: Gauge = reg(Gauge(
-            "disagg_nodes", "Registered nodes by role and health.", ("role", "state")))
-        self.fallbacks: Counter = reg(Counter(
+            ("node", "role"), **kw)
+        self.prompt_tokens = Counter(
+            "disagg_prompt_tokens_total", "Prompt tokens of admitted requests.", **kw)
+        self.generation_tokens = Counter(
+            "disagg_generation_tokens_total", "Tokens generated and returned to clients.", **kw)
+        self.http_errors = Counter(
+            "disagg_http_errors_total", "HTTP error responses by status code.", ("status",),
+            **kw)
+        self.nodes = Gauge(
+            "disagg_nodes", "Registered nodes by role and health.", ("role", "state"), **kw)
+        self.fallbacks = Counter(
             "disagg_fallbacks_total", "Remote prefills that fell back to local prefill.",
-            ("reason",)))
-        self.router_overhead: Histogram = reg(Histogram(
+            ("reason",), **kw)
+        self.router_overhead = Histogram(
             "disagg_router_overhead_seconds",
             "Latency the router adds: ingress = HTTP arrival to the decode node receiving the "
             "request; egress = a token leaving the decode node to its bytes going to the client.",
-            OVERHEAD_BUCKETS, ("direction",)))
-        self.prefix_cached_tokens: Counter = reg(Counter(
+            ("direction",), buckets=OVERHEAD_BUCKETS, **kw)
+        self.prefix_cached_tokens = Counter(
             "disagg_decode_prefix_cached_tokens_total",
-            "Prompt tokens of remote requests already cached on their decode node (not moved)."))
-        self.calibration: Gauge = reg(Gauge(
+            "Prompt tokens of remote requests already cached on their decode node (not moved).",
+            **kw)
+        self.calibration = Gauge(
             "disagg_cost_model_estimate", "The cost model's current calibrated estimates.",
-            ("name", "role", "node")))
+            ("name", "role", "node"), **kw)
         for route in ROUTES:
             for status in REQUEST_STATUSES:
                 self.requests.labels(route=route, status=status)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import hf_greedy
 from disagg.cluster import ClusterConfig, LocalCluster
-from router.metrics import parse_prometheus_text
 
 MODEL = "SmolLM2-135M-Instruct"
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,9 @@ def post(url: str, path: str = "/v1/completions", key: str | None = None, timeou
 
 def metrics(url: str) -> dict:
     """The router's /metrics as ``{(name, frozenset(labels)): value}``."""
-    return parse_prometheus_text(httpx.get(url + "/metrics", timeout=10).text)
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def metric(url: str, name: str, **labels) -> float:

@@ -1,155 +1,94 @@
-"""Prometheus exposition (router.metrics): metric types, text format, parser."""
+"""router.metrics on prometheus_client: names, label series, buckets, exposition read back."""
 
 from __future__ import annotations
 
-import math
 import threading
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from router.metrics import (CONTENT_TYPE, ITL_BUCKETS, TTFT_BUCKETS, Counter, Gauge, Histogram,
-                            Registry, RouterMetrics, parse_prometheus_text)
+from router.metrics import (
+    E2E_BUCKETS, ITL_BUCKETS, NODE_STATES, OVERHEAD_BUCKETS, REQUEST_STATUSES, ROLES, ROUTES,
+    TTFT_BUCKETS, RouterMetrics)
 
-
-def _key(name: str, **labels: str) -> tuple[str, frozenset]:
-    return name, frozenset(labels.items())
-
-
-def test_counter_and_gauge_round_trip():
-    reg = Registry()
-    c = reg.register(Counter("jobs_total", "Jobs done.", ("kind",)))
-    g = reg.register(Gauge("depth", "Queue depth."))
-    c.labels(kind="a").inc()
-    c.labels(kind="a").inc(2.5)
-    c.labels(kind="b")
-    g.set(7)
-    g.inc(3)
-    g.dec()
-    text = reg.render()
-    assert text.endswith("\n")
-    assert "# HELP jobs_total Jobs done.\n# TYPE jobs_total counter\n" in text
-    assert "# TYPE depth gauge" in text
-    parsed = parse_prometheus_text(text)
-    assert parsed == {_key("jobs_total", kind="a"): 3.5, _key("jobs_total", kind="b"): 0.0,
-                      _key("depth"): 9.0}
-    assert c.labels(kind="a").value == 3.5 and g.value == 9.0
-
-
-def test_counter_misuse():
-    c = Counter("x_total", "x", ("a",))
-    with pytest.raises(ValueError, match="can only increase"):
-        c.labels(a="1").inc(-1)
-    with pytest.raises(ValueError, match="use .labels"):
-        c.inc()
-    with pytest.raises(ValueError, match="takes labels"):
-        c.labels(b="1")
-    with pytest.raises(ValueError, match="must be a str"):
-        c.labels(a=1)
+FAMILIES = {   # exposed family name -> (type, label names)
+    "disagg_requests": ("counter", ("route", "status")),
+    "disagg_route_decisions": ("counter", ("policy", "route", "reason")),
+    "disagg_time_to_first_token_seconds": ("histogram", ()),
+    "disagg_inter_token_latency_seconds": ("histogram", ()),
+    "disagg_e2e_request_latency_seconds": ("histogram", ()),
+    "disagg_kv_transfer_bytes": ("counter", ()),
+    "disagg_kv_transfer_seconds": ("counter", ()),
+    "disagg_queue_depth": ("gauge", ("node", "role")),
+    "disagg_kv_usage_ratio": ("gauge", ("node", "role")),
+    "disagg_prompt_tokens": ("counter", ()),
+    "disagg_generation_tokens": ("counter", ()),
+    "disagg_http_errors": ("counter", ("status",)),
+    "disagg_nodes": ("gauge", ("role", "state")),
+    "disagg_fallbacks": ("counter", ("reason",)),
+    "disagg_router_overhead_seconds": ("histogram", ("direction",)),
+    "disagg_decode_prefix_cached_tokens": ("counter", ()),
+    "disagg_cost_model_estimate": ("gauge", ("name", "role", "node")),
+}
 
 
-def test_histogram_bucket_math():
-    reg = Registry()
-    h = reg.register(Histogram("lat_seconds", "Latency.", [0.1, 0.5, 1.0]))
-    for v in (0.05, 0.1, 0.2, 0.5, 0.7, 3.0, math.inf):
-        h.observe(v)
-    cumulative, total, count = h._only_child().snapshot()
-    assert cumulative == [(0.1, 2), (0.5, 4), (1.0, 5), (math.inf, 7)]   # le is inclusive
-    assert count == 7 and total == math.inf
-    h2 = reg.register(Histogram("ttft_seconds", "TTFT.", (0.5, 1.0, math.inf), ("route",)))
-    h2.labels(route="remote").observe(0.75)
-    h2.labels(route="remote").observe(0.25)
-    parsed = parse_prometheus_text(reg.render())
-    b = lambda le: parsed[_key("ttft_seconds_bucket", route="remote", le=le)]  # noqa: E731
-    assert (b("0.5"), b("1.0"), b("+Inf")) == (1, 2, 2)
-    assert parsed[_key("ttft_seconds_sum", route="remote")] == 1.0
-    assert parsed[_key("ttft_seconds_count", route="remote")] == 2
-    assert parsed[_key("lat_seconds_bucket", le="+Inf")] == 7
-    assert parsed[_key("lat_seconds_sum")] == math.inf
-    with pytest.raises(ValueError, match="NaN"):
-        h.observe(float("nan"))
+def _scrape(registry: CollectorRegistry) -> tuple[dict, dict]:
+    """``({family name: Metric}, {(sample name, frozenset(labels)): value})``."""
+    families = {f.name: f for f in
+                text_string_to_metric_families(generate_latest(registry).decode())}
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for f in families.values() for s in f.samples}
+    return families, samples
 
 
-@pytest.mark.parametrize("buckets", [[], [1.0, 1.0], [2.0, 1.0], [0.1, float("nan")]])
-def test_histogram_rejects_bad_buckets(buckets):
-    with pytest.raises(ValueError, match="strictly increasing"):
-        Histogram("h", "h", buckets)
+def _key(metric: str, **labels: str) -> tuple[str, frozenset]:
+    return metric, frozenset(labels.items())
 
 
-def test_label_escaping_round_trips():
-    reg = Registry()
-    g = reg.register(Gauge("g", 'Help with \\ and\nnewline "quotes".', ("node",)))
-    tricky = 'a\\b"c\nd,e}f= '
-    g.labels(node=tricky).set(-2.5)
-    text = reg.render()
-    assert 'node="a\\\\b\\"c\\nd,e}f= "' in text
-    assert '# HELP g Help with \\\\ and\\nnewline "quotes".' in text
-    assert len(text.splitlines()) == 3
-    assert parse_prometheus_text(text) == {_key("g", node=tricky): -2.5}
+def _le(bound: float) -> str:
+    """An ``le`` label as prometheus_client writes it (Go float formatting)."""
+    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
-@pytest.mark.parametrize("name", ["", "1abc", "a-b", "a b", "é", None])
-def test_invalid_metric_names(name):
-    with pytest.raises(ValueError, match="invalid metric name"):
-        Counter(name, "help")
+@pytest.fixture
+def reg() -> CollectorRegistry:
+    return CollectorRegistry()
 
 
-@pytest.mark.parametrize("label", ["", "1a", "a:b", "__reserved", "a-b"])
-def test_invalid_label_names(label):
-    with pytest.raises(ValueError, match="invalid label name"):
-        Gauge("ok_name", "help", (label,))
+def test_every_family_name_type_and_labels(reg):
+    RouterMetrics(reg)
+    text = generate_latest(reg).decode()
+    families, samples = _scrape(reg)
+    assert {n: f.type for n, f in families.items()} == {n: t for n, (t, _) in FAMILIES.items()}
+    for name, (kind, labelnames) in FAMILIES.items():
+        assert families[name].documentation, name
+        for s in families[name].samples:
+            assert set(s.labels) - {"le"} == set(labelnames), (name, s)
+        if kind == "counter":    # exposed names keep today's ``_total`` spelling
+            assert f"# TYPE {name}_total counter" in text
+    assert not any(name.endswith("_created") for name, _ in samples)
 
 
-def test_registry_rejects_clashes():
-    reg = Registry()
-    reg.register(Histogram("req", "r", [1.0]))
-    with pytest.raises(ValueError, match="already registered"):
-        reg.register(Counter("req_count", "c"))
-    with pytest.raises(ValueError, match="already registered"):
-        reg.register(Gauge("req", "g"))
-    with pytest.raises(ValueError, match="reserved"):
-        Histogram("h", "h", [1.0], ("le",))
-    assert Registry().render() == ""
+def test_pre_created_series_are_zero(reg):
+    RouterMetrics(reg)
+    _, samples = _scrape(reg)
+    for route in ROUTES:
+        for status in REQUEST_STATUSES:
+            assert samples[_key("disagg_requests_total", route=route, status=status)] == 0
+    for role in ROLES:
+        for state in NODE_STATES:
+            assert samples[_key("disagg_nodes", role=role, state=state)] == 0
+    assert samples[_key("disagg_kv_transfer_bytes_total")] == 0
+    assert samples[_key("disagg_time_to_first_token_seconds_count")] == 0
+    assert not any(n == "disagg_queue_depth" for n, _ in samples)   # no node yet, no series
 
 
-def test_parser_details_and_errors():
-    text = ('# HELP a x\n# TYPE a gauge\n# arbitrary comment\n\n'
-            'a{x="1",y="q\\"z"} +Inf 1700000000\nb -Inf\nc NaN\nd 1e-3\n')
-    parsed = parse_prometheus_text(text)
-    assert parsed[_key("a", x="1", y='q"z')] == math.inf
-    assert parsed[_key("b")] == -math.inf and math.isnan(parsed[_key("c")])
-    assert parsed[_key("d")] == 0.001
-    for bad in ["a{x=1} 2", 'a{x="1} 2', "a 1 2 3", "a", "1a 2", 'a{x="\\q"} 1', "a zz",
-                "a 1\na 2", 'a{x="1",x="2"} 3']:
-        with pytest.raises(ValueError, match="line"):
-            parse_prometheus_text(bad)
-
-
-def test_threads_do_not_lose_updates():
-    c = Counter("t_total", "t", ("k",))
-    h = Histogram("t_seconds", "t", [0.5])
-
-    def work():
-        for _ in range(2000):
-            c.labels(k="x").inc()
-            h.observe(0.25)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert c.labels(k="x").value == 8000
-    assert h._only_child().snapshot()[2] == 8000
-
-
-def test_router_metrics_names_and_round_trip():
-    reg = Registry()
+def test_updates_round_trip(reg):
     m = RouterMetrics(reg)
     m.requests.labels(route="remote", status="ok").inc()
+    m.requests.labels(route="remote", status="ok").inc(2)
     m.route_decisions.labels(policy="ttft", route="local", reason="cached").inc()
-    m.ttft.observe(0.012)
-    m.itl.observe(0.004)
-    m.e2e.observe(1.5)
     m.kv_transfer_bytes.inc(46_000)
     m.kv_transfer_seconds.inc(0.02)
     m.queue_depth.labels(node="d0", role="decode").set(3)
@@ -159,21 +98,109 @@ def test_router_metrics_names_and_round_trip():
     m.http_errors.labels(status="400").inc()
     m.nodes.labels(role="decode", state="up").set(1)
     m.fallbacks.labels(reason="timeout").inc()
-    parsed = parse_prometheus_text(reg.render())
-    names = {name for name, _ in parsed}
-    assert {"disagg_requests_total", "disagg_route_decisions_total",
-            "disagg_time_to_first_token_seconds_bucket", "disagg_inter_token_latency_seconds_sum",
-            "disagg_e2e_request_latency_seconds_count", "disagg_kv_transfer_bytes_total",
-            "disagg_kv_transfer_seconds_total", "disagg_queue_depth", "disagg_kv_usage_ratio",
-            "disagg_prompt_tokens_total", "disagg_generation_tokens_total",
-            "disagg_http_errors_total", "disagg_nodes", "disagg_fallbacks_total"} <= names
-    assert parsed[_key("disagg_requests_total", route="remote", status="ok")] == 1
-    assert parsed[_key("disagg_requests_total", route="fallback", status="aborted")] == 0
-    assert parsed[_key("disagg_nodes", role="prefill", state="down")] == 0
-    assert parsed[_key("disagg_time_to_first_token_seconds_bucket", le="0.01")] == 0
-    assert parsed[_key("disagg_time_to_first_token_seconds_bucket", le="0.025")] == 1
-    assert TTFT_BUCKETS[0] == 0.01 and TTFT_BUCKETS[-1] == 60.0
-    assert ITL_BUCKETS[0] == 0.001 and ITL_BUCKETS[-1] == 10.0
-    assert "version=0.0.4" in CONTENT_TYPE
-    with pytest.raises(ValueError, match="already registered"):
-        RouterMetrics(reg)
+    m.prefix_cached_tokens.inc(64)
+    m.calibration.labels(name="link_bytes_per_s", role="", node="").set(1e9)
+    _, s = _scrape(reg)
+    assert s[_key("disagg_requests_total", route="remote", status="ok")] == 3
+    assert s[_key("disagg_requests_total", route="fallback", status="aborted")] == 0
+    assert s[_key("disagg_route_decisions_total", policy="ttft", route="local",
+                  reason="cached")] == 1
+    assert s[_key("disagg_kv_transfer_bytes_total")] == 46_000
+    assert s[_key("disagg_kv_transfer_seconds_total")] == pytest.approx(0.02)
+    assert s[_key("disagg_queue_depth", node="d0", role="decode")] == 3
+    assert s[_key("disagg_kv_usage_ratio", node="d0", role="decode")] == 0.25
+    assert s[_key("disagg_prompt_tokens_total")] == 12
+    assert s[_key("disagg_generation_tokens_total")] == 4
+    assert s[_key("disagg_http_errors_total", status="400")] == 1
+    assert s[_key("disagg_nodes", role="decode", state="up")] == 1
+    assert s[_key("disagg_fallbacks_total", reason="timeout")] == 1
+    assert s[_key("disagg_decode_prefix_cached_tokens_total")] == 64
+    assert s[_key("disagg_cost_model_estimate", name="link_bytes_per_s", role="",
+                  node="")] == 1e9
+
+
+@pytest.mark.parametrize("attr,family,buckets", [
+    ("ttft", "disagg_time_to_first_token_seconds", TTFT_BUCKETS),
+    ("itl", "disagg_inter_token_latency_seconds", ITL_BUCKETS),
+    ("e2e", "disagg_e2e_request_latency_seconds", E2E_BUCKETS),
+])
+def test_histogram_buckets(reg, attr, family, buckets):
+    m = RouterMetrics(reg)
+    h = getattr(m, attr)
+    values = (buckets[0], buckets[1] * 0.999, buckets[-1] * 2)   # le is inclusive
+    for v in values:
+        h.observe(v)
+    _, s = _scrape(reg)
+    les = [dict(k[1])["le"] for k in s if k[0] == family + "_bucket"]
+    assert les == [_le(b) for b in (*buckets, float("inf"))]
+    assert s[_key(family + "_bucket", le=_le(buckets[0]))] == 1
+    assert s[_key(family + "_bucket", le=_le(buckets[1]))] == 2
+    assert s[_key(family + "_bucket", le=_le(buckets[-1]))] == 2
+    assert s[_key(family + "_bucket", le="+Inf")] == 3
+    assert s[_key(family + "_count")] == 3
+    assert s[_key(family + "_sum")] == pytest.approx(sum(values))
+
+
+def test_labelled_histogram(reg):
+    m = RouterMetrics(reg)
+    m.router_overhead.labels(direction="ingress").observe(0.0002)
+    m.router_overhead.labels(direction="egress").observe(0.002)
+    m.router_overhead.labels(direction="egress").observe(2.0)
+    _, s = _scrape(reg)
+    name = "disagg_router_overhead_seconds"
+    les = [dict(k[1])["le"] for k in s if k[0] == name + "_bucket"
+           and dict(k[1])["direction"] == "egress"]
+    assert les == [_le(b) for b in (*OVERHEAD_BUCKETS, float("inf"))]
+    assert s[_key(name + "_bucket", direction="ingress", le="0.00025")] == 1
+    assert s[_key(name + "_bucket", direction="egress", le="0.0015")] == 0
+    assert s[_key(name + "_bucket", direction="egress", le="0.002")] == 1
+    assert s[_key(name + "_bucket", direction="egress", le="1.0")] == 1
+    assert s[_key(name + "_bucket", direction="egress", le="+Inf")] == 2
+    assert s[_key(name + "_count", direction="egress")] == 2
+    assert s[_key(name + "_sum", direction="egress")] == pytest.approx(2.002)
+
+
+def test_label_values_with_special_characters_round_trip(reg):
+    m = RouterMetrics(reg)
+    tricky = 'a\\b"c\nd,e}f= '
+    m.queue_depth.labels(node=tricky, role="decode").set(-2.5)
+    _, s = _scrape(reg)
+    assert s[_key("disagg_queue_depth", node=tricky, role="decode")] == -2.5
+
+
+def test_misuse_raises(reg):
+    m = RouterMetrics(reg)
+    with pytest.raises(ValueError):
+        m.kv_transfer_bytes.inc(-1)                       # counters only go up
+    with pytest.raises(ValueError):
+        m.requests.labels(route="local")                  # missing a label
+    with pytest.raises(ValueError):
+        m.requests.inc()                                  # labelled family used bare
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        RouterMetrics(reg)                                # same names twice in one registry
+
+
+def test_registries_are_isolated():
+    a, b = CollectorRegistry(), CollectorRegistry()
+    ma, _ = RouterMetrics(a), RouterMetrics(b)
+    ma.generation_tokens.inc(5)
+    assert _scrape(a)[1][_key("disagg_generation_tokens_total")] == 5
+    assert _scrape(b)[1][_key("disagg_generation_tokens_total")] == 0
+
+
+def test_threads_do_not_lose_updates(reg):
+    m = RouterMetrics(reg)
+
+    def work():
+        for _ in range(2000):
+            m.fallbacks.labels(reason="x").inc()
+            m.itl.observe(0.004)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _, s = _scrape(reg)
+    assert s[_key("disagg_fallbacks_total", reason="x")] == 8000
+    assert s[_key("disagg_inter_token_latency_seconds_count")] == 8000

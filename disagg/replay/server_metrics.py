@@ -9,10 +9,10 @@ returns None and the report simply has no server section.
 from __future__ import annotations
 
 import httpx
-
-from router.prom_text import parse_prometheus_text
+from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, frozenset], float]
+"""``{(sample name, frozenset(labels.items())): value}``."""
 
 
 def scrape(base_url: str, headers: dict[str, str] | None = None,
@@ -26,7 +26,8 @@ def scrape(base_url: str, headers: dict[str, str] | None = None,
     if r.status_code != 200:
         return None
     try:
-        samples = parse_prometheus_text(r.text)
+        samples = {(s.name, frozenset(s.labels.items())): s.value
+                   for family in text_string_to_metric_families(r.text) for s in family.samples}
     except ValueError:
         return None
     if not any(name == "disagg_requests_total" for name, _ in samples):

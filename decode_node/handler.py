@@ -82,7 +82,9 @@ class DecodeHandler(RoleHandler):
                 rid, list(out.new_token_ids), len(out.output_token_ids),
                 [m.logprobs_to_wire(lp) for lp in out.logprobs] if out.logprobs else [],
                 out.finished, out.finish_reason, out.text, out.num_cached_tokens, route, now,
-                self._received_at.pop(rid, None)))
+                self._received_at.pop(rid, None),
+                [m.logprobs_to_wire(lp) for lp in out.prompt_logprobs]
+                if out.prompt_logprobs is not None else None))
             if out.finished:
                 self._forget(rid)
 

@@ -12,7 +12,7 @@ import time
 
 from disagg.control import messages as m
 from router.inflight import Event
-from router.request_fields import ProtocolError
+from router.errors import ProtocolError
 
 log = logging.getLogger("disagg.router")
 
@@ -199,8 +199,12 @@ class ControlHandlers:
             req.num_output = max(req.num_output, output_len)
             met.generation_tokens.inc(len(ids))
         finished = end is not None and end.finished
+        prompt_lps = None
+        if end is not None and end.prompt_logprobs is not None:
+            prompt_lps = [m.logprobs_from_wire(e) for e in end.prompt_logprobs]
         req.deliver(Event(ids, lps, finished, end.finish_reason if end else None,
-                          end.text if end else None, sent_at=sent_at))
+                          end.text if end else None, sent_at=sent_at,
+                          prompt_logprobs=prompt_lps))
         if finished:
             self.d.inflight.pop(req.rid, None)
             status = "aborted" if end.finish_reason == "abort" else "ok"

@@ -175,6 +175,8 @@ class Tokens(ControlMessage):
     (a remote request's first token, already streamed, is not resent twice).
     ``route``: "local" | "remote" | "fallback", where its prefill ran.
     ``received_at``: when the node got the Generate (first message only).
+    ``prompt_logprobs``: per prompt token ``[id, logprob, [[id, lp], ...]]`` (None for
+    the first), on the request's first message when its params asked for them.
     """
 
     rid: str
@@ -188,6 +190,7 @@ class Tokens(ControlMessage):
     route: str
     sent_at: float
     received_at: float | None
+    prompt_logprobs: list[list | None] | None = None
 
 
 class Fallback(ControlMessage):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
     """The router's flags."""
+    from router.policy import add_policy_arg
     env = os.environ.get
     p.add_argument("--host", default=env("DISAGG_HOST", "127.0.0.1"),
                    help="HTTP interface (env DISAGG_HOST; 0.0.0.0 to serve other machines)")
@@ -32,10 +33,7 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="the model whose tokenizer and chat template the router uses")
     p.add_argument("--served-model-name", default=env("DISAGG_SERVED_MODEL_NAME"),
                    help="the model name clients use (default: from --model)")
-    p.add_argument("--policy", default=env("DISAGG_POLICY", "cost"),
-                   choices=["cost", "local", "remote", "threshold"],
-                   help="local vs remote prefill: cost model (default), always local, always "
-                        "remote, or a token threshold")
+    add_policy_arg(p, default=env("DISAGG_POLICY", "cost"))
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter, e.g. min_remote_tokens=512 (threshold) or "
                         "interference_weight=0.5 (cost); repeatable")
@@ -83,22 +81,20 @@ def _server_class():
 async def serve_router(a: argparse.Namespace) -> None:
     """Run the router until cancelled or signalled."""
     import uvicorn
+    from prometheus_client import CollectorRegistry
 
-    from disagg.engine.tokenizer import load_tokenizer
-    from disagg.model import resolve_model_dir
-    from disagg.node.launch import served_model_name
+    from disagg.model.resolve import served_model_name
     from router.app import create_app
     from router.dispatch import Dispatcher
-    from router.metrics import Registry, RouterMetrics
+    from router.metrics import RouterMetrics
     from router.nodes import NodeRegistry
     from router.policy import make_policy
+    from router.tokenizer import load_router_tokenizer
 
     name = a.served_model_name or served_model_name(a.model)
-    tokenizer = load_tokenizer(resolve_model_dir(a.model))
-    if tokenizer is None:
-        raise ValueError(f"model {a.model!r} ships no tokenizer; the router needs one")
+    tokenizer = load_router_tokenizer(a.model)      # no torch in this process
     policy = make_policy(a.policy, **_policy_options(a.policy_option))
-    registry = Registry()
+    registry = CollectorRegistry()
     dispatcher = Dispatcher(NodeRegistry(name, a.node_timeout_s), policy,
                             RouterMetrics(registry), a.control_address)
     app = create_app(dispatcher, registry, tokenizer, name, a.api_key, a.max_inflight)

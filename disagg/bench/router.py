@@ -40,6 +40,7 @@ import tempfile
 import time
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from disagg.cpus import usable_cpus
 
@@ -176,12 +177,11 @@ async def _level(client, url: str, model: str, streams: int, per_stream: int,
 async def _router_egress(client, url: str) -> tuple[float, float]:
     """The router's own egress histogram (node sent → bytes handed to the socket): sum, count."""
     text = (await client.get(url + "/metrics")).text
-    found = {}
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name.startswith("disagg_router_overhead_seconds_") and 'direction="egress"' in name:
-            found[name.split("{")[0].rsplit("_", 1)[1]] = float(value)
-    return found.get("sum", 0.0), found.get("count", 0.0)
+    found = {s.name: s.value for family in text_string_to_metric_families(text)
+             if family.name == "disagg_router_overhead_seconds"
+             for s in family.samples if s.labels.get("direction") == "egress"}
+    return (found.get("disagg_router_overhead_seconds_sum", 0.0),
+            found.get("disagg_router_overhead_seconds_count", 0.0))
 
 
 async def _health_rtt(client, url: str, probes: int) -> dict:

@@ -1,4 +1,5 @@
-"""Find a model directory and load its safetensors into a TP-sharded model.
+"""Load a model directory's safetensors into a TP-sharded model (directories are
+found by :mod:`disagg.model.resolve`).
 
 Checkpoint names are Hugging Face's; fused parameters take their parts through
 ``weight_loader(param, full_tensor, shard_id)``::
@@ -18,57 +19,15 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
+from disagg.config import LOAD_FORMATS
 from disagg.model.config import ModelConfig
-from disagg.model.embedded import ensure_embedded_model
 from disagg.model.layers import default_weight_loader
 from disagg.model.llama import LlamaForCausalLM
 
-EMBEDDED_ALIASES = ("default", "smollm2")
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _FUSED = ((".q_proj.", ".qkv_proj.", "q"), (".k_proj.", ".qkv_proj.", "k"),
           (".v_proj.", ".qkv_proj.", "v"), (".gate_proj.", ".gate_up_proj.", 0),
           (".up_proj.", ".gate_up_proj.", 1))
 _PARTS = {".qkv_proj.": ("q", "k", "v"), ".gate_up_proj.": (0, 1)}
-
-
-def resolve_model_dir(name: str) -> Path:
-    """Map a model name to a local HF-format directory.
-
-    "default"/"smollm2" -> the embedded SmolLM2-135M-Instruct; an existing
-    directory -> itself; anything else is tried as a Hugging Face hub id.
-    """
-    if name.lower() in EMBEDDED_ALIASES:
-        return ensure_embedded_model()
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise ValueError(f"{path} is not a model directory: it must be a directory "
-                             "containing config.json and *.safetensors")
-        return path
-    if name.startswith((".", "/", "~")):
-        raise ValueError(f"model directory {path} does not exist")
-    return _download(name)
-
-
-def _download(repo_id: str) -> Path:
-    hint = ("pass a local directory with config.json and *.safetensors, or 'default' for the "
-            "embedded SmolLM2-135M-Instruct")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise RuntimeError(f"{repo_id!r} is not a local directory and huggingface_hub is not "
-                           f"installed to fetch it; {hint}") from None
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass                                            # not cached: try the network
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:
-        raise RuntimeError(f"could not fetch model {repo_id!r} from the Hugging Face hub: this "
-                           f"machine is offline or the hub is unreachable "
-                           f"({type(e).__name__}: {e}); {hint}") from e
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
@@ -152,8 +111,9 @@ def load_model(cfg: ModelConfig, model_dir: str | Path | None, dtype: torch.dtyp
                max_positions: int | None = None, seed: int = 0) -> LlamaForCausalLM:
     """Build the model for this TP rank on ``device`` in ``dtype`` and fill its weights.
 
-    load_format: "auto"/"safetensors" read ``model_dir/*.safetensors``; "dummy"
-    uses deterministic random weights (for speed benchmarks at real shapes).
+    load_format: one of :data:`disagg.config.LOAD_FORMATS`: "auto" reads
+    ``model_dir/*.safetensors``; "dummy" uses deterministic random weights
+    (for speed benchmarks at real shapes).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; choose from {LOAD_FORMATS}")

@@ -87,7 +87,7 @@ def add_shaping_args(p: argparse.ArgumentParser, defaults: dict | None = None) -
 def model_limits(model: str) -> tuple[int, int]:
     """``(vocab_size, max_position_embeddings)`` from a model's ``config.json``."""
     from disagg.model.config import ModelConfig
-    from disagg.model.loader import resolve_model_dir
+    from disagg.model.resolve import resolve_model_dir
     cfg = ModelConfig.from_dir(resolve_model_dir(model))
     return cfg.vocab_size, cfg.max_position_embeddings
 

@@ -1,41 +1,43 @@
 """The OpenAI-compatible HTTP front end (FastAPI), on the dispatcher's event loop.
 
-    POST /v1/completions        prompt as text or token ids; stream=true → SSE
+    POST /v1/completions        prompt(s) as text or token ids; stream=true → SSE
     POST /v1/chat/completions   messages through the model's chat template
     GET  /v1/models             the served model
     GET  /health                200 once a decode node is up, else 503
     GET  /metrics               Prometheus text
+    GET  /openapi.json, /docs   the schema (request models from router.protocol)
 
 Every refusal is an OpenAI error body with a 4xx status: 400 bad input,
 401 wrong or missing API key (when one is set), 404 unknown model, 429 when
-``max_inflight`` requests are already in flight (with ``Retry-After``), 503
-while no decode node is up. A handler bug becomes a 500 error body, logged;
+``max_inflight`` engine requests are already in flight (with ``Retry-After``;
+a request with ``n`` > 1, ``best_of`` or several prompts counts as that many),
+503 while no decode node is up. A handler bug becomes a 500 error body, logged;
 the nodes never see a request the router could not validate.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from disagg.sampling_params import SamplingParams
 from router.dispatch import Dispatcher
-from router.metrics import CONTENT_TYPE, Registry
-from router.protocol import (
-    ProtocolError, check_context, check_model, check_prompt_token_ids, default_max_tokens,
-    parse_chat_request, parse_completion_request)
-from router.responder import Responder, wait_or_disconnect
+from router.errors import ProtocolError, bad
+from router.openapi_schema import install_openapi
+from router.model_limits import check_context, check_model, check_token_ids, default_max_tokens
+from router.protocol import parse_request
+from router.responder import Responder, ResponseSpec, wait_or_disconnect
 
 log = logging.getLogger("disagg.router")
 
 
-def create_app(dispatcher: Dispatcher, registry: Registry, tokenizer, model_name: str,
+def create_app(dispatcher: Dispatcher, registry: CollectorRegistry, tokenizer, model_name: str,
                api_key: str | None = None, max_inflight: int = 256,
                retry_after_s: int = 1) -> FastAPI:
     """The HTTP app serving ``model_name`` through ``dispatcher``."""
@@ -48,8 +50,8 @@ def create_app(dispatcher: Dispatcher, registry: Registry, tokenizer, model_name
         yield
         await dispatcher.close()
 
-    app = FastAPI(title="disagg router", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan)
+    app = FastAPI(title="disagg router", version="0.1.0", redoc_url=None, lifespan=lifespan)
+    install_openapi(app)
     metrics = dispatcher.metrics
 
     def error(exc: ProtocolError, headers: dict | None = None) -> JSONResponse:
@@ -64,12 +66,6 @@ def create_app(dispatcher: Dispatcher, registry: Registry, tokenizer, model_name
             raise ProtocolError(401, "Incorrect or missing API key (Authorization: Bearer ...).",
                                 code="invalid_api_key")
 
-    async def read_json(request: Request):
-        try:
-            return json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ProtocolError(400, f"the request body is not valid JSON: {exc}") from None
-
     def context() -> tuple[int, int]:
         max_len = dispatcher.registry.max_model_len()
         if max_len is None:
@@ -81,58 +77,83 @@ def create_app(dispatcher: Dispatcher, registry: Registry, tokenizer, model_name
         arrival = time.monotonic()
         try:
             check_key(request)
-            body = await read_json(request)
-            parsed = parse_chat_request(body) if chat else parse_completion_request(body)
+            parsed = parse_request(await request.body(), chat)
             check_model(parsed.model, [model_name])
             max_len, vocab = context()
-            ids = prompt_ids(parsed, chat)
-            check_prompt_token_ids(ids, vocab)
+            check_token_ids(sorted(parsed.logit_bias or ()), vocab, "logit_bias")
+            prompts, echo_texts = await asyncio.to_thread(tokenize, parsed, chat)
             param = "messages" if chat else "prompt"
-            if parsed.max_tokens is None:
-                kwargs = parsed.sampling_kwargs(default_max_tokens(len(ids), max_len, param))
-            else:
-                kwargs = parsed.sampling_kwargs()
-            check_context(len(ids), kwargs["max_tokens"], max_len, param)
-            try:
-                params = SamplingParams(**kwargs)
-            except ValueError as exc:
-                raise ProtocolError(400, str(exc)) from None
-            # The capacity check and the submit have no await between them, so a burst
+            budgets = []
+            for ids in prompts:
+                check_token_ids(ids, vocab, param)
+                max_tokens = parsed.requested_max_tokens
+                if max_tokens is None:
+                    max_tokens = default_max_tokens(len(ids), max_len, param)
+                check_context(len(ids), max_tokens, max_len, param)
+                budgets.append(max_tokens)
+            total = len(prompts) * parsed.copies
+            if total > max_inflight:
+                field = "best_of" if getattr(parsed, "best_of", None) else "n" \
+                    if parsed.n > 1 else "prompt"
+                raise bad(field, f"the request asks for {total} sequences ({len(prompts)} "
+                                 f"prompt(s) x {parsed.copies}); this server runs at most "
+                                 f"{max_inflight} at once")
+            # The capacity check and the submits have no await between them, so a burst
             # cannot slip past the limit while its bodies are being read.
-            if len(dispatcher.inflight) >= max_inflight:
+            if len(dispatcher.inflight) + total > max_inflight:
                 raise ProtocolError(429, f"the server is at capacity ({max_inflight} requests in "
                                          f"flight); retry after {retry_after_s} s",
                                     code="rate_limit_exceeded", type="rate_limit_error")
-            req = dispatcher.submit(ids, params, arrival)
+            reqs = submit(prompts, budgets, parsed, arrival)
         except ProtocolError as exc:
             headers = {"Retry-After": str(retry_after_s)} if exc.status == 429 else None
             return error(exc, headers)
-        responder = Responder(dispatcher, req, tokenizer, model_name, chat, params.logprobs,
-                              bool(parsed.include_usage),
-                              timing=request.headers.get("x-disagg-timing") == "1")
+        spec = ResponseSpec(chat=chat, n=parsed.n, copies=parsed.copies,
+                            logprobs=parsed.response_logprobs,
+                            echo_texts=echo_texts, include_usage=parsed.include_usage,
+                            timing=request.headers.get("x-disagg-timing") == "1")
+        responder = Responder(dispatcher, reqs, tokenizer, model_name, spec)
         if parsed.stream:
             return StreamingResponse(responder.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
             body = await wait_or_disconnect(responder.whole(), request.is_disconnected,
-                                            lambda: dispatcher.abort(req.rid))
+                                            responder.abort)
         except ProtocolError as exc:
             return error(exc)
         return JSONResponse(body)
 
-    def prompt_ids(parsed, chat: bool) -> list[int]:
+    def submit(prompts: list[list[int]], budgets: list[int], parsed, arrival: float) -> list:
+        """One engine request per prompt × copy, prompt-major, on one event queue."""
+        events: asyncio.Queue = asyncio.Queue()
+        reqs = []
+        try:
+            for ids, max_tokens in zip(prompts, budgets):
+                for copy in range(parsed.copies):
+                    params = parsed.sampling_params(max_tokens, copy)
+                    reqs.append(dispatcher.submit(ids, params, arrival, events, len(reqs)))
+        except ProtocolError:
+            for req in reqs:
+                dispatcher.abort(req.rid)
+            raise
+        return reqs
+
+    def tokenize(parsed, chat: bool) -> tuple[list[list[int]], tuple[str, ...] | None]:
+        """The prompts' token ids and, for ``echo``, their texts (runs in a worker thread)."""
         if chat:
             messages = [{"role": msg.role, "content": msg.content} for msg in parsed.messages]
             try:
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                    tokenize=True)
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             except Exception as exc:    # template errors come in many types
                 raise ProtocolError(400, f"the chat template failed: {exc}",
                                     param="messages") from None
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        if isinstance(parsed.prompt, str):
-            return tokenizer.encode(parsed.prompt, add_special_tokens=False)
-        return list(parsed.prompt)
+            return [ids], None
+        prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p)
+                   for p in parsed.prompt]
+        if not parsed.echo:
+            return prompts, None
+        return prompts, tuple(p if isinstance(p, str) else tokenizer.decode(ids)
+                              for p, ids in zip(parsed.prompt, prompts))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -167,7 +188,7 @@ def create_app(dispatcher: Dispatcher, registry: Registry, tokenizer, model_name
         for name, labels, value in (snapshot() if snapshot else []):
             metrics.calibration.labels(name=name, role=labels.get("role", ""),
                                        node=labels.get("node", "")).set(value)
-        return Response(registry.render(), media_type=CONTENT_TYPE)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):

@@ -34,8 +34,8 @@ from disagg.sampling_params import SamplingParams
 from router.metrics import RouterMetrics
 from router.nodes import NodeRegistry
 from router.policy import RoutingPolicy
-from router.request_fields import ProtocolError
-from router.route_types import RouteInput
+from router.errors import ProtocolError
+from router.route_types import Decision, RouteInput
 
 log = logging.getLogger("disagg.router")
 
@@ -115,9 +115,15 @@ class Dispatcher:
         return True
 
     # ---- requests --------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams, arrival: float) -> Inflight:
+    def submit(self, prompt: list[int], params: SamplingParams, arrival: float,
+               events: asyncio.Queue | None = None, index: int = 0) -> Inflight:
         """Route a validated request and send it to its decode node.
 
+        ``events``/``index``: the queue (shared by one HTTP response's sequences)
+        and the sequence number its events are tagged with (see
+        :class:`router.inflight.Inflight`). A request asking for prompt logprobs
+        is prefilled locally whatever the policy says (reason ``prompt_logprobs``):
+        they come from the prefill's logits, which a remote prefill keeps.
         Raises :class:`ProtocolError` 503 when no decode node is up.
         """
         block_size = self.registry.block_size()
@@ -130,7 +136,8 @@ class Dispatcher:
         prefill = self.registry.pick_prefill(len(prompt))
         inp = RouteInput(len(prompt), min(cached, len(prompt)), 0, decode.info.kv_bytes_per_token,
                          decode.as_load(), prefill.as_load() if prefill else None, block_size)
-        decision = self.policy.decide(inp)
+        decision = Decision("local", "prompt_logprobs") if params.needs_local_prefill \
+            else self.policy.decide(inp)
         self.metrics.route_decisions.labels(policy=self.policy.name, route=decision.route,
                                             reason=decision.reason).inc()
         rid = f"r{next(self._ids)}"
@@ -138,7 +145,9 @@ class Dispatcher:
                   decision.reason, decision.detail)
         remote = decision.route == "remote"
         req = Inflight(rid, prompt, params, hashes, arrival, decode.node_id,
-                       prefill.node_id if remote else None, decision.route)
+                       prefill.node_id if remote else None, decision.route, index=index)
+        if events is not None:
+            req.events = events
         self.inflight[rid] = req
         if remote:
             prefill.pending[rid] = len(prompt)

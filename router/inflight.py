@@ -1,4 +1,9 @@
-"""A request in flight in the router, and the events its HTTP handler receives."""
+"""A request in flight in the router, and the events its HTTP handler receives.
+
+One HTTP request may own several :class:`Inflight` (``n`` > 1, ``best_of``,
+several prompts): they share one ``events`` queue and each puts
+``(index, event)`` on it, ``index`` being its sequence number in the response.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from disagg.sampling_params import SamplingParams
-from router.request_fields import ProtocolError
+from router.errors import ProtocolError
 
 
 @dataclass
@@ -20,6 +25,8 @@ class Event:
     text: str | None = None                          # final text (stop strings applied)
     error: ProtocolError | None = None
     sent_at: float | None = None                     # when the node sent these tokens
+    prompt_logprobs: list | None = None              # TokenLogprobs | None per prompt token
+                                                     # (first event, when asked for)
 
 
 @dataclass
@@ -43,7 +50,8 @@ class Inflight:
     fell_back: bool = False
     ingress_s: float | None = None               # arrival → decode node got it
     dispatch_s: float | None = None              # arrival → Generate left the router
+    index: int = 0                               # sequence number within its HTTP response
 
     def deliver(self, event: Event) -> None:
-        """Hand ``event`` to the HTTP handler."""
-        self.events.put_nowait(event)
+        """Hand ``event`` to the HTTP handler, as ``(self.index, event)``."""
+        self.events.put_nowait((self.index, event))

@@ -1,10 +1,11 @@
 """OpenAI-shaped response bodies, stream chunks, SSE framing and logprobs.
 
-Everything returns plain dicts with OpenAI's field names (one choice,
-``index`` 0), ready for ``json.dumps`` or :func:`sse`. A streamed response is
-``sse(chunk)`` per piece of text, optionally ``sse(*_usage_chunk(...))``
-when the client asked for ``stream_options.include_usage``, then
-:data:`SSE_DONE`. Re-exported by :mod:`router.protocol`.
+Everything returns plain dicts with OpenAI's field names, ready for
+``json.dumps`` or :func:`sse`. A whole response is ``*_response(...)`` over
+``*_choice(...)`` dicts (``index`` 0..k-1). A streamed response is
+``sse(chunk)`` per piece of text of one choice (its ``index`` in the chunk),
+optionally ``sse(*_usage_chunk(...))`` when the client asked for
+``stream_options.include_usage``, then :data:`SSE_DONE`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import uuid
 from typing import Any, Callable, Sequence
 
-from disagg.engine.sampler import TokenLogprobs
+from disagg.logprobs import TokenLogprobs
 
 FINISH_REASONS = ("stop", "length")
 """Finish reasons a response may carry. The engine's ``"abort"`` has no OpenAI
@@ -60,21 +61,28 @@ def _completion(id: str, model: str, created: int, choices: list, **extra: Any) 
             "choices": choices, **extra}
 
 
-def completion_response(id: str, model: str, created: int, text: str, finish_reason: str,
-                        prompt_tokens: int, completion_tokens: int,
-                        logprobs: dict | None = None) -> dict:
-    """A whole ``/v1/completions`` response (``object: text_completion``)."""
+def completion_choice(index: int, text: str, finish_reason: str,
+                      logprobs: dict | None = None) -> dict:
+    """One choice of a whole ``/v1/completions`` response."""
     _check_finish(finish_reason, allow_none=False)
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return _completion(id, model, created, [choice],
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_response(id: str, model: str, created: int, choices: list[dict],
+                        prompt_tokens: int, completion_tokens: int) -> dict:
+    """A whole ``/v1/completions`` response (``object: text_completion``) over
+    :func:`completion_choice` dicts."""
+    return _completion(id, model, created, choices,
                        usage=usage(prompt_tokens, completion_tokens))
 
 
 def completion_chunk(id: str, model: str, created: int, text: str,
-                     finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
-    """One streamed ``/v1/completions`` piece; ``finish_reason`` only on the last."""
+                     finish_reason: str | None = None, logprobs: dict | None = None,
+                     index: int = 0) -> dict:
+    """One streamed ``/v1/completions`` piece of choice ``index``; ``finish_reason``
+    only on that choice's last."""
     _check_finish(finish_reason, allow_none=True)
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return _completion(id, model, created, [choice])
 
 
@@ -84,21 +92,25 @@ def completion_usage_chunk(id: str, model: str, created: int, prompt_tokens: int
     return _completion(id, model, created, [], usage=usage(prompt_tokens, completion_tokens))
 
 
-def chat_response(id: str, model: str, created: int, text: str, finish_reason: str,
-                  prompt_tokens: int, completion_tokens: int,
-                  logprobs: dict | None = None) -> dict:
-    """A whole ``/v1/chat/completions`` response (``object: chat.completion``)."""
+def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None = None) -> dict:
+    """One choice of a whole ``/v1/chat/completions`` response."""
     _check_finish(finish_reason, allow_none=False)
-    choice = {"index": 0, "message": {"role": "assistant", "content": text},
-              "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_response(id: str, model: str, created: int, choices: list[dict],
+                  prompt_tokens: int, completion_tokens: int) -> dict:
+    """A whole ``/v1/chat/completions`` response (``object: chat.completion``) over
+    :func:`chat_choice` dicts."""
     return {"id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chat_chunk(id: str, model: str, created: int, text: str | None,
                finish_reason: str | None = None, logprobs: dict | None = None,
-               role_first: bool = False) -> dict:
-    """One streamed chat piece (``object: chat.completion.chunk``).
+               role_first: bool = False, index: int = 0) -> dict:
+    """One streamed chat piece of choice ``index`` (``object: chat.completion.chunk``).
 
     ``role_first=True`` adds ``"role": "assistant"`` to the delta, as OpenAI
     does on a stream's first chunk. ``text=None`` leaves ``content`` out of
@@ -108,7 +120,8 @@ def chat_chunk(id: str, model: str, created: int, text: str | None,
     delta: dict[str, Any] = {"role": "assistant"} if role_first else {}
     if text is not None:
         delta["content"] = text
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    choice = {"index": index, "delta": delta, "logprobs": logprobs,
+              "finish_reason": finish_reason}
     return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [choice]}
 
@@ -158,6 +171,40 @@ def completion_logprobs(token_texts: Sequence[str], token_logprobs_list: Sequenc
     return {"tokens": list(token_texts),
             "token_logprobs": [_finite(lp.logprob) for lp in token_logprobs_list],
             "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_logprobs(token_texts: Sequence[str], token_logprobs_list: Sequence[TokenLogprobs | None],
+                    decode_token: Callable[[int], str]) -> dict:
+    """Prompt logprobs (``echo`` with ``logprobs``) -> a ``/v1/completions`` ``logprobs``
+    object for the echoed prompt: like :func:`completion_logprobs` from offset 0, but an
+    entry may be None (the first token has no logprob: nothing precedes it), which
+    gives ``null`` in ``token_logprobs`` and ``top_logprobs``. Join it with the
+    completion's object by :func:`concat_logprobs`."""
+    if len(token_texts) != len(token_logprobs_list):
+        raise ValueError(f"{len(token_texts)} prompt token texts but "
+                         f"{len(token_logprobs_list)} prompt logprob entries")
+    present = [(i, lp) for i, lp in enumerate(token_logprobs_list) if lp is not None]
+    known = completion_logprobs([token_texts[i] for i, _ in present], [lp for _, lp in present],
+                                0, decode_token)
+    out: dict[str, list] = {"tokens": list(token_texts),
+                            "token_logprobs": [None] * len(token_texts),
+                            "top_logprobs": [None] * len(token_texts), "text_offset": []}
+    for j, (i, _) in enumerate(present):
+        out["token_logprobs"][i] = known["token_logprobs"][j]
+        out["top_logprobs"][i] = known["top_logprobs"][j]
+    offset = 0
+    for text in token_texts:
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def concat_logprobs(first: dict, second: dict | None) -> dict:
+    """Two ``/v1/completions`` ``logprobs`` objects, one after the other (``second``'s
+    ``text_offset`` must already continue ``first``'s text)."""
+    if second is None:
+        return first
+    return {key: first[key] + second[key] for key in first}
 
 
 def _chat_entry(text: str, logprob: float) -> dict:

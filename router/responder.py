@@ -1,154 +1,219 @@
-"""Turn a request's token events into an OpenAI response: whole, or streamed as SSE.
+"""Turn one HTTP request's token events into an OpenAI response: whole, or streamed as SSE.
 
-Text is decoded by the router (it holds the tokenizer) from all output ids so
-far, so bytes split across tokens come out whole. Two things are held back
-from a stream until the request ends: an incomplete UTF-8 character (``�``)
-and, when the request has stop strings, the last ``len(longest stop) - 1``
-characters — a stop string may still complete there, and the node's final
-text (stop strings cut) must extend what was sent. The last event then sends
-the rest of the node's final text.
+A response covers one or more sequences (``n`` > 1, ``best_of``, several
+prompts), each an :class:`router.inflight.Inflight` putting ``(index, event)``
+on one shared queue. Sequence ``index`` is prompt-major: prompt ``p``'s copies
+are ``p * copies ... p * copies + copies - 1``; with ``best_of`` the ``n``
+copies of highest cumulative logprob become choices ``p * n ...``, otherwise
+choice index = sequence index. A stream interleaves the choices' chunks, each
+carrying its ``index``.
+
+Text is decoded by the router (it holds the tokenizer) incrementally, with
+what a stream must hold back (incomplete characters, possible stop-string
+starts), by :class:`router.detokenizer.OutputText`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from router.detokenizer import OutputText
 from router.dispatch import Dispatcher
+from router.errors import ProtocolError
 from router.inflight import Event, Inflight
 from router.openai_responses import (
-    SSE_DONE, chat_chunk, chat_logprobs, chat_response, chat_usage_chunk, completion_chunk,
-    completion_logprobs, completion_response, completion_usage_chunk, sse)
-from router.request_fields import ProtocolError
+    SSE_DONE, chat_choice, chat_chunk, chat_logprobs, chat_response, chat_usage_chunk,
+    completion_choice, completion_chunk, completion_logprobs, completion_response,
+    completion_usage_chunk, concat_logprobs, prompt_logprobs, sse)
 
 
-class OutputText:
-    """Incremental output text of one request (see the module docstring)."""
+@dataclass(frozen=True)
+class ResponseSpec:
+    """What a response holds: ``copies`` sequences per prompt of which ``n`` are
+    returned per prompt (``copies`` > ``n`` only with ``best_of``); ``logprobs``
+    the client's ask (None: no logprobs in the response, whatever the engine was
+    asked for); ``echo_texts`` the prompts' texts to prepend (completions' ``echo``),
+    else None."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = ""
-        self.hold = max((len(s) for s in stop), default=1) - 1
+    chat: bool
+    n: int = 1
+    copies: int = 1
+    logprobs: int | None = None
+    echo_texts: tuple[str, ...] | None = None
+    include_usage: bool = False
+    timing: bool = False
 
-    def add(self, ids: list[int]) -> str:
-        """Append ``ids``; the text that may be sent now."""
-        self.ids += ids
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        end = len(text) - self.hold
-        while end > len(self.sent) and text[end - 1] == "\ufffd":
-            end -= 1
-        if end <= len(self.sent) or not text.startswith(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent):end], text[:end]
-        return delta
 
-    def end(self, ids: list[int], final_text: str | None) -> str:
-        """The request ended with ``ids`` (they may complete a stop string): the rest of its
-        final text."""
-        self.ids += ids
-        return self.finish(final_text)
+@dataclass
+class _Sequence:
+    """One sequence's progress."""
 
-    def finish(self, final_text: str | None) -> str:
-        """The request ended: the rest of its final text."""
-        text = final_text if final_text is not None else \
-            self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
-        self.sent = text
-        return delta
+    req: Inflight
+    text: OutputText
+    logprobs: list = field(default_factory=list)        # TokenLogprobs per output token
+    prompt_logprobs: list | None = None
+    finish: str | None = None
+    offset: int = 0                                     # completions' next text_offset
+    first: bool = True                                  # no chunk sent yet
 
-    def token_text(self, token_id: int) -> str:
-        """One token's own text (for logprobs)."""
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.logprobs if lp is not None)
 
 
 class Responder:
-    """Builds one request's response; ``chat`` picks the chat shapes."""
+    """Builds one HTTP request's response over its sequences ``reqs`` (index order)."""
 
-    def __init__(self, dispatcher: Dispatcher, req: Inflight, tokenizer, model: str, chat: bool,
-                 logprobs: int | None, include_usage: bool, timing: bool = False) -> None:
-        self.d, self.req, self.model, self.chat = dispatcher, req, model, chat
-        self.text = OutputText(tokenizer, req.params.stop)
-        self.logprobs = logprobs
-        self.include_usage = include_usage
-        self.timing = timing
-        self.id = ("chatcmpl-" if chat else "cmpl-") + req.rid
+    def __init__(self, dispatcher: Dispatcher, reqs: list[Inflight], tokenizer, model: str,
+                 spec: ResponseSpec) -> None:
+        if not reqs or len(reqs) % spec.copies:
+            raise ValueError(f"{len(reqs)} sequences is not a multiple of copies={spec.copies}")
+        self.d, self.model, self.spec = dispatcher, model, spec
+        self.seqs = [_Sequence(r, OutputText(tokenizer, r.params.stop)) for r in reqs]
+        self.events: asyncio.Queue = reqs[0].events
+        self.id = ("chatcmpl-" if spec.chat else "cmpl-") + reqs[0].rid
         self.created = int(time.time())
-        self._offset = 0
+        self.prompt_tokens = sum(len(r.prompt) for r in reqs[::spec.copies])
+        if spec.echo_texts is not None:
+            for i, seq in enumerate(self.seqs):
+                seq.offset = len(spec.echo_texts[i // spec.copies])
 
-    async def next_event(self) -> Event:
-        """The request's next event."""
-        return await self.req.events.get()
+    def abort(self) -> None:
+        """Free every sequence still running (no-op for those that ended)."""
+        for seq in self.seqs:
+            self.d.abort(seq.req.rid)
 
-    def _logprobs(self, event: Event) -> dict | None:
-        if self.logprobs is None or not event.token_ids:
+    def _usage(self) -> tuple[int, int]:
+        return self.prompt_tokens, sum(len(seq.text.ids) for seq in self.seqs)
+
+    def _logprobs(self, seq: _Sequence, ids: list[int], lps: list) -> dict | None:
+        """The response's logprobs for ``ids`` (advances the completion text offset)."""
+        if self.spec.logprobs is None or not ids:
             return None
-        texts = [self.text.token_text(t) for t in event.token_ids]
-        if self.chat:
-            return chat_logprobs(texts, event.logprobs, self.text.token_text)
-        out = completion_logprobs(texts, event.logprobs, self._offset, self.text.token_text)
-        self._offset += sum(map(len, texts))
+        texts = [seq.text.token_text(t) for t in ids]
+        if self.spec.chat:
+            return chat_logprobs(texts, lps, seq.text.token_text)
+        out = completion_logprobs(texts, lps, seq.offset, seq.text.token_text)
+        seq.offset += sum(map(len, texts))
         return out
 
+    def _echo(self, i: int, seq: _Sequence) -> tuple[str, dict | None]:
+        """Sequence ``i``'s echoed prompt text and, when logprobs were asked for, its
+        prompt logprobs object."""
+        text = self.spec.echo_texts[i // self.spec.copies]
+        if self.spec.logprobs is None:
+            return text, None
+        prompt = seq.req.prompt
+        if seq.prompt_logprobs is None or len(seq.prompt_logprobs) != len(prompt):
+            raise ProtocolError(500, "the serving node did not return the prompt logprobs "
+                                     "that echo with logprobs needs", type="server_error")
+        return text, prompt_logprobs([seq.text.token_text(t) for t in prompt],
+                                     seq.prompt_logprobs, seq.text.token_text)
+
+    def _take(self, seq: _Sequence, event: Event) -> None:
+        if event.prompt_logprobs is not None:
+            seq.prompt_logprobs = event.prompt_logprobs
+
     async def whole(self) -> dict:
-        """Wait for the end; the complete response body (raises ``ProtocolError``)."""
-        all_lps: list = []
-        while True:
-            event = await self.next_event()
-            if event.error is not None:
-                raise event.error
-            self.text.add(event.token_ids)
-            all_lps += event.logprobs
-            if event.finished:
-                break
-        self.text.finish(event.text)
-        lps = self._logprobs(Event(self.text.ids, all_lps)) if self.text.ids else None
-        args = (self.id, self.model, self.created, self.text.sent, _finish(event),
-                len(self.req.prompt), len(self.text.ids), lps)
-        return chat_response(*args) if self.chat else completion_response(*args)
+        """Wait for every sequence; the complete response body (raises ``ProtocolError``).
+        Whatever is left running when it returns or raises is aborted."""
+        try:
+            live = len(self.seqs)
+            while live:
+                i, event = await self.events.get()
+                seq = self.seqs[i]
+                if event.error is not None:
+                    raise event.error
+                self._take(seq, event)
+                seq.text.add(event.token_ids)
+                seq.logprobs += event.logprobs
+                if event.finished:
+                    seq.finish = _finish(event)
+                    seq.text.finish(event.text)
+                    live -= 1
+            return self._whole_body()
+        finally:
+            self.abort()
+
+    def _whole_body(self) -> dict:
+        spec, choices = self.spec, []
+        for p in range(len(self.seqs) // spec.copies):
+            group = list(enumerate(self.seqs))[p * spec.copies:(p + 1) * spec.copies]
+            if spec.copies > spec.n:          # best_of: the n most likely, best first
+                group = sorted(group, key=lambda s: s[1].cumulative_logprob(),
+                               reverse=True)[:spec.n]
+            for j, (i, seq) in enumerate(group):
+                lps = self._logprobs(seq, seq.text.ids, seq.logprobs)
+                if spec.chat:
+                    choices.append(chat_choice(p * spec.n + j, seq.text.sent, seq.finish, lps))
+                    continue
+                text = seq.text.sent
+                if spec.echo_texts is not None:
+                    echo, echo_lps = self._echo(i, seq)
+                    text = echo + text
+                    lps = concat_logprobs(echo_lps, lps) if echo_lps is not None else lps
+                choices.append(completion_choice(p * spec.n + j, text, seq.finish, lps))
+        make = chat_response if spec.chat else completion_response
+        return make(self.id, self.model, self.created, choices, *self._usage())
 
     async def stream(self) -> AsyncIterator[bytes]:
-        """SSE events up to ``[DONE]``; the request is aborted if the client leaves."""
+        """SSE events up to ``[DONE]``; every sequence is aborted if the client leaves."""
         try:
-            first = True
-            while True:
-                event = await self.next_event()
+            live, failed = len(self.seqs), False
+            while live:
+                i, event = await self.events.get()
+                seq = self.seqs[i]
                 if event.finish_reason == "abort":
                     event.error = _aborted()
+                if event.error is None:
+                    try:
+                        chunk = self._stream_chunk(i, seq, event)
+                    except ProtocolError as exc:
+                        event.error = exc
                 if event.error is not None:
                     yield sse(event.error.body())
+                    failed = True
                     break
-                delta = self.text.end(event.token_ids, event.text) if event.finished \
-                    else self.text.add(event.token_ids)
-                if delta or event.finished or (event.token_ids and self.logprobs is not None):
-                    chunk = self._chunk(delta, _finish(event) if event.finished else None,
-                                        self._logprobs(event), first, event)
-                    first = False
+                if chunk is not None:
                     yield sse(chunk)
                 if event.sent_at is not None and event.token_ids:
                     self.d.metrics.router_overhead.labels(direction="egress").observe(
                         max(time.monotonic() - event.sent_at, 0.0))
-                if event.finished:
-                    if self.include_usage:
-                        make = chat_usage_chunk if self.chat else completion_usage_chunk
-                        yield sse(make(self.id, self.model, self.created, len(self.req.prompt),
-                                       len(self.text.ids)))
-                    break
+                live -= event.finished
+            if not failed and self.spec.include_usage:
+                make = chat_usage_chunk if self.spec.chat else completion_usage_chunk
+                yield sse(make(self.id, self.model, self.created, *self._usage()))
             yield SSE_DONE
         finally:
-            self.d.abort(self.req.rid)      # no-op once the request ended
+            self.abort()        # no-op for sequences that ended
 
-    def _chunk(self, delta: str, finish: str | None, lps: dict | None, first: bool,
-               event: Event) -> dict:
-        if self.chat:
+    def _stream_chunk(self, i: int, seq: _Sequence, event: Event) -> dict | None:
+        """The chunk for one event of sequence ``i`` (None when there is nothing to send)."""
+        self._take(seq, event)
+        echo, echo_lps = ("", None)
+        if seq.first and self.spec.echo_texts is not None:
+            echo, echo_lps = self._echo(i, seq)
+        delta = seq.text.end(event.token_ids, event.text) if event.finished \
+            else seq.text.add(event.token_ids)
+        lps = self._logprobs(seq, event.token_ids, event.logprobs)
+        if echo_lps is not None:
+            lps = concat_logprobs(echo_lps, lps)
+        if not (echo or delta or event.finished or lps is not None):
+            return None
+        finish = _finish(event) if event.finished else None
+        if self.spec.chat:
             chunk = chat_chunk(self.id, self.model, self.created, delta, finish, lps,
-                               role_first=first)
+                               role_first=seq.first, index=i)
         else:
-            chunk = completion_chunk(self.id, self.model, self.created, delta, finish, lps)
-        if self.timing:       # opt-in latency accounting (x-disagg-timing header)
-            chunk["disagg_timing"] = {"arrival": self.req.arrival, "ingress_s": self.req.ingress_s,
-                                      "dispatch_s": self.req.dispatch_s,
+            chunk = completion_chunk(self.id, self.model, self.created, echo + delta, finish,
+                                     lps, index=i)
+        seq.first = False
+        if self.spec.timing:      # opt-in latency accounting (x-disagg-timing header)
+            req = seq.req
+            chunk["disagg_timing"] = {"arrival": req.arrival, "ingress_s": req.ingress_s,
+                                      "dispatch_s": req.dispatch_s,
                                       "sent_at": event.sent_at if event.token_ids else None}
         return chunk
 

@@ -15,7 +15,7 @@ from .estimates import check_count, check_measure
 ROUTES = ("local", "remote")
 REASONS = ("cost_local_faster", "cost_remote_faster", "fully_cached", "no_prefill_node",
            "always_local", "always_remote", "below_threshold", "prefill_queue_full",
-           "above_threshold", "uncalibrated_default")
+           "above_threshold", "uncalibrated_default", "prompt_logprobs")
 
 
 @dataclass(frozen=True)

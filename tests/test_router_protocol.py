@@ -1,15 +1,25 @@
-"""Request validation of the OpenAI-compatible protocol layer (router.protocol)."""
+"""Request validation of the OpenAI-compatible protocol layer (router.protocol's pydantic
+models), from the raw JSON bytes as the app sees them."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from disagg.sampling_params import SamplingParams
-from router.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
-                             ProtocolError, check_context, check_model, check_prompt_token_ids,
-                             default_max_tokens, parse_chat_request, parse_completion_request)
+from router.errors import ProtocolError
+from router.model_limits import check_context, check_model, check_token_ids, default_max_tokens
+from router.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, parse_request
+
+
+def parse_completion_request(body) -> CompletionRequest:
+    return parse_request(json.dumps(body), chat=False)
+
+
+def parse_chat_request(body) -> ChatCompletionRequest:
+    return parse_request(json.dumps(body), chat=True)
 
 CMPL = {"model": "m", "prompt": "hello"}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -39,8 +49,10 @@ BAD_COMPLETIONS = [
     (dict(prompt=[1, -2, 3]), "prompt[1]"),
     (dict(prompt=[1, 2.0]), "prompt[1]"),
     (dict(prompt=[1, True]), "prompt[1]"),
-    (dict(prompt=["a", "b"]), "prompt"),
-    (dict(prompt=[[1], [2]]), "prompt"),
+    (dict(prompt=["a", ""]), "prompt[1]"),
+    (dict(prompt=[[1], []]), "prompt[1]"),
+    (dict(prompt=[[1], [2, -1]]), "prompt[1][1]"),
+    (dict(prompt=["a", 5]), "prompt[1]"),
     (dict(prompt={"text": "x"}), "prompt"),
     (dict(prompt=7), "prompt"),
     (dict(max_tokens="5"), "max_tokens"),
@@ -72,10 +84,33 @@ BAD_COMPLETIONS = [
     (dict(logprobs=21), "logprobs"),
     (dict(logprobs=-1), "logprobs"),
     (dict(logprobs=True), "logprobs"),
-    (dict(echo=True), "echo"),
     (dict(echo="no"), "echo"),
-    (dict(n=2), "n"),
+    (dict(n=0), "n"),
+    (dict(n=129), "n"),
     (dict(n=True), "n"),
+    (dict(n=2.0), "n"),
+    (dict(best_of=0), "best_of"),
+    (dict(best_of=21), "best_of"),
+    (dict(best_of=2, n=3), "best_of"),
+    (dict(best_of=2, stream=True), "best_of"),
+    (dict(suffix="x"), "suffix"),
+    (dict(tools=[{"type": "function"}]), "tools"),
+    (dict(tool_choice="auto"), "tool_choice"),
+    (dict(functions=[]), "functions"),
+    (dict(function_call="auto"), "function_call"),
+    (dict(parallel_tool_calls=False), "parallel_tool_calls"),
+    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(response_format={"type": "json_schema", "json_schema": {}}), "response_format"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(frequency_penalty="1"), "frequency_penalty"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(logit_bias={"a": 1}), "logit_bias"),
+    (dict(logit_bias={"-1": 1}), "logit_bias"),
+    (dict(logit_bias={"1.5": 1}), "logit_bias"),
+    (dict(logit_bias={"5": 101}), "logit_bias"),
+    (dict(logit_bias={"5": True}), "logit_bias"),
+    (dict(logit_bias=[5]), "logit_bias"),
     (dict(ignore_eos=1), "ignore_eos"),
     (dict(user=5), "user"),
 ]
@@ -102,23 +137,84 @@ def test_non_object_bodies(body):
 
 
 def test_messages_name_the_problem():
-    with pytest.raises(ProtocolError, match="one prompt per request"):
-        parse_completion_request(_with(CMPL, prompt=["a", "b"]))
-    with pytest.raises(ProtocolError, match="not supported"):
-        parse_completion_request(_with(CMPL, echo=True))
-    with pytest.raises(ProtocolError, match="n=1"):
-        parse_completion_request(_with(CMPL, n=2))
+    for changes, words in [(dict(tools=[]), "'tools' is not supported: tool calling"),
+                           (dict(suffix="!"), "'suffix' is not supported"),
+                           (dict(response_format={"type": "json_object"}), "'json_object'"),
+                           (dict(best_of=2, stream=True), "'best_of' cannot be used with"),
+                           (dict(max_tokens=0), "'max_tokens'"),
+                           (dict(logit_bias={"x": 1}), "key 'x' is not a token id")]:
+        with pytest.raises(ProtocolError, match=words):
+            parse_completion_request(_with(CMPL, **changes))
+
+
+@pytest.mark.parametrize("raw", ["{not json", b"\xff\xfe", "[" * 100_000,
+                                 '{"prompt": ' + "[" * 100_000, "{" * 50_000, ""])
+def test_invalid_and_absurdly_deep_json_is_a_400(raw):
+    for chat in (False, True):
+        with pytest.raises(ProtocolError) as info:
+            parse_request(raw, chat)
+        assert info.value.status == 400 and "JSON" in info.value.message
 
 
 def test_completion_defaults_and_sampling_params():
-    req = parse_completion_request(dict(CMPL, unknown_field=[1, 2], presence_penalty=0.5))
+    req = parse_completion_request(dict(CMPL, unknown_field=[1, 2], store=True))
     assert req == CompletionRequest(model="m", prompt="hello")
     assert (req.max_tokens, req.temperature, req.top_p, req.top_k) == (16, 1.0, 1.0, -1)
-    assert req.stop == () and req.include_usage is None and req.logprobs is None
-    params = SamplingParams(**req.sampling_kwargs())
+    assert req.stop == () and req.include_usage is False and req.logprobs is None
+    assert (req.n, req.copies, req.echo) == (1, 1, False)
+    params = req.sampling_params(req.requested_max_tokens)
     assert params.top_k == 0 and params.max_tokens == 16 and params.logprobs is None
-    with pytest.raises(AttributeError):
+    assert not params.has_penalties and params.prompt_logprobs is None
+    with pytest.raises(Exception):
         req.model = "other"                       # frozen
+
+
+def test_unknown_fields_are_logged_at_debug(caplog):
+    with caplog.at_level("DEBUG", logger="disagg.router"):
+        parse_completion_request(dict(CMPL, metadata={"a": 1}, store=False))
+    assert "ignoring unknown request fields: metadata, store" in caplog.text
+
+
+def test_n_copies_get_derived_seeds():
+    req = parse_completion_request(dict(CMPL, n=3, seed=2**64 - 2))
+    assert req.copies == 3
+    assert [req.sampling_params(4, i).seed for i in range(3)] == [2**64 - 2, 2**64 - 1, 0]
+    unseeded = parse_completion_request(dict(CMPL, n=2))
+    assert {unseeded.sampling_params(4, i).seed for i in range(2)} == {None}
+
+
+def test_best_of_asks_the_engine_for_logprobs_only_when_ranking():
+    req = parse_completion_request(dict(CMPL, n=2, best_of=4))
+    assert req.copies == 4 and req.response_logprobs is None
+    assert req.sampling_params(4).logprobs == 0              # ranked by cumulative logprob
+    assert parse_completion_request(dict(CMPL, best_of=2, logprobs=3)).sampling_params(4).logprobs == 3
+    assert parse_completion_request(dict(CMPL, n=2, best_of=2)).sampling_params(4).logprobs is None
+
+
+def test_several_prompts_and_echo():
+    req = parse_completion_request(dict(CMPL, prompt=[[1, 2], [3]], n=2, echo=True))
+    assert req.prompt == ((1, 2), (3,)) and req.copies == 2
+    assert req.sampling_params(4).prompt_logprobs is None     # echo without logprobs
+    req = parse_completion_request(dict(CMPL, prompt=["a", "b"], echo=True, logprobs=2))
+    params = req.sampling_params(4)
+    assert params.prompt_logprobs == 2 and params.logprobs == 2 and params.needs_local_prefill
+
+
+def test_penalties_and_logit_bias_reach_sampling_params():
+    req = parse_completion_request(dict(CMPL, presence_penalty=0.5, frequency_penalty=-2,
+                                        repetition_penalty=1.3, logit_bias={"7": -100, "3": 5}))
+    assert req.logit_bias == {7: -100.0, 3: 5.0}
+    params = req.sampling_params(4)
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (
+        0.5, -2.0, 1.3)
+    assert params.logit_bias == ((3, 5.0), (7, -100.0)) and params.has_penalties
+    assert parse_completion_request(dict(CMPL, logit_bias={})).sampling_params(4).logit_bias is None
+
+
+def test_accepted_but_harmless_fields():
+    req = parse_completion_request(dict(CMPL, response_format={"type": "text"},
+                                        tool_choice="none", tools=None))
+    assert req.response_format.type == "text"
 
 
 def test_completion_full_body():
@@ -126,9 +222,9 @@ def test_completion_full_body():
         model="m", prompt=[[5, 0, 7]], max_tokens=3, temperature=0, top_p=0.5, top_k=4,
         seed=2**64 - 1, stop="\n", stream=True, stream_options={"include_usage": True},
         logprobs=20, echo=False, n=1, ignore_eos=True, user="u", max_tokens_extra=None))
-    assert req.prompt == (5, 0, 7) and isinstance(req.temperature, float)
+    assert req.prompt == ((5, 0, 7),) and isinstance(req.temperature, float)
     assert req.stop == ("\n",) and req.include_usage is True
-    params = SamplingParams(**req.sampling_kwargs())
+    params = req.sampling_params(req.requested_max_tokens)
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k) == (3, 0.0, 0.5, 4)
     assert (params.seed, params.stop, params.ignore_eos, params.logprobs) == (
         2**64 - 1, ("\n",), True, 20)
@@ -136,14 +232,16 @@ def test_completion_full_body():
 
 
 @pytest.mark.parametrize("prompt,expected", [
-    ("x", "x"), (["x"], "x"), ([3], (3,)), ([[3, 4]], (3, 4))])
+    ("x", ("x",)), (["x"], ("x",)), ([3], ((3,),)), ([[3, 4]], ((3, 4),)),
+    (["x", "y"], ("x", "y")), ([[1], [2, 3]], ((1,), (2, 3)))])
 def test_prompt_forms(prompt, expected):
     assert parse_completion_request(_with(CMPL, prompt=prompt)).prompt == expected
 
 
 def test_nulls_mean_defaults():
     req = parse_completion_request(dict(CMPL, max_tokens=None, temperature=None, stop=None,
-                                        stream=None, n=None, logprobs=None, seed=None))
+                                        stream=None, n=None, logprobs=None, seed=None,
+                                        tools=None, suffix=None))
     assert req == CompletionRequest(model="m", prompt="hello")
 
 
@@ -157,8 +255,14 @@ BAD_CHATS = [
     (dict(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": 5}]),
      "messages[1].content"),
     (dict(messages=[{"role": "user"}]), "messages[0].content"),
-    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "x"}]}]),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
      "messages[0].content"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text"}]}]), "messages[0].content"),
+    (dict(messages=[{"role": "user", "content": []}]), "messages[0].content"),
+    (dict(messages=[{"role": "user", "content": None}]), "messages[0].content"),
+    (dict(messages=[{"role": "assistant", "content": "x", "tool_calls": []}]), "messages[0]"),
+    (dict(tools=[]), "tools"),
+    (dict(logprobs=5), "logprobs"),
     (dict(max_tokens="5"), "max_tokens"),
     (dict(max_completion_tokens=0), "max_completion_tokens"),
     (dict(max_tokens=4, max_completion_tokens=5), "max_completion_tokens"),
@@ -166,7 +270,7 @@ BAD_CHATS = [
     (dict(top_logprobs=3), "top_logprobs"),                  # without logprobs=true
     (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
     (dict(temperature=3), "temperature"),
-    (dict(n=2), "n"),
+    (dict(n=0), "n"),
     (dict(model=None), "model"),
 ]
 
@@ -183,23 +287,33 @@ def test_chat_valid_and_sampling_params():
     req = parse_chat_request(dict(CHAT, messages=[
         {"role": "system", "content": "be brief", "name": "x"},
         {"role": "user", "content": ""}, {"role": "assistant", "content": "ok"}],
-        max_completion_tokens=7, logprobs=True, top_logprobs=2, top_k=-1, stop=["a", "b"]))
+        max_completion_tokens=7, logprobs=True, top_logprobs=2, top_k=-1, stop=["a", "b"], n=2))
     assert isinstance(req, ChatCompletionRequest)
-    assert req.messages[0] == ChatMessage("system", "be brief") and len(req.messages) == 3
-    params = SamplingParams(**req.sampling_kwargs())
+    assert req.messages[0] == ChatMessage(role="system", content="be brief")
+    assert len(req.messages) == 3 and req.copies == 2
+    params = req.sampling_params(req.requested_max_tokens)
     assert (params.max_tokens, params.logprobs, params.top_k, params.stop) == (7, 2, 0, ("a", "b"))
-    assert parse_chat_request(dict(CHAT, max_tokens=9)).max_tokens == 9
-    assert SamplingParams(**parse_chat_request(
-        dict(CHAT, logprobs=True)).sampling_kwargs(100)).logprobs == 0
+    assert parse_chat_request(dict(CHAT, max_tokens=9)).requested_max_tokens == 9
+    assert parse_chat_request(dict(CHAT, logprobs=True)).sampling_params(100).logprobs == 0
 
 
-def test_chat_without_max_tokens_needs_a_default():
+def test_chat_content_parts_are_joined():
+    req = parse_chat_request(dict(CHAT, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]))
+    assert req.messages[0].content == "one\ntwo"
+    with pytest.raises(ProtocolError, match="type 'image_url'; only 'text' parts"):
+        parse_chat_request(dict(CHAT, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}]}]))
+    with pytest.raises(ProtocolError, match="type 'input_audio'"):
+        parse_chat_request(dict(CHAT, messages=[{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {}}]}]))
+
+
+def test_chat_without_max_tokens_takes_what_context_is_left():
     req = parse_chat_request(CHAT)
-    assert req.max_tokens is None and req.logprobs is False
-    with pytest.raises(ValueError, match="default_max_tokens"):
-        req.sampling_kwargs()
-    assert SamplingParams(**req.sampling_kwargs(default_max_tokens(10, 64))).max_tokens == 54
-    assert req.sampling_kwargs(5)["logprobs"] is None
+    assert req.requested_max_tokens is None and req.logprobs is False
+    assert req.sampling_params(default_max_tokens(10, 64)).max_tokens == 54
+    assert req.sampling_params(5).logprobs is None
 
 
 def test_check_context_messages():
@@ -226,10 +340,13 @@ def test_default_max_tokens():
 
 
 def test_token_id_range_and_model_checks():
-    check_prompt_token_ids((0, 255), 256)
+    check_token_ids((0, 255), 256)
     with pytest.raises(ProtocolError, match="token id 256 at position 1") as info:
-        check_prompt_token_ids((0, 256), 256)
+        check_token_ids((0, 256), 256)
     assert info.value.param == "prompt"
+    with pytest.raises(ProtocolError) as info:
+        check_token_ids([300], 256, "logit_bias")
+    assert info.value.param == "logit_bias"
     check_model("a", ["a", "b"])
     with pytest.raises(ProtocolError) as info:
         check_model("c", ["a", "b"])
@@ -244,7 +361,8 @@ _JSON = st.recursive(
     max_leaves=12)
 _FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
            "top_p", "top_k", "seed", "stop", "stream", "stream_options", "logprobs",
-           "top_logprobs", "echo", "n", "ignore_eos", "user"]
+           "top_logprobs", "echo", "n", "best_of", "ignore_eos", "user", "presence_penalty",
+           "frequency_penalty", "repetition_penalty", "logit_bias", "response_format", "tools"]
 
 
 @settings(max_examples=150, deadline=None)
@@ -259,4 +377,5 @@ def test_any_body_gives_a_request_or_a_protocol_error(body):
         except ProtocolError as err:
             assert err.status == 400 and isinstance(err.message, str)
         else:
-            SamplingParams(**req.sampling_kwargs(default_max_tokens=8))
+            for copy in range(req.copies):
+                req.sampling_params(8, copy)

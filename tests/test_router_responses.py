@@ -1,7 +1,8 @@
-"""Response builders, SSE framing and logprob converters (router.protocol re-exports).
+"""Response builders, SSE framing and logprob converters (router.openai_responses).
 
 The ``openai`` package's own pydantic types parse every builder's output,
-which is what proves an OpenAI client can read our responses.
+which is what proves an OpenAI client can read our responses; our OpenAPI
+response models (router.openapi_schema) must accept them too.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from disagg.engine.sampler import TokenLogprobs
-from router.protocol import (SSE_DONE, ProtocolError, chat_chunk, chat_logprobs, chat_response,
-                             chat_usage_chunk, completion_chunk, completion_logprobs,
-                             completion_response, completion_usage_chunk, new_request_id, sse,
-                             usage)
+from disagg.logprobs import TokenLogprobs
+from router import openapi_schema
+from router.errors import ProtocolError
+from router.openai_responses import (
+    SSE_DONE, chat_choice, chat_chunk, chat_logprobs, chat_response, chat_usage_chunk,
+    completion_choice, completion_chunk, completion_logprobs, completion_response,
+    completion_usage_chunk, concat_logprobs, new_request_id, prompt_logprobs, sse, usage)
 
 VOCAB = {1: " the", 2: " a", 3: "é", 4: " cat"}
 LPS = [TokenLogprobs(token_id=1, logprob=-0.1, top=[(1, -0.1), (2, -2.5)]),
@@ -72,8 +75,10 @@ def test_chat_logprobs_format():
 
 def test_completion_response_parses_with_openai():
     lp = completion_logprobs(TEXTS, LPS, 0, VOCAB.__getitem__)
-    d = completion_response("cmpl-1", "m", 1700000000, " theé", "length", 5, 2, logprobs=lp)
+    d = completion_response("cmpl-1", "m", 1700000000,
+                            [completion_choice(0, " theé", "length", lp)], 5, 2)
     obj = Completion.model_validate(json.loads(sse(d)[6:]))
+    openapi_schema.Completion.model_validate(d)
     assert obj.object == "text_completion" and obj.choices[0].text == " theé"
     assert obj.choices[0].finish_reason == "length" and obj.usage.total_tokens == 7
     assert obj.choices[0].logprobs.text_offset == [0, 4]
@@ -93,8 +98,9 @@ def test_completion_chunks_parse_with_openai():
 
 def test_chat_response_and_chunks_parse_with_openai():
     lp = chat_logprobs(TEXTS, LPS, VOCAB.__getitem__)
-    full = ChatCompletion.model_validate(chat_response("chatcmpl-1", "m", 2, "hi", "stop", 3, 1,
-                                                       logprobs=lp))
+    body = chat_response("chatcmpl-1", "m", 2, [chat_choice(0, "hi", "stop", lp)], 3, 1)
+    full = ChatCompletion.model_validate(body)
+    openapi_schema.ChatCompletion.model_validate(body)
     assert full.choices[0].message.role == "assistant" and full.choices[0].message.content == "hi"
     assert full.choices[0].logprobs.content[1].bytes == [0xC3, 0xA9]
     assert full.usage.prompt_tokens == 3
@@ -111,11 +117,42 @@ def test_chat_response_and_chunks_parse_with_openai():
 @pytest.mark.parametrize("reason", ["abort", None, "eos"])
 def test_builders_refuse_non_openai_finish_reasons(reason):
     with pytest.raises(ValueError, match="finish_reason"):
-        completion_response("c", "m", 1, "", reason, 1, 1)
+        completion_choice(0, "", reason)
     with pytest.raises(ValueError, match="finish_reason"):
-        chat_response("c", "m", 1, "", reason, 1, 1)
+        chat_choice(0, "", reason)
     if reason is not None:
         with pytest.raises(ValueError, match="finish_reason"):
             chat_chunk("c", "m", 1, "", finish_reason=reason)
         with pytest.raises(ValueError, match="finish_reason"):
             completion_chunk("c", "m", 1, "", finish_reason=reason)
+
+
+def test_several_choices_keep_their_index():
+    body = completion_response("c", "m", 1, [completion_choice(i, str(i), "stop") for i in range(3)],
+                               2, 3)
+    assert [c.index for c in Completion.model_validate(body).choices] == [0, 1, 2]
+    chunk = Completion.model_validate(dict(completion_chunk("c", "m", 1, "x", "stop", index=2)))
+    assert chunk.choices[0].index == 2
+    chat = ChatCompletionChunk.model_validate(chat_chunk("c", "m", 1, "x", index=1, role_first=True))
+    assert chat.choices[0].index == 1 and chat.choices[0].delta.role == "assistant"
+
+
+def test_echoed_prompt_logprobs_first_entry_null():
+    prompt_texts = [" the", " a", " cat"]
+    plps = [None, TokenLogprobs(2, -1.5, [(1, -0.5), (2, -1.5)]), TokenLogprobs(4, -0.2, [])]
+    echo = prompt_logprobs(prompt_texts, plps, VOCAB.__getitem__)
+    assert echo == {"tokens": prompt_texts, "token_logprobs": [None, -1.5, -0.2],
+                    "top_logprobs": [None, {" the": -0.5, " a": -1.5}, {" cat": -0.2}],
+                    "text_offset": [0, 4, 6]}
+    gen = completion_logprobs(TEXTS, LPS, 10, VOCAB.__getitem__)
+    both = concat_logprobs(echo, gen)
+    assert both["tokens"] == prompt_texts + TEXTS and both["text_offset"] == [0, 4, 6, 10, 14]
+    assert concat_logprobs(echo, None) is echo
+    body = completion_response("c", "m", 1, [completion_choice(0, " the a cat theé", "stop", both)],
+                               3, 2)
+    # openai's types say list[float], but OpenAI and vLLM send this null and the client
+    # does not validate; our schema says what we send
+    obj = openapi_schema.Completion.model_validate(body)
+    assert obj.choices[0].logprobs.token_logprobs[0] is None
+    with pytest.raises(ValueError, match="3 prompt token texts but 2"):
+        prompt_logprobs(prompt_texts, plps[:2], VOCAB.__getitem__)

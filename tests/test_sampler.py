@@ -146,7 +146,7 @@ def test_tiny_top_p_and_tiny_temperature_give_argmax():
     gens = [make_generator(i, "cpu") for i in range(4)]
     expected = logits.argmax(-1).tolist()
     sampler = Sampler()
-    for p in (SamplingParams(top_p=1e-6), SamplingParams(temperature=1e-3),
+    for p in (SamplingParams(top_p=1e-6), SamplingParams(top_p=5e-324), SamplingParams(temperature=1e-3),
               SamplingParams(temperature=1e-7)):
         for _ in range(20):
             assert sampler(logits, [p] * 4, gens).token_ids == expected

@@ -33,6 +33,8 @@ from typing import Any, Union
 
 import msgspec
 
+from disagg.logprobs import TokenLogprobs
+
 
 def logprobs_to_wire(lp) -> list | None:
     """A ``TokenLogprobs`` as ``[token_id, logprob, [[id, logprob], ...]]`` (or None)."""
@@ -43,7 +45,6 @@ def logprobs_to_wire(lp) -> list | None:
 
 def logprobs_from_wire(entry):
     """Inverse of :func:`logprobs_to_wire` (a ``TokenLogprobs``, or None)."""
-    from disagg.engine.sampler import TokenLogprobs
     if entry is None:
         return None
     token_id, logprob, top = entry

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from disagg.engine.request import Request
-from disagg.engine.sampler import TokenLogprobs
+from disagg.logprobs import TokenLogprobs
 
 ROWS_PER_PASS = 256
 """Rows whose full-vocabulary logits are materialised at once."""

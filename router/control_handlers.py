@@ -24,7 +24,8 @@ class ControlHandlers:
         self.d = dispatcher
         self._table = {m.Register: self.register, m.Heartbeat: self.heartbeat,
                        m.KVTarget: self.kv_target, m.FirstToken: self.first_token,
-                       m.KVSent: self.kv_sent, m.Tokens: self.tokens, m.Rejected: self.rejected}
+                       m.KVSent: self.kv_sent, m.Tokens: self.tokens,
+                       m.StepTokens: self.step_tokens, m.Rejected: self.rejected}
 
     def handle(self, node_id: str, msg, frame: bytes) -> None:
         """Dispatch one message from ``node_id`` (``frame`` is its encoding)."""
@@ -145,6 +146,15 @@ class ControlHandlers:
         req.kv_done = True
         self.d.metrics.kv_transfer_seconds.inc(msg.seconds)
         self.d.policy.observe_transfer(req.transfer_bytes, msg.seconds)
+
+    def step_tokens(self, node_id: str, msg: m.StepTokens, frame: bytes) -> None:
+        """One engine step's tokens: each item as if it had come alone (a failing item
+        is logged and the rest still delivered)."""
+        for item in msg.items:
+            try:
+                self.tokens(node_id, item, b"")
+            except Exception:            # a bug in one request must not starve the others
+                log.exception("error handling the tokens of %s", item.rid)
 
     def tokens(self, node_id: str, msg: m.Tokens, frame: bytes) -> None:
         """New tokens (and maybe the end) from the decode node."""

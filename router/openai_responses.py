@@ -1,7 +1,7 @@
 """OpenAI-shaped response bodies, stream chunks, SSE framing and logprobs.
 
-Everything returns plain dicts with OpenAI's field names, ready for
-``json.dumps`` or :func:`sse`. A whole response is ``*_response(...)`` over
+Everything returns plain dicts with OpenAI's field names, ready for a JSON
+encoder or :func:`sse`. A whole response is ``*_response(...)`` over
 ``*_choice(...)`` dicts (``index`` 0..k-1). A streamed response is
 ``sse(chunk)`` per piece of text of one choice (its ``index`` in the chunk),
 optionally ``sse(*_usage_chunk(...))`` when the client asked for
@@ -10,10 +10,11 @@ optionally ``sse(*_usage_chunk(...))`` when the client asked for
 
 from __future__ import annotations
 
-import json
 import math
 import uuid
 from typing import Any, Callable, Sequence
+
+import msgspec
 
 from disagg.logprobs import TokenLogprobs
 
@@ -35,10 +36,15 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+_JSON = msgspec.json.Encoder()
+
+
 def sse(obj: Any) -> bytes:
-    """One server-sent event: ``b"data: {json}\\n\\n"`` (compact UTF-8 JSON)."""
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return b"data: " + text.encode("utf-8") + b"\n\n"
+    """One server-sent event: ``b"data: {json}\\n\\n"`` (compact UTF-8 JSON, keys in
+    insertion order, by msgspec: ~10x faster than ``json.dumps``, which matters at one
+    event per token per stream). A NaN or infinity becomes ``null`` (still valid JSON;
+    logprobs are clamped to :data:`MIN_LOGPROB` before they get here)."""
+    return b"data: " + _JSON.encode(obj) + b"\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

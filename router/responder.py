@@ -159,35 +159,54 @@ class Responder:
         return make(self.id, self.model, self.created, choices, *self._usage())
 
     async def stream(self) -> AsyncIterator[bytes]:
-        """SSE events up to ``[DONE]``; every sequence is aborted if the client leaves."""
+        """SSE events up to ``[DONE]``; every sequence is aborted if the client leaves.
+
+        Each wakeup takes every event already queued (one engine step brings
+        one per sequence) and yields their chunks as one write; the last write
+        also carries the usage chunk and ``[DONE]``.
+        """
+        egress = self.d.metrics.router_overhead.labels(direction="egress")
         try:
             live, failed = len(self.seqs), False
-            while live:
-                i, event = await self.events.get()
-                seq = self.seqs[i]
-                if event.finish_reason == "abort":
-                    event.error = _aborted()
-                if event.error is None:
-                    try:
-                        chunk = self._stream_chunk(i, seq, event)
-                    except ProtocolError as exc:
-                        event.error = exc
-                if event.error is not None:
-                    yield sse(event.error.body())
-                    failed = True
-                    break
-                if chunk is not None:
-                    yield sse(chunk)
-                if event.sent_at is not None and event.token_ids:
-                    self.d.metrics.router_overhead.labels(direction="egress").observe(
-                        max(time.monotonic() - event.sent_at, 0.0))
-                live -= event.finished
-            if not failed and self.spec.include_usage:
-                make = chat_usage_chunk if self.spec.chat else completion_usage_chunk
-                yield sse(make(self.id, self.model, self.created, *self._usage()))
-            yield SSE_DONE
+            while live and not failed:
+                batch = [await self.events.get()]
+                while not self.events.empty():
+                    batch.append(self.events.get_nowait())
+                out, sent = [], []
+                for i, event in batch:
+                    chunk, error = self._chunk_or_error(i, event)
+                    if error is not None:
+                        out.append(sse(error.body()))
+                        failed = True
+                        break
+                    if chunk is not None:
+                        out.append(sse(chunk))
+                    if event.sent_at is not None and event.token_ids:
+                        sent.append(event.sent_at)
+                    live -= event.finished
+                if not live or failed:
+                    if not failed and self.spec.include_usage:
+                        make = chat_usage_chunk if self.spec.chat else completion_usage_chunk
+                        out.append(sse(make(self.id, self.model, self.created, *self._usage())))
+                    out.append(SSE_DONE)
+                if out:
+                    yield b"".join(out)
+                now = time.monotonic()
+                for at in sent:
+                    egress.observe(max(now - at, 0.0))
         finally:
             self.abort()        # no-op for sequences that ended
+
+    def _chunk_or_error(self, i: int, event: Event) -> tuple[dict | None, ProtocolError | None]:
+        """Sequence ``i``'s chunk for ``event``, or the error that ends the stream."""
+        if event.finish_reason == "abort":
+            event.error = _aborted()
+        if event.error is None:
+            try:
+                return self._stream_chunk(i, self.seqs[i], event), None
+            except ProtocolError as exc:
+                event.error = exc
+        return None, event.error
 
     def _stream_chunk(self, i: int, seq: _Sequence, event: Event) -> dict | None:
         """The chunk for one event of sequence ``i`` (None when there is nothing to send)."""

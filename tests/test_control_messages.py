@@ -31,6 +31,10 @@ SAMPLES = [
     m.Tokens("r1", [5, 6], 3, [LOGPROB, None], True, "stop", "héllo 日本", 16, "remote", 1.5, 1.0),
     m.Tokens("r1", [5], 1, [], False, None, None, 0, "", 1.5, None),
     m.Tokens("r1", [5], 1, [], False, None, None, 0, "", 1.5, None, [None, LOGPROB]),
+    m.StepTokens([m.Tokens("r1", [5], 1, [LOGPROB], False, None, None, 0, "", 1.5, 1.0,
+                           [None, LOGPROB]),
+                  m.Tokens("r2", [6, 7], 9, [], True, "length", "ab", 16, "local", 1.5, None)]),
+    m.StepTokens([]),
     m.Fallback("r1", "prefill node lost"),
     m.Abort("r1"),
     m.Rejected("r1", "prompt too long"),
@@ -43,8 +47,9 @@ def frame(**data) -> bytes:
 
 
 def fields_of(msg) -> dict:
-    """A message's fields as the dict that goes on the wire (without ``type``)."""
-    return msgspec.structs.asdict(msg)
+    """A message's fields as the dict that goes on the wire (without ``type``; nested
+    messages as their tagged maps)."""
+    return {k: v for k, v in msgpack.unpackb(encode(msg)).items() if k != "type"}
 
 
 def test_samples_cover_every_message_type():
@@ -150,7 +155,8 @@ ACCEPTS = {"str": {"str"}, "int": {"int"}, "float": {"int", "float"}, "bool": {"
            "list | None": ALL_LISTS | {"None"}, "dict[str, typing.Any]": {"dict", "strdict"},
            "dict[str, int | float]": {"dict"}, "str | None": {"str", "None"},
            "float | None": {"int", "float", "None"},
-           "list[list | None] | None": {"lists", "steps", "empty", "None"}}
+           "list[list | None] | None": {"lists", "steps", "empty", "None"},
+           "list[disagg.control.messages.Tokens]": {"empty"}}
 
 
 def type_name(t) -> str:
@@ -186,6 +192,19 @@ def test_named_wrong_types():
             decode(frame(type="Heartbeat", **{**beat, field: value}))
     with pytest.raises(ControlError):                     # bool is not a float either
         decode(frame(type="KVSent", rid="r", error=None, seconds=True))
+
+
+def test_step_tokens_items_are_checked_tokens():
+    step = fields_of(SAMPLES[SAMPLES.index(m.StepTokens([]))])
+    item = fields_of(m.Tokens("r1", [5], 1, [], False, None, None, 0, "", 1.5, None))
+    good = decode(frame(type="StepTokens", items=[{"type": "Tokens", **item}]))
+    assert good == m.StepTokens([m.Tokens(**item)])
+    for bad in ([{"type": "Abort", "rid": "r1"}],         # another message in the list
+                [{"type": "Tokens", **item, "output_len": "1"}],
+                [{"type": "Tokens", **{k: v for k, v in item.items() if k != "rid"}}],
+                {"type": "Tokens", **item}):              # not a list
+        with pytest.raises(ControlError, match=r"at `\$\.items"):
+            decode(frame(type="StepTokens", **{**step, "items": bad}))
 
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -100,10 +100,7 @@ def test_echo_with_logprobs_whole_and_streamed(dispatcher, tok):
         responder = Responder(dispatcher, reqs, tok, "m", spec)
         if not stream:
             return asyncio.run(responder.whole())
-
-        async def collect():
-            return [e async for e in responder.stream()]
-        return asyncio.run(collect())
+        return asyncio.run(_collect(responder))
 
     body = run(stream=False)
     Completion.model_validate(body)
@@ -131,7 +128,10 @@ def test_echo_with_logprobs_but_no_prompt_logprobs_is_a_server_error(dispatcher,
 
 
 async def _collect(responder: Responder) -> list[bytes]:
-    return [e async for e in responder.stream()]
+    """The stream's SSE events (one write may carry several)."""
+    writes = [w async for w in responder.stream()]
+    assert all(w.endswith(b"\n\n") for w in writes)
+    return [e + b"\n\n" for e in b"".join(writes).split(b"\n\n")[:-1]]
 
 
 def test_stream_interleaves_choices_with_their_index(dispatcher, tok):

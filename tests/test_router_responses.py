@@ -44,8 +44,10 @@ def test_sse_framing():
     assert SSE_DONE == b"data: [DONE]\n\n"
     err = ProtocolError(400, "bad", param="x")
     assert json.loads(sse(err.body())[6:])["error"]["param"] == "x"
-    with pytest.raises(ValueError):
-        sse({"x": float("nan")})                 # never emit invalid JSON
+    for bad in (float("nan"), float("inf"), -float("inf")):     # never emit invalid JSON
+        assert json.loads(sse({"x": bad})[6:]) == {"x": None}
+    assert sse({"s": "\u2028\x00\"", "k": {"日本": -0.5}}) == \
+        'data: {"s":"\u2028\\u0000\\"","k":{"日本":-0.5}}\n\n'.encode("utf-8")
 
 
 def test_completion_logprobs_format():

@@ -13,12 +13,16 @@ fields travel without codec changes.
 
 The request flows (``rid`` is the router's request id)::
 
-    local:   router ─Generate(remote=False)─▶ decode ─Tokens…─▶ router
+    local:   router ─Generate(remote=False)─▶ decode ─StepTokens…─▶ router
     remote:  router ─Generate(remote=True)──▶ decode ─KVTarget─▶ router
              router ─Prefill(target)────────▶ prefill ─FirstToken─▶ router ─FirstToken─▶ decode
-             prefill ═══ KV blocks (transport) ═══▶ decode ─Tokens…─▶ router
+             prefill ═══ KV blocks (transport) ═══▶ decode ─StepTokens…─▶ router
              prefill ─KVSent(error?)─▶ router   (an error → Fallback to the decode node)
     any:     router ─Abort─▶ node;   router ─Fallback─▶ decode (prefill node lost)
+
+A decode node sends one ``StepTokens`` per engine step, holding a ``Tokens``
+per request that got tokens (or ended) in that step: one frame, one receive
+and one wakeup on the router per step instead of one per request.
 
 Node life: ``Register`` → ``Registered``; ``Heartbeat`` every
 ``heartbeat_s``; a router that does not know a heartbeating node answers
@@ -194,6 +198,17 @@ class Tokens(ControlMessage):
     prompt_logprobs: list[list | None] | None = None
 
 
+class StepTokens(ControlMessage):
+    """Decode → router: every request's ``Tokens`` from one engine step (in output order).
+
+    Each item is a whole ``Tokens`` (its own ``sent_at``, the same for all of
+    one step); the router handles them one by one, exactly as if each had come
+    alone.
+    """
+
+    items: list[Tokens]
+
+
 class Fallback(ControlMessage):
     """Router → decode: the remote prefill failed; prefill this request locally."""
 
@@ -216,7 +231,7 @@ class Rejected(ControlMessage):
 
 MESSAGES = {cls.__name__: cls for cls in (
     Register, Registered, Refused, RegisterAgain, Heartbeat, Generate, KVTarget, Prefill, FirstToken,
-    KVSent, Tokens, Fallback, Abort, Rejected)}
+    KVSent, Tokens, StepTokens, Fallback, Abort, Rejected)}
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[tuple(MESSAGES.values())])

@@ -47,6 +47,9 @@ def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--cpus", default=env("DISAGG_CPUS"),
                    help="pin this node (and its TP ranks) to these cores, e.g. 0-3,8 "
                         "(env DISAGG_CPUS; default: no pinning)")
+    p.add_argument("--nice", type=int, default=env("DISAGG_NODE_NICE", "0"),
+                   help="raise this node's nice value by N (0-19) at start, so a router on "
+                        "the same cores gets the CPU first (env DISAGG_NODE_NICE; default 0)")
     p.add_argument("--heartbeat-s", type=float, default=0.5)
     p.add_argument("--log-level", default=env("DISAGG_LOG_LEVEL", "INFO"))
     add_engine_args(p)
@@ -64,6 +67,10 @@ def run_node(a: argparse.Namespace, role: str) -> int:
         raise ValueError("no router address: pass --router tcp://HOST:PORT or set DISAGG_ROUTER")
     if not a.router.startswith(("tcp://", "ipc://")):
         raise ValueError(f"--router must be a tcp:// or ipc:// address, got {a.router!r}")
+    if not 0 <= a.nice <= 19:
+        raise ValueError(f"--nice must be in 0..19, got {a.nice}")
+    if a.nice:          # before any thread (torch's, ZeroMQ's) or TP rank exists: all inherit it
+        os.nice(a.nice)
     if role == "decode":
         from decode_node.handler import DecodeHandler as handler_cls
     else:

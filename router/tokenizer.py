@@ -11,20 +11,17 @@ adding special tokens, so the ids equal ``AutoTokenizer``'s. Not applied:
 transformers' ``clean_up_tokenization_spaces`` (off by default; transformers
 itself ignores it for BPE tokenizers).
 
-Tokenizing a long prompt takes milliseconds, so the HTTP handlers call
-:meth:`RouterTokenizer.encode_async` / :meth:`RouterTokenizer.chat_async`,
-which run on a small worker pool: ``tokenizers`` releases the GIL inside
-``encode_batch`` (plain ``encode`` holds it), so the event loop keeps serving
-streams meanwhile.
+Tokenizing a long prompt takes milliseconds, so the HTTP handlers run long
+prompts through these methods in a worker thread (``router/app.py``): ``encode``
+goes through ``encode_batch``, inside which ``tokenizers`` releases the GIL (plain
+``Tokenizer.encode`` holds it and would freeze the event loop anyway).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -46,18 +43,15 @@ class RouterTokenizer:
     """Encode, chat-template and decode for the router (see the module docstring)."""
 
     def __init__(self, tokenizer: Tokenizer, chat_template: str | None,
-                 special_tokens: dict[str, str], workers: int = 2) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers!r}")
+                 special_tokens: dict[str, str]) -> None:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens)
         self._template = _compile(chat_template) if chat_template else None
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenizer")
         self._token_texts: dict[int, str] = {}
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, workers: int = 2) -> "RouterTokenizer":
+    def from_dir(cls, model_dir: str | Path) -> "RouterTokenizer":
         """Load ``model_dir``'s tokenizer (ValueError when it ships no ``tokenizer.json``)."""
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
@@ -70,7 +64,7 @@ class RouterTokenizer:
         jinja_file = model_dir / "chat_template.jinja"
         template = jinja_file.read_text() if jinja_file.is_file() else \
             _config_template(config.get("chat_template"))
-        return cls(Tokenizer.from_file(str(path)), template, specials, workers)
+        return cls(Tokenizer.from_file(str(path)), template, specials)
 
     # ---- encoding (call the async forms from the event loop) -------------
     def encode(self, text: str) -> list[int]:
@@ -90,16 +84,6 @@ class RouterTokenizer:
                             add_generation_prompt: bool = True) -> list[int]:
         """The token ids of ``messages`` through the chat template."""
         return self.encode(self.render_chat(messages, add_generation_prompt))
-
-    async def encode_async(self, text: str) -> list[int]:
-        """:meth:`encode` on the worker pool."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.encode, text)
-
-    async def chat_async(self, messages: list[dict],
-                         add_generation_prompt: bool = True) -> list[int]:
-        """:meth:`apply_chat_template` on the worker pool."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, self.apply_chat_template, messages, add_generation_prompt)
 
     # ---- decoding ---------------------------------------------------------
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
@@ -121,12 +105,8 @@ class RouterTokenizer:
         """The id of the vocabulary entry ``token`` (None if absent)."""
         return self.tokenizer.token_to_id(token)
 
-    def close(self) -> None:
-        """Stop the worker pool."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
-
-def load_router_tokenizer(model: str, workers: int = 2) -> RouterTokenizer:
+def load_router_tokenizer(model: str) -> RouterTokenizer:
     """The tokenizer of ``model`` (a name as ``--model`` takes it), without loading torch.
 
     The embedded model is converted on its first use anywhere; if the router is
@@ -138,7 +118,7 @@ def load_router_tokenizer(model: str, workers: int = 2) -> RouterTokenizer:
         done = subprocess.run([sys.executable, "-c", code])
         if done.returncode != 0:
             raise RuntimeError(f"converting the embedded model failed (exit {done.returncode})")
-    return RouterTokenizer.from_dir(resolve_model_dir(model), workers)
+    return RouterTokenizer.from_dir(resolve_model_dir(model))
 
 
 def _read_json(path: Path) -> dict:

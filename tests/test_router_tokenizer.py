@@ -111,24 +111,23 @@ def test_without_a_template_or_tokenizer(custom_dir, tmp_path):
         bare.apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="no tokenizer.json"):
         RouterTokenizer.from_dir(tmp_path / "missing")
-    with pytest.raises(ValueError, match="workers"):
-        RouterTokenizer.from_dir(tmp_path, workers=0)
 
 
-def test_async_forms_leave_the_event_loop_free(tok):
-    """A long prompt tokenizes on the pool while the loop keeps ticking (plain
-    ``Tokenizer.encode`` would hold the GIL and freeze the loop meanwhile)."""
+def test_tokenizing_in_a_thread_leaves_the_event_loop_free(tok):
+    """A long prompt tokenizes in a worker thread (as router/app.py does for long
+    prompts) while the loop keeps ticking (plain ``Tokenizer.encode`` would hold the
+    GIL and freeze the loop meanwhile)."""
     text = "The café costs 5€ — naïve 日本語 🎉 done. " * 3000
 
     async def main():
         ticks = 0
-        task = asyncio.ensure_future(tok.encode_async(text))
+        task = asyncio.ensure_future(asyncio.to_thread(tok.encode, text))
         t0 = time.monotonic()
         while not task.done():
             await asyncio.sleep(0.001)
             ticks += 1
         elapsed = time.monotonic() - t0
-        chat = await tok.chat_async(CHATS[1])
+        chat = await asyncio.to_thread(tok.apply_chat_template, CHATS[1])
         return await task, ticks, elapsed, chat
 
     ids, ticks, elapsed, chat = asyncio.run(main())

@@ -247,3 +247,10 @@ def test_fuzz_valid_fields_random_values(msg, data):
     got = decode_or_refuse(frame(type=type(msg).__name__, **body))
     if got is not None:
         assert type(got) is type(msg)
+
+
+def test_strings_that_are_not_utf8_are_control_errors():
+    """msgspec raises UnicodeDecodeError for them, not DecodeError."""
+    good = encode(m.Abort("rid-x"))
+    with pytest.raises(ControlError):
+        decode(good.replace(b"rid-x", b"rid-\xb9"))

@@ -208,3 +208,17 @@ def test_good_transfer_after_fuzzing(live):
     assert isinstance(reply, Ack) and reply.ready is True
     assert rx.pop_ready() == {"req"} and rx.pending_request_ids() == set()
     assert bool((pool[2][7] == torch.frombuffer(bytearray(bytes([7]) * 4), dtype=torch.float32)).all())
+
+
+def test_strings_that_are_not_utf8_are_decode_errors():
+    """msgspec raises UnicodeDecodeError (not DecodeError) for such strings; found by the
+    receiver fuzz test, where it escaped the ERROR reply and left a transfer expected."""
+    bad = encode(good_msg(request_id="req-x")).replace(b"req-x", b"req-\xb9")
+    with pytest.raises(WireError) as info:
+        decode_header(bad)
+    assert info.value.code == ErrorCode.DECODE
+    assert header_ids(bad) == ("", "", -1)
+    odd_key = msgpack.packb({"v": WIRE_VERSION, b"\xb9": 1}, use_bin_type=False)
+    with pytest.raises(WireError):
+        decode_header(odd_key)
+    assert header_ids(odd_key) == ("", "", -1)

@@ -248,5 +248,7 @@ def decode(frame: bytes) -> ControlMessage:
     """The message in ``frame``; :class:`ControlError` if it is malformed."""
     try:
         return _DECODER.decode(frame)
-    except msgspec.DecodeError as exc:     # ValidationError included: wrong shape or type
+    # ValidationError is a DecodeError (wrong shape or type); msgspec raises
+    # UnicodeDecodeError for a string that is not UTF-8.
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ControlError(f"malformed control frame: {exc}") from None

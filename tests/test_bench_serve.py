@@ -1,0 +1,173 @@
+"""``disagg bench serve``: flags and their checks, the summary and ratios on results shaped
+like ``vllm bench serve``'s saved JSON, the missing-peer error, and (where ``make peers``
+has run) one real run of vLLM's client against ``disagg serve``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from disagg.bench.serve import (METRICS, add_serve_bench_args, best_run, check_args,
+                                client_args, ratios, run_serve_bench, server_command,
+                                summarize)
+from disagg.cli import build_parser, main
+from tests.conftest import needs_smollm2
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER_PY = ROOT / ".peers" / "vllm" / "bin" / "python"
+PEER_CLIENT = next((ROOT / ".peers" / "vllm" / "lib").glob("python3*/site-packages/vllm/"
+                                                           "benchmarks/serve.py"), None) \
+    if (ROOT / ".peers" / "vllm" / "lib").is_dir() else None
+needs_peer = pytest.mark.skipif(not PEER_PY.exists() or PEER_CLIENT is None,
+                                reason="no vLLM peer environment (.peers/vllm): `make peers`")
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    """Parsed flags; a ``--*-serve-args`` value is joined with ``=`` (argparse takes a
+    separate value that starts with ``--`` for a flag, as it would on the command line)."""
+    words = list(argv)
+    for i, w in enumerate(words[:-1]):
+        if w.endswith("-serve-args"):
+            words[i:i + 2] = [f"{w}={words[i + 1]}", ""]
+    p = argparse.ArgumentParser()
+    add_serve_bench_args(p)
+    return p.parse_args([w for w in words if w])
+
+
+def _saved(throughput: float, ttft: float, tpot: float, failed: int = 0) -> dict:
+    """A result as ``vllm bench serve --save-result`` writes it (default percentiles 99)."""
+    return {"date": "20261129-060000", "backend": "vllm", "endpoint_type": "vllm",
+            "num_prompts": 10, "request_rate": 2.0, "burstiness": 1.0, "max_concurrency": None,
+            "duration": 10 / throughput, "completed": 10 - failed, "failed": failed,
+            "total_input_tokens": 1280, "total_output_tokens": 160,
+            "request_throughput": throughput, "request_goodput": None,
+            "output_throughput": 16 * throughput, "total_token_throughput": 144 * throughput,
+            "mean_ttft_ms": ttft, "median_ttft_ms": ttft, "std_ttft_ms": 1.0,
+            "p99_ttft_ms": 2 * ttft, "mean_tpot_ms": tpot, "median_tpot_ms": tpot,
+            "std_tpot_ms": 1.0, "p99_tpot_ms": 2 * tpot, "mean_itl_ms": tpot,
+            "median_itl_ms": tpot, "std_itl_ms": 1.0, "p99_itl_ms": 3 * tpot,
+            "mean_e2el_ms": ttft + 15 * tpot, "median_e2el_ms": ttft + 15 * tpot,
+            "std_e2el_ms": 1.0, "p99_e2el_ms": 2 * (ttft + 15 * tpot)}
+
+
+def test_flags_defaults_and_parsing():
+    a = _args()
+    assert (a.rates, a.num_prompts, a.input_len, a.output_len, a.servers, a.repeats) == \
+        ((1.0, 2.0, 4.0), 60, 256, 64, ("vllm", "disagg"), 1)
+    a = _args("--rates", "0.5, 2,2,inf", "--servers", "disagg-local,disagg,disagg-remote")
+    assert a.rates == (0.5, 2.0, float("inf"))
+    assert a.servers == ("disagg-local", "disagg", "disagg-remote")
+    sub = build_parser().parse_args(["bench", "serve", "--rates", "2", "--json"])
+    assert sub.rates == (2.0,) and sub.json and sub.func.__name__ == "_cmd_bench_serve"
+
+
+@pytest.mark.parametrize("flag,value", [("--rates", "0"), ("--rates", "a,b"), ("--rates", ","),
+                                        ("--rates", "nan"), ("--servers", "sglang"),
+                                        ("--servers", "vllm,tgi")])
+def test_bad_lists_are_refused_by_the_parser(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "serve", flag, value])
+    assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (("--num-prompts", "0"), "--num-prompts"), (("--repeats", "0"), "--repeats"),
+    (("--output-len", "-1"), "--output-len"), (("--client-timeout-s", "0"), "client-timeout"),
+    (("--servers", "disagg", "--peer-url", "http://127.0.0.1:1"), "add vllm"),
+    (("--peer-url", "127.0.0.1:8000"), "http"),
+    (("--disagg-serve-args", "--port 9000"), "--port"),
+    (("--disagg-serve-args", "--policy=local"), "disagg-local"),
+    (("--vllm-serve-args", "--model x"), "--model"),
+    (("--vllm-serve-args", "--dtype bfloat16"), "--dtype")])
+def test_bad_flags_are_refused_before_anything_starts(argv, match):
+    with pytest.raises(ValueError, match=match):
+        check_args(_args(*argv))
+    with pytest.raises(ValueError, match=match):      # run_serve_bench checks first
+        run_serve_bench(_args(*argv, "--vllm-python", "/nonexistent/python"))
+
+
+def test_server_commands_and_one_client_command_for_all():
+    a = _args("--disagg-serve-args", "--max-num-seqs 8", "--vllm-serve-args", "--max-num-seqs 8")
+    model = Path("/m")
+    cmd, env = server_command("vllm", a, 1234, model, "M", Path("/peer/python"))
+    assert cmd[:3] == ["/peer/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.5"
+    assert cmd[cmd.index("--served-model-name") + 1] == "M" and cmd[-2:] == ["--max-num-seqs", "8"]
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    for side, policy in (("disagg", None), ("disagg-local", "local"), ("disagg-remote", "remote")):
+        cmd, env = server_command(side, a, 1234, model, "M", Path("/peer/python"))
+        assert cmd[1:4] == ["-m", "disagg.cli", "serve"] and env == {}
+        assert cmd[cmd.index("--port") + 1] == "1234" and cmd[cmd.index("--dtype") + 1] == "float32"
+        assert ("--policy" in cmd) == (policy is not None)
+        if policy:
+            assert cmd[-2:] == ["--policy", policy]
+    args = client_args(a, model, "M", 2.0)
+    assert args[args.index("--request-rate") + 1] == "2"
+    assert args[args.index("--backend") + 1] == "vllm" and "--ignore-eos" in args
+    assert "--base-url" not in args     # the only per-server part, added per run
+
+
+def test_summary_best_run_and_ratios_on_saved_results():
+    vllm_runs = [summarize(_saved(1.5, 100.0, 50.0)), summarize(_saved(1.8, 120.0, 40.0))]
+    best = best_run(vllm_runs)
+    assert best["request_throughput"] == 1.8 and best["ttft_p50_ms"] == 120.0
+    assert set(best) == set(METRICS.values()) and best["ttft_p99_ms"] == 240.0
+    assert best["completed"] == 10 and best["failed"] == 0 and best["itl_p50_ms"] == 40.0
+    assert best_run([]) is None and best_run([summarize(_saved(1.0, 1, 1) | {
+        "request_throughput": 0.0})]) is None
+    results = {"vllm": {"2": best, "4": None},
+               "disagg": {"2": summarize(_saved(2.7, 60.0, 20.0)),
+                          "4": summarize(_saved(3.0, 80.0, 30.0))},
+               "disagg-local": {"2": summarize(_saved(2.7, 30.0, 40.0)), "4": None}}
+    r = ratios(results, ["2", "4"])
+    assert set(r["2"]) == {"disagg/vllm", "disagg-local/vllm", "disagg/disagg-local"}
+    d = r["2"]["disagg/vllm"]
+    assert d["request_throughput"] == 1.5 and d["output_throughput"] == 1.5
+    assert d["ttft_p50_ms"] == 0.5 and d["ttft_p99_ms"] == 0.5 and d["tpot_p50_ms"] == 0.5
+    assert d["itl_p50_ms"] == 0.5
+    assert r["2"]["disagg/disagg-local"]["ttft_p50_ms"] == 2.0
+    assert all(v is None for v in r["4"]["disagg/vllm"].values())    # vllm had no run at 4
+    assert ratios({"disagg": results["disagg"]}, ["2"]) == {"2": {}}
+
+
+@needs_peer
+def test_metric_names_are_the_ones_vllms_client_writes():
+    """Our METRICS keys against the real client source: plain keys literally, the
+    percentile ones from its ``f"median_{name}_ms"`` / ``f"p{p_word}_{name}_ms"``."""
+    source = PEER_CLIENT.read_text()
+    assert 'result[f"median_{metric_attribute_name}_ms"]' in source
+    assert 'result[f"p{p_word}_{metric_attribute_name}_ms"]' in source
+    for key in METRICS:
+        if not key.startswith(("median_", "p99_")):
+            assert f'"{key}":' in source, key
+
+
+def test_missing_peer_env_is_one_line_naming_make_peers(tmp_path, capsys):
+    rc = main(["bench", "serve", "--rates", "2", "--vllm-python", str(tmp_path / "no" / "python")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "make peers" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+@needs_smollm2
+@needs_peer
+def test_vllm_client_against_disagg_serve_end_to_end(tmp_path, capsys):
+    """The real client against the real ``disagg serve``, in its default and local modes."""
+    out = tmp_path / "serve.json"
+    rc = main(["bench", "serve", "--servers", "disagg,disagg-local", "--rates", "4",
+               "--num-prompts", "4", "--input-len", "32", "--output-len", "4",
+               "--disagg-serve-args=--kv-cache-memory 64MiB", "--out", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report == json.loads(out.read_text()) and report["ok"], report
+    assert report["run_order"] == ["disagg", "disagg-local"] and report["rates"] == ["4"]
+    for side in ("disagg", "disagg-local"):
+        got = report["results"][side]["4"]
+        assert got["completed"] == 4 and got["failed"] == 0, got
+        assert got["request_throughput"] > 0 and got["ttft_p50_ms"] > 0 and got["itl_p50_ms"] > 0
+        assert "--policy local" in report["servers"]["disagg-local"]["command"]
+    assert report["ratios"]["4"]["disagg/disagg-local"]["request_throughput"] > 0
+    runs = Path(report["runs_dir"])
+    assert (runs / "disagg-rate4-r0.json").exists() and (runs / "disagg-r0-server.log").exists()

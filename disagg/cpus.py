@@ -1,5 +1,6 @@
-"""Which CPU cores a process may use, pinning to a set of them, and what the
-cores can compute natively (torch-free).
+"""Which CPU cores a process may use, pinning to a set of them, what the
+cores can compute natively, and what a node reports of its compute at
+registration (torch-free, unless a node runs on CUDA).
 
 ``--cpus`` flags take Linux's list syntax (``0-3,8``). Pinning sets the
 affinity mask, which child processes (TP ranks) inherit; thread counts then
@@ -31,6 +32,19 @@ def parse_cpus(text: str) -> set[int]:
             raise ValueError(f"--cpus range {part.strip()!r} is empty or negative")
         cpus.update(range(first, last + 1))
     return cpus
+
+
+def format_cpus(cpus) -> str:
+    """``{0, 1, 2, 3, 8}`` → ``"0-3,8"`` (the inverse of :func:`parse_cpus`)."""
+    parts: list[str] = []
+    ordered = sorted(set(cpus))
+    start = 0
+    for i, cpu in enumerate(ordered):
+        if i + 1 == len(ordered) or ordered[i + 1] != cpu + 1:
+            first = ordered[start]
+            parts.append(str(first) if first == cpu else f"{first}-{cpu}")
+            start = i + 1
+    return ",".join(parts)
 
 
 def pin_to_cpus(text: str) -> None:
@@ -76,3 +90,45 @@ def has_native_bf16(flags: set[str] | None = None) -> bool:
     """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX)."""
     flags = cpu_flags() if flags is None else flags
     return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str:
+    """This kernel's boot id: one per machine and boot, the same in every container
+    of the machine ("" where unknown)."""
+    try:
+        with open(BOOT_ID_PATH, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def gpu_ids(device: str, tp: int) -> list[str]:
+    """The GPUs a node's ranks compute on (empty on CPU): each GPU's UUID, or
+    ``cuda:N@BOOT_ID`` where torch does not expose it. Rank r of a TP > 1 node
+    uses ``cuda:r`` (as ``ModelRunner`` does); imports torch only for CUDA."""
+    if not device.startswith("cuda"):
+        return []
+    import torch
+
+    if tp > 1:
+        indices = list(range(tp))
+    else:
+        index = device.partition(":")[2]
+        indices = [int(index) if index else torch.cuda.current_device()]
+    ids = []
+    for i in indices:
+        uuid = getattr(torch.cuda.get_device_properties(i), "uuid", None)
+        ids.append(f"GPU-{uuid}" if uuid is not None else f"cuda:{i}@{boot_id()}")
+    return ids
+
+
+def compute_report(device: str, tp: int) -> dict:
+    """What a node tells the router about its compute (``Register``'s ``boot_id``,
+    ``cpus``, ``device`` and ``gpus`` fields), measured in the node process after
+    any ``--cpus`` pinning."""
+    return {"boot_id": boot_id(), "cpus": usable_cpus(),
+            "device": "cuda" if device.startswith("cuda") else "cpu",
+            "gpus": gpu_ids(device, tp)}

@@ -11,6 +11,16 @@ prints one ready line with the OpenAI base URL, then supervises them:
   rest, exit 1.
 - start-up fails: say why, stop whatever started, exit 2.
 
+Layout (:func:`plan_layout`, printed at start-up, one line per process): the
+router is never pinned. The usable cores are split between the nodes, in
+proportion to their TP degrees (prefill gets the lower cores, rounded down,
+decode the rest), when that leaves each node at least
+``MIN_CORES_PER_RANK`` cores per TP rank; on a smaller machine (2 cores) the
+nodes are not pinned and share every core. Either way the nodes report their
+CPU sets at registration, so the router's cost model knows when a remote
+prefill competes with the decode node for its cores. ``--prefill-cpus`` /
+``--decode-cpus`` override the rule (a core list, or ``all`` = not pinned).
+
 Multi-machine deployments start the roles one by one instead
 (``scripts/launch_router.sh``, ``launch_prefill.sh``, ``launch_decode.sh``).
 """
@@ -24,8 +34,10 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from disagg.cluster import ClusterConfig, LocalCluster
+from disagg.cpus import format_cpus, parse_cpus, usable_cpus
 from disagg.engine_args import add_dtype_arg, add_kv_transport_arg
 from router.policy import add_policy_arg
 
@@ -56,6 +68,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="requests in flight before new ones get 429")
     p.add_argument("--startup-timeout-s", type=float, default=180.0,
                    help="give up if the nodes have not registered by then")
+    g = p.add_argument_group("process layout (default: split the cores between the nodes "
+                             "when each gets >= 2 per TP rank, else share them all)")
+    g.add_argument("--prefill-cpus", default=None, metavar="CPUS",
+                   help="cores of the prefill node, e.g. 0-3 ('all' = not pinned; "
+                        "default: the layout rule, or the cores --decode-cpus leaves)")
+    g.add_argument("--decode-cpus", default=None, metavar="CPUS",
+                   help="cores of the decode node, e.g. 4-7 ('all' = not pinned; "
+                        "default: the layout rule, or the cores --prefill-cpus leaves)")
     g = p.add_argument_group("engine flags passed to both nodes")
     g.add_argument("--kv-cache-memory", default=None, help="KV cache budget per rank, e.g. 512MiB")
     g.add_argument("--max-num-seqs", type=int, default=None)
@@ -63,8 +83,96 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda[:N]")
 
 
-def cluster_config_from_args(a: argparse.Namespace) -> ClusterConfig:
-    """The :class:`ClusterConfig` for parsed ``add_serve_args`` flags (``ValueError`` if bad)."""
+MIN_CORES_PER_RANK = 2     # fewer, and a node's loop / ZeroMQ / heartbeat threads fight its compute
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The cores ``disagg serve``'s nodes are pinned to (``None`` = not pinned:
+    every usable core) out of ``usable``."""
+
+    usable: tuple[int, ...]
+    prefill: tuple[int, ...] | None
+    decode: tuple[int, ...] | None
+
+    def __post_init__(self) -> None:
+        for role in ("prefill", "decode"):
+            pinned = getattr(self, role)
+            if pinned is not None and (not pinned or not set(pinned) <= set(self.usable)):
+                raise ValueError(f"{role} cores {pinned} must be a non-empty subset of the "
+                                 f"usable cores {self.usable}")
+
+    def cores(self, role: str) -> tuple[int, ...]:
+        """The cores ``role`` ("router", "prefill", "decode") may run on."""
+        pinned = {"router": None, "prefill": self.prefill, "decode": self.decode}[role]
+        return self.usable if pinned is None else pinned
+
+    def shared(self) -> tuple[int, ...]:
+        """The cores both nodes may run on."""
+        return tuple(sorted(set(self.cores("prefill")) & set(self.cores("decode"))))
+
+    def node_args(self, role: str) -> tuple[str, ...]:
+        """The ``--cpus`` flag for ``role``'s node (none when not pinned)."""
+        pinned = self.prefill if role == "prefill" else self.decode
+        return () if pinned is None else ("--cpus", format_cpus(pinned))
+
+    def describe(self) -> list[str]:
+        """One line per process with its cores, then what the nodes share."""
+        lines = []
+        for role, name in (("router", "router"), ("prefill", "prefill-0"), ("decode", "decode-0")):
+            pinned = role != "router" and getattr(self, role) is not None
+            lines.append(f"{name:<9} cores {format_cpus(self.cores(role))}"
+                         f"{'' if pinned else ' (not pinned)'}")
+        shared = self.shared()
+        if shared:
+            lines.append(f"nodes share cores {format_cpus(shared)}: the router's cost model knows "
+                         "(remote prefill only pays when the decode node is saturated)")
+        else:
+            lines.append("nodes on disjoint cores: a remote prefill does not slow the decode node")
+        return lines
+
+
+def _cpus_flag(flag: str, text: str | None, usable: tuple[int, ...]) -> tuple[int, ...] | None | str:
+    """A ``--*-cpus`` value: its cores, None for "all", or "unset"."""
+    if text is None:
+        return "unset"
+    if text.strip() == "all":
+        return None
+    cores = parse_cpus(text)
+    if not cores <= set(usable):
+        raise ValueError(f"{flag} {text}: cores {format_cpus(cores - set(usable))} are not "
+                         f"usable here (usable: {format_cpus(usable)})")
+    return tuple(sorted(cores))
+
+
+def plan_layout(usable, prefill_tp: int = 1, decode_tp: int = 1, prefill_cpus: str | None = None,
+                decode_cpus: str | None = None) -> Layout:
+    """Which cores each node gets (the rule is in the module docstring; ``ValueError``
+    for a flag naming unusable cores, or leaving the other node none)."""
+    usable = tuple(sorted(set(usable)))
+    for name, tp in (("prefill_tp", prefill_tp), ("decode_tp", decode_tp)):
+        if not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {tp!r}")
+    pre = _cpus_flag("--prefill-cpus", prefill_cpus, usable)
+    dec = _cpus_flag("--decode-cpus", decode_cpus, usable)
+    if pre == "unset" and dec == "unset":
+        n_pre = len(usable) * prefill_tp // (prefill_tp + decode_tp)
+        if (n_pre >= MIN_CORES_PER_RANK * prefill_tp
+                and len(usable) - n_pre >= MIN_CORES_PER_RANK * decode_tp):
+            return Layout(usable, usable[:n_pre], usable[n_pre:])
+        return Layout(usable, None, None)
+    if pre == "unset" or dec == "unset":        # one given: the other gets what it leaves
+        given, flag = (dec, "--decode-cpus") if pre == "unset" else (pre, "--prefill-cpus")
+        rest = None if given is None else tuple(c for c in usable if c not in given)
+        if rest == ():
+            raise ValueError(f"{flag} takes every usable core, none left for the other node")
+        pre, dec = (rest, given) if pre == "unset" else (given, rest)
+    return Layout(usable, pre, dec)
+
+
+def cluster_config_from_args(a: argparse.Namespace, layout: Layout | None = None) -> ClusterConfig:
+    """The :class:`ClusterConfig` for parsed ``add_serve_args`` flags and the nodes'
+    core ``layout`` (default: no pinning); ``ValueError`` if bad."""
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {a.port}")
     node_args: list[str] = []
@@ -72,11 +180,13 @@ def cluster_config_from_args(a: argparse.Namespace) -> ClusterConfig:
         value = getattr(a, attr)
         if value is not None:
             node_args += [flag, str(value)]
+    layout = layout or Layout((), None, None)
     return ClusterConfig(model=a.model, prefill_tp=a.prefill_tp, decode_tp=a.decode_tp,
                          policy=a.policy, policy_options=tuple(a.policy_option),
                          kv_transport=a.kv_transport, host=a.host, port=a.port,
                          api_key=a.api_key, max_inflight=a.max_inflight,
-                         node_args=tuple(node_args), log_dir=None,
+                         node_args=tuple(node_args), prefill_args=layout.node_args("prefill"),
+                         decode_args=layout.node_args("decode"), log_dir=None,
                          startup_timeout_s=a.startup_timeout_s)
 
 
@@ -125,10 +235,18 @@ def run_serve(a: argparse.Namespace) -> int:
     """Start, announce, supervise and stop the local deployment; return the exit code."""
     from disagg.model.resolve import served_model_name
     try:
-        config = cluster_config_from_args(a)
+        layout = plan_layout(usable_cpus(), a.prefill_tp, a.decode_tp, a.prefill_cpus,
+                             a.decode_cpus)
+        config = cluster_config_from_args(a, layout)
     except ValueError as exc:
         _say(f"error: {exc}")
         return 2
+    _say(f"layout on {len(layout.usable)} usable cores:")
+    for line in layout.describe():
+        _say(f"  {line}")
+    if (a.device or "").startswith("cuda"):
+        _say(f"  both nodes compute on {a.device} (a TP > 1 node on cuda:0..TP-1): where their "
+             "GPUs overlap they share them, and report so to the router's cost model")
     cluster = _ServeCluster(config)
     stop = threading.Event()
     starting = True

@@ -89,13 +89,21 @@ class CostModelConfig:
 @dataclass(frozen=True)
 class CostBreakdown:
     """The cost model's terms for one request, in seconds (remote terms are
-    ``None`` when there is no prefill node)."""
+    ``None`` when there is no prefill node).
+
+    ``remote_contention_s`` / ``remote_interference_s``: what the remote path
+    pays because the prefill node shares compute with the decode node (0 when
+    disjoint): the decode node's running requests slowing the prefill, and the
+    weighted stall the prefill inflicts on them (see :mod:`router.policy`).
+    """
 
     local_ttft_s: float
     local_interference_s: float
     remote_prefill_s: float | None
     remote_transfer_s: float | None
     remote_overhead_s: float | None
+    remote_contention_s: float = 0.0
+    remote_interference_s: float = 0.0
 
     @property
     def local_cost_s(self) -> float:
@@ -107,7 +115,20 @@ class CostBreakdown:
         """Predicted TTFT of the remote path."""
         if self.remote_prefill_s is None:
             return None
-        return self.remote_prefill_s + self.remote_transfer_s + self.remote_overhead_s
+        return (self.remote_prefill_s + self.remote_contention_s + self.remote_transfer_s
+                + self.remote_overhead_s)
+
+    @property
+    def remote_cost_s(self) -> float | None:
+        """What "remote" costs: its TTFT plus the weighted stall of running decodes
+        on shared compute."""
+        ttft = self.remote_ttft_s
+        return None if ttft is None else ttft + self.remote_interference_s
+
+    @property
+    def shared_compute_s(self) -> float:
+        """The part of the remote cost due to shared compute."""
+        return self.remote_contention_s + self.remote_interference_s
 
 
 class Calibration:
@@ -152,21 +173,32 @@ class Calibration:
 
     def predict(self, *, decode_node: str, decode_queue: int, num_running: int, uncached_decode: int,
                 prefill_node: str | None, prefill_queue: int, uncached_prefill: int,
-                transfer_bytes: int) -> CostBreakdown:
+                transfer_bytes: int, shared: float = 0.0) -> CostBreakdown:
         """Both paths' terms (formulas in :mod:`router.policy`); no remote terms
-        when ``prefill_node`` is None."""
+        when ``prefill_node`` is None. ``shared``: the fraction of the prefill
+        node's compute on the decode node's cores or GPUs (0..1)."""
+        if not 0.0 <= check_measure("shared", shared) <= 1.0:
+            raise ValueError(f"shared must be in [0, 1], got {shared!r}")
         fit = self.prefill["decode"].get(decode_node)
         tokens = decode_queue + uncached_decode
-        ttft = fit.predict(tokens)
-        if num_running:  # running decodes ride along in every chunk step
-            steps = math.ceil(tokens / max(self.config.chunk_tokens - num_running, 1))
-            ttft += steps * self.decode_step.get(decode_node).slope * num_running
+        ttft = fit.predict(tokens) + self._ride_along(decode_node, tokens, num_running)
         stall = self.config.interference_weight * num_running * fit.slope * uncached_decode
         if prefill_node is None:
             return CostBreakdown(ttft, stall, None, None, None)
-        prefill_s = self.prefill["prefill"].get(prefill_node).predict(prefill_queue + uncached_prefill)
+        remote_tokens = prefill_queue + uncached_prefill
+        prefill_s = self.prefill["prefill"].get(prefill_node).predict(remote_tokens)
+        contention = shared * self._ride_along(decode_node, remote_tokens, num_running)
+        remote_stall = shared * self.config.interference_weight * num_running * fit.slope * uncached_prefill
         return CostBreakdown(ttft, stall, prefill_s, self.link.predict(transfer_bytes),
-                             self.remote_overhead.value)
+                             self.remote_overhead.value, contention, remote_stall)
+
+    def _ride_along(self, decode_node: str, tokens: int, num_running: int) -> float:
+        """Seconds the decode node's running requests add to a prefill of ``tokens``
+        on its compute: one decode of each per chunk step."""
+        if not num_running:
+            return 0.0
+        steps = math.ceil(tokens / max(self.config.chunk_tokens - num_running, 1))
+        return steps * self.decode_step.get(decode_node).slope * num_running
 
     def min_count(self) -> int:
         """Fewest observations among the fits a decision needs (both prefill roles, link)."""

@@ -12,16 +12,21 @@ Picking (xPyD):
   lacks, plus ``RUNNING_TOKEN_WEIGHT`` tokens per running request;
 - prefill node: least ``queued + prompt`` tokens (no prefix cache is assumed
   there: the transfer sends what the decode node lacks).
+
+Each node's compute (machine, CPU set, GPUs: ``Register``'s compute fields)
+reaches the routing policy in :meth:`Node.as_load`, so the cost model knows
+when a prefill node competes with a decode node for the same cores.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from disagg.control import messages as m
 from router.prefix_index import PrefixIndex
-from router.route_types import NodeLoad
+from router.route_types import DEVICES, Compute, NodeLoad
 
 RUNNING_TOKEN_WEIGHT = 32     # a running decode "costs" this many queued prompt tokens
 
@@ -40,6 +45,12 @@ class Node:
     def node_id(self) -> str:
         return self.info.node_id
 
+    @cached_property
+    def compute(self) -> Compute:
+        """What the node computes on, as registered (empty where it did not say)."""
+        i = self.info
+        return Compute(i.boot_id or i.host, frozenset(i.cpus), frozenset(i.gpus), i.device)
+
     def queued_tokens(self) -> int:
         """Prompt tokens queued here: the heartbeat's figure or what the router sent since."""
         return max(int(self.load.get("queued_prefill_tokens", 0)), sum(self.pending.values()))
@@ -48,7 +59,8 @@ class Node:
         """This node's load for a routing policy."""
         return NodeLoad(self.node_id, self.info.role, self.queued_tokens(),
                         int(self.load.get("num_running", 0)), int(self.load.get("num_waiting", 0)),
-                        min(max(float(self.load.get("kv_usage", 0.0)), 0.0), 1.0), self.info.tp)
+                        min(max(float(self.load.get("kv_usage", 0.0)), 0.0), 1.0), self.info.tp,
+                        self.compute)
 
 
 class NodeRegistry:
@@ -78,6 +90,8 @@ class NodeRegistry:
                                  f"{other.node_id}'s {other.info.kv_transport!r}")
         if info.role == "decode" and not info.kv_endpoints:
             raise ValueError("a decode node must report its KV receive endpoints")
+        if info.device not in DEVICES or any(c < 0 for c in info.cpus):
+            raise ValueError(f"bad compute report: device {info.device!r}, cpus {info.cpus}")
         for name in ("tp", "block_size", "num_kv_blocks", "max_model_len", "vocab_size",
                      "kv_bytes_per_token"):
             if getattr(info, name) < 1:

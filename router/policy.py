@@ -9,9 +9,13 @@ no I/O, no clocks, deterministic, meant for one asyncio loop.
 
 The default :class:`CostModel` predicts both paths' time to first token::
 
-    local  = prefill_d(q_d + u_d) + steps · per_seq_d · running      (TTFT)
+    local  = prefill_d(q_d + u_d) + ride(q_d + u_d)                 (TTFT)
            + w · running · u_d · s_per_token_d                      (interference)
     remote = prefill_p(q_p + u_p) + link(bytes lacking on decode) + hop overhead
+           + σ · ride(q_p + u_p)                                    (contention)
+           + σ · w · running · u_p · s_per_token_d                  (interference)
+
+    ride(n) = steps(n) · per_seq_d · running, steps(n) = ceil(n / (chunk - running))
 
     u_d, u_p = uncached prompt tokens on the decode / prefill node
     q_d, q_p = tokens already queued for prefill on that node
@@ -25,6 +29,20 @@ weighs as much as a second of the new request's TTFT, so the policy minimises
 the total latency it adds. Deployments judged on mean TPOT rather than per-token
 latency may lower it (e.g. to 1 / typical output length). Ties go local; a
 prompt whose decode node lacks at most one block is "fully_cached" → local.
+
+Shared compute (σ = ``RouteInput.shared_compute``, from what the nodes
+reported at registration: the fraction of the prefill node's cores, or GPUs,
+that are the decode node's too; 0 on disjoint or unknown compute): a remote
+prefill on the decode node's cores slows its running decodes as much as a
+local prefill of those tokens would, and they slow it just as they slow a
+local chunk step, so the remote path pays the local path's two load terms
+(scaled by σ) on top of the transfer and the hops. With σ = 1 and equal
+calibrated rates, remote wins only when the decode node's prefill queue
+exceeds the prefill node's by more than the transfer and hop cost, i.e. when
+the decode node is saturated and the prefill node is not; on a machine too
+small to split the nodes the router so learns to prefill locally (the rates
+stay online-calibrated per node, contention included). A decision that the
+shared-compute terms flipped to local has reason "shared_compute_local_faster".
 ``kv_usage``, ``num_waiting`` and ``tp`` are not model inputs: rates are
 learned per node, which absorbs TP and hardware differences.
 """
@@ -167,7 +185,8 @@ class CostModel(RoutingPolicy):
             decode_node=d.node_id, decode_queue=d.queued_prefill_tokens, num_running=d.num_running,
             uncached_decode=inp.uncached_decode, prefill_node=None if p is None else p.node_id,
             prefill_queue=0 if p is None else p.queued_prefill_tokens,
-            uncached_prefill=inp.uncached_prefill, transfer_bytes=inp.transfer_bytes)
+            uncached_prefill=inp.uncached_prefill, transfer_bytes=inp.transfer_bytes,
+            shared=inp.shared_compute)
 
     def decide(self, inp: RouteInput) -> Decision:
         """Route to the path with the lower predicted cost (ties → local)."""
@@ -180,8 +199,10 @@ class CostModel(RoutingPolicy):
             return Decision("local", "fully_cached", *args)
         if self.calibration.min_count() < self.config.min_observations:
             return Decision("local", "uncalibrated_default", *args)
-        if b.local_cost_s <= b.remote_ttft_s:
-            return Decision("local", "cost_local_faster", *args)
+        if b.local_cost_s <= b.remote_cost_s:
+            flipped = b.local_cost_s > b.remote_cost_s - b.shared_compute_s
+            return Decision("local", "shared_compute_local_faster" if flipped else "cost_local_faster",
+                            *args)
         return Decision("remote", "cost_remote_faster", *args)
 
     def snapshot(self) -> list[tuple[str, dict[str, str], float]]:
@@ -195,7 +216,9 @@ class CostModel(RoutingPolicy):
                 f"remote={b.remote_ttft_s:.3f}s (prefill {b.remote_prefill_s:.3f}s queue "
                 f"{inp.prefill.queued_prefill_tokens} uncached {inp.uncached_prefill}, transfer "
                 f"{b.remote_transfer_s:.3f}s {inp.transfer_bytes / 1e6:.1f}MB, overhead "
-                f"{b.remote_overhead_s:.3f}s) prompt={inp.num_prompt_tokens}")
+                f"{b.remote_overhead_s:.3f}s, shared compute {inp.shared_compute:.2f}: contention "
+                f"{b.remote_contention_s:.3f}s + interference {b.remote_interference_s:.3f}s) "
+                f"prompt={inp.num_prompt_tokens}")
 
 
 _FACTORIES = {cls.name: cls for cls in (CostModel, AlwaysLocal, AlwaysRemote, TokenThreshold)}

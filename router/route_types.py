@@ -15,16 +15,57 @@ from .estimates import check_count, check_measure
 ROUTES = ("local", "remote")
 REASONS = ("cost_local_faster", "cost_remote_faster", "fully_cached", "no_prefill_node",
            "always_local", "always_remote", "below_threshold", "prefill_queue_full",
-           "above_threshold", "uncalibrated_default", "prompt_logprobs")
+           "above_threshold", "uncalibrated_default", "prompt_logprobs",
+           "shared_compute_local_faster")
+DEVICES = ("", "cpu", "cuda")       # "" = not reported (an older node)
+
+
+@dataclass(frozen=True)
+class Compute:
+    """What a node computes on, as it registered (all empty = not reported).
+
+    machine: the kernel's boot id (else the hostname): equal for every
+    container of one machine, so CPU numbers compare between them.
+    cpus: the cores the node may run on; gpus: its ranks' GPU UUIDs;
+    device: "cpu" | "cuda".
+    """
+
+    machine: str = ""
+    cpus: frozenset[int] = frozenset()
+    gpus: frozenset[str] = frozenset()
+    device: str = ""
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        for cpu in self.cpus:
+            check_count("cpu", cpu)
+
+    def share_on(self, other: "Compute") -> float:
+        """The fraction of this node's compute that runs on ``other``'s (0..1).
+
+        GPU nodes: the share of this node's GPUs that ``other`` also uses. CPU
+        nodes on one machine: the share of this node's cores in ``other``'s CPU
+        set (its threads spread over its cores, so that share of its work
+        competes with ``other``). 0 for different machines or devices, and
+        whenever either side did not report (nothing is assumed shared)."""
+        if self.device != other.device:
+            return 0.0
+        if self.device == "cuda" and self.gpus:
+            return len(self.gpus & other.gpus) / len(self.gpus)
+        if self.device == "cpu" and self.machine and self.machine == other.machine and self.cpus:
+            return len(self.cpus & other.cpus) / len(self.cpus)
+        return 0.0
 
 
 @dataclass(frozen=True)
 class NodeLoad:
-    """A node's load as reported in its heartbeat.
+    """A node's load as reported in its heartbeat, and its compute as registered.
 
     queued_prefill_tokens: prompt tokens waiting or still to compute.
     num_running: requests decoding; num_waiting: requests not yet scheduled.
     kv_usage: fraction of KV blocks in use (0..1); tp: tensor-parallel degree.
+    compute: what the node computes on (:class:`Compute`).
     """
 
     node_id: str
@@ -34,8 +75,11 @@ class NodeLoad:
     num_waiting: int = 0
     kv_usage: float = 0.0
     tp: int = 1
+    compute: Compute = Compute()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compute, Compute):
+            raise ValueError(f"{self.node_id}: compute must be a Compute, got {self.compute!r}")
         if not isinstance(self.node_id, str) or not self.node_id:
             raise ValueError(f"node_id must be a non-empty string, got {self.node_id!r}")
         if self.role not in ("prefill", "decode"):
@@ -87,6 +131,12 @@ class RouteInput:
     def uncached_prefill(self) -> int:
         """Tokens a remote prefill computes."""
         return max(self.num_prompt_tokens - self.num_cached_tokens_prefill, 1)
+
+    @property
+    def shared_compute(self) -> float:
+        """The fraction of the prefill node's compute that runs on the decode
+        node's cores or GPUs (0 = disjoint or unknown, 1 = all shared)."""
+        return 0.0 if self.prefill is None else self.prefill.compute.share_on(self.decode.compute)
 
     @property
     def transfer_bytes(self) -> int:

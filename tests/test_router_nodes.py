@@ -11,6 +11,7 @@ from disagg.control import messages as m
 from disagg.kv_cache.hashing import hash_blocks
 from router.nodes import RUNNING_TOKEN_WEIGHT, NodeRegistry
 from router.prefix_index import PrefixIndex
+from router.route_types import Compute
 
 MODEL = "smollm2"
 BLOCK = 16
@@ -223,3 +224,40 @@ def test_max_model_len_is_min_over_decode_nodes():
     assert r.max_model_len() == 2048
     r.remove("d1")
     assert r.max_model_len() == 8192
+
+
+# ---------------------------------------------------------------- compute
+
+def test_registered_compute_reaches_the_policy_and_overlap_is_measured():
+    r = NodeRegistry(MODEL)
+    d = r.register(reg("d0", host="a", boot_id="boot-1", cpus=[2, 3], device="cpu"))
+    # another container (other hostname) of the same machine, on cores 0-3
+    p = r.register(reg("p0", "prefill", host="b", boot_id="boot-1", cpus=[0, 1, 2, 3],
+                       device="cpu"))
+    assert d.as_load().compute == Compute("boot-1", frozenset({2, 3}), frozenset(), "cpu")
+    assert p.as_load().compute.share_on(d.as_load().compute) == 0.5   # half its cores are d0's
+    assert d.compute.share_on(p.compute) == 1.0
+    other = r.register(reg("p1", "prefill", host="a", boot_id="boot-2", cpus=[2, 3], device="cpu"))
+    assert other.compute.share_on(d.compute) == 0.0                   # another machine
+    old = r.register(reg("p2", "prefill"))                            # an older node: says nothing
+    assert old.compute == Compute("localhost") and old.compute.share_on(d.compute) == 0.0
+
+
+def test_gpu_nodes_share_by_gpu_uuid_not_by_cores():
+    r = NodeRegistry(MODEL)
+    d = r.register(reg("d0", boot_id="b", cpus=[0, 1], device="cuda", gpus=["GPU-1"]))
+    same = r.register(reg("p0", "prefill", boot_id="b", cpus=[2], device="cuda", gpus=["GPU-1"]))
+    other = r.register(reg("p1", "prefill", boot_id="b", cpus=[0, 1], device="cuda",
+                           gpus=["GPU-2", "GPU-3"]))
+    cpu = r.register(reg("p2", "prefill", boot_id="b", cpus=[0, 1], device="cpu"))
+    assert same.compute.share_on(d.compute) == 1.0
+    assert other.compute.share_on(d.compute) == 0.0
+    assert cpu.compute.share_on(d.compute) == 0.0
+
+
+def test_register_refuses_a_bad_compute_report():
+    r = NodeRegistry(MODEL)
+    with pytest.raises(ValueError, match="compute"):
+        r.register(reg("d0", device="tpu"))
+    with pytest.raises(ValueError, match="compute"):
+        r.register(reg("d0", cpus=[-1]))

@@ -10,7 +10,7 @@ from router.calibration import CostModelConfig
 from router.estimates import AffineEstimate
 from router.policy import (POLICY_NAMES, AlwaysLocal, AlwaysRemote, CostModel, TokenThreshold,
                            make_policy)
-from router.route_types import REASONS, Decision, NodeLoad, RouteInput
+from router.route_types import REASONS, Compute, Decision, NodeLoad, RouteInput
 
 KV = 46080  # SmolLM2: 30 layers x (K, V) x 3 heads x 64 x fp32
 
@@ -282,3 +282,74 @@ def test_static_policies_accept_observations():
         pol.observe_transfer(10, 0.1)
         pol.observe_decode_step("d0", 4, 0.1)
         pol.observe_remote_overhead(0.01)
+
+
+# ---- cost model: shared compute ---------------------------------------------
+
+TWO_CORES = Compute("boot-1", frozenset({0, 1}), frozenset(), "cpu")
+
+
+def placed(n: int, prefill_cpus: set[int], running: int = 0, q_d: int = 0, q_p: int = 0,
+           machine: str = "boot-1") -> RouteInput:
+    """``n`` prompt tokens; the decode node on cores 0-1 of machine boot-1, the
+    prefill node on ``prefill_cpus`` of ``machine``."""
+    d = NodeLoad("d0", "decode", queued_prefill_tokens=q_d, num_running=running, compute=TWO_CORES)
+    p = NodeLoad("p0", "prefill", queued_prefill_tokens=q_p,
+                 compute=Compute(machine, frozenset(prefill_cpus), frozenset(), "cpu"))
+    return RouteInput(n, 0, 0, KV, d, p)
+
+
+def test_shared_compute_flips_a_remote_decision_to_local():
+    pol = CostModel()
+    disjoint = pol.decide(placed(2048, {2, 3}, running=16))
+    assert (disjoint.route, disjoint.reason) == ("remote", "cost_remote_faster"), disjoint.detail
+    shared = pol.decide(placed(2048, {0, 1}, running=16))          # same loads, same cores
+    assert (shared.route, shared.reason) == ("local", "shared_compute_local_faster"), shared.detail
+    assert "shared compute 1.00" in shared.detail
+    elsewhere = pol.decide(placed(2048, {0, 1}, running=16, machine="boot-2"))
+    assert elsewhere.route == "remote"                              # same numbers, other machine
+
+
+def test_shared_compute_remote_pays_the_local_load_terms():
+    pol = CostModel()
+    b = pol.predict(placed(2048, {0, 1}, running=16))
+    assert b.remote_interference_s == pytest.approx(b.local_interference_s)
+    assert b.remote_contention_s == pytest.approx(b.local_ttft_s - pol.predict(
+        placed(2048, {0, 1})).local_ttft_s)                         # the ride-along term
+    assert b.remote_cost_s - b.local_cost_s == pytest.approx(b.remote_transfer_s + b.remote_overhead_s)
+    half = pol.predict(placed(2048, {1, 2}, running=16))            # half the prefill's cores
+    assert half.remote_interference_s == pytest.approx(b.remote_interference_s / 2)
+    assert half.remote_contention_s == pytest.approx(b.remote_contention_s / 2)
+    assert pol.predict(placed(2048, {2, 3}, running=16)).shared_compute_s == 0.0
+    idle = pol.decide(placed(2048, {0, 1}))                         # nothing running: plain cost
+    assert (idle.route, idle.reason) == ("local", "cost_local_faster")
+
+
+def test_shared_compute_goes_remote_only_when_the_decode_node_is_saturated():
+    pol = CostModel()
+    d = pol.decide(placed(2048, {0, 1}, running=16, q_d=8192))     # decode queue backed up
+    assert (d.route, d.reason) == ("remote", "cost_remote_faster"), d.detail
+    d = pol.decide(placed(2048, {0, 1}, running=16, q_d=8192, q_p=8192))
+    assert d.route == "local", d.detail                             # both backed up alike
+
+
+def test_shared_compute_interference_follows_the_calibrated_decode_rate():
+    pol = CostModel()
+    before = pol.predict(placed(1024, {0, 1}, running=4)).remote_interference_s
+    for _ in range(30):                       # the decode node's cores turn out 4x slower
+        pol.observe_prefill("decode", "d0", 1024, 0.05 + 4 * 1024 / 350)
+    after = pol.predict(placed(1024, {0, 1}, running=4)).remote_interference_s
+    assert after > 3 * before
+
+
+def test_compute_checks():
+    with pytest.raises(ValueError, match="device"):
+        Compute(device="tpu")
+    with pytest.raises(ValueError, match="cpu"):
+        Compute("m", frozenset({-1}))
+    with pytest.raises(ValueError, match="compute"):
+        NodeLoad("d0", "decode", compute="boot-1")
+    with pytest.raises(ValueError, match="shared"):
+        CostModel().calibration.predict(decode_node="d0", decode_queue=0, num_running=0,
+                                        uncached_decode=1, prefill_node="p0", prefill_queue=0,
+                                        uncached_prefill=1, transfer_bytes=0, shared=1.5)

@@ -20,6 +20,8 @@ import httpx
 import pytest
 
 from conftest import needs_smollm2
+from disagg.cpus import format_cpus, usable_cpus
+from disagg.serve import Layout, add_serve_args, cluster_config_from_args, plan_layout
 from serving_helpers import SERVE, Serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +84,11 @@ def test_serve_startup_failure_exits_2_without_orphans(tmp_path):
         assert serve.wait_exit(120) == 2, serve.output
         assert "disagg serve: error: start-up failed: router exited with code" in serve.output
         assert "disagg serve ready" not in serve.output
+        # the layout, one line per process, came first
+        cores = format_cpus(usable_cpus())
+        assert f"router    cores {cores} (not pinned)" in serve.output
+        assert re.search(r"prefill-0 cores [\d,-]+", serve.output), serve.output
+        assert re.search(r"decode-0  cores [\d,-]+", serve.output), serve.output
         assert not serve.group_alive()
     finally:
         serve.kill_all()
@@ -120,3 +127,77 @@ def test_launch_scripts_parse_and_need_a_router_address(tmp_path):
         assert (tmp_path / "args").read_text().split() == [
             "-m", f"{role}_node", "--tp", "3", "--max-num-seqs", "2"]
         (tmp_path / "args").unlink()
+
+
+# ---- process layout ---------------------------------------------------------
+
+@pytest.mark.parametrize("n, prefill, decode", [
+    (2, None, None),                    # too small to split: both share every core
+    (4, (0, 1), (2, 3)),
+    (8, (0, 1, 2, 3), (4, 5, 6, 7)),
+    (16, tuple(range(8)), tuple(range(8, 16))),
+])
+def test_layout_rule(n, prefill, decode):
+    layout = plan_layout(range(n))
+    assert (layout.prefill, layout.decode) == (prefill, decode)
+    lines = layout.describe()
+    assert lines[0] == f"router    cores 0-{n - 1} (not pinned)"
+    if prefill is None:
+        assert lines[1:3] == ["prefill-0 cores 0-1 (not pinned)", "decode-0  cores 0-1 (not pinned)"]
+        assert lines[3].startswith("nodes share cores 0-1: the router's cost model knows")
+        assert layout.node_args("prefill") == layout.node_args("decode") == ()
+    else:
+        assert lines[1:3] == [f"prefill-0 cores {format_cpus(prefill)}",
+                              f"decode-0  cores {format_cpus(decode)}"]
+        assert lines[3].startswith("nodes on disjoint cores")
+        assert layout.node_args("decode") == ("--cpus", format_cpus(decode))
+
+
+def test_layout_follows_tp_and_the_usable_cores():
+    assert plan_layout(range(8), prefill_tp=2).prefill == (0, 1, 2, 3, 4)   # 2 ranks : 1 rank
+    assert plan_layout(range(4), prefill_tp=2).prefill is None              # 1 core per rank: share
+    odd = plan_layout([3, 5, 6, 7, 9])                                      # a restricted mask
+    assert (odd.prefill, odd.decode) == ((3, 5), (6, 7, 9))
+
+
+def test_layout_flags_override_the_rule():
+    layout = plan_layout(range(8), prefill_cpus="0-1")
+    assert (layout.prefill, layout.decode) == ((0, 1), (2, 3, 4, 5, 6, 7))   # decode: the rest
+    layout = plan_layout(range(2), decode_cpus="1")
+    assert (layout.prefill, layout.decode) == ((0,), (1,))
+    layout = plan_layout(range(8), prefill_cpus="all")
+    assert (layout.prefill, layout.decode) == (None, None)
+    layout = plan_layout(range(8), prefill_cpus="0-5", decode_cpus="all")
+    assert (layout.prefill, layout.decode, layout.shared()) == ((0, 1, 2, 3, 4, 5), None,
+                                                                 (0, 1, 2, 3, 4, 5))
+    overlap = plan_layout(range(8), prefill_cpus="0-4", decode_cpus="4-7")
+    assert overlap.shared() == (4,)
+    assert overlap.describe()[3].startswith("nodes share cores 4:")
+    with pytest.raises(ValueError, match="not usable"):
+        plan_layout(range(4), prefill_cpus="2-5")
+    with pytest.raises(ValueError, match="none left"):
+        plan_layout(range(2), prefill_cpus="0-1")
+    with pytest.raises(ValueError, match="0-3,8"):
+        plan_layout(range(4), decode_cpus="two")
+    with pytest.raises(ValueError, match="subset"):
+        Layout((0, 1), (), None)
+
+
+def test_cluster_config_pins_the_nodes():
+    import argparse
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    a = p.parse_args(["--port", "0", "--max-num-seqs", "2"])
+    config = cluster_config_from_args(a, plan_layout(range(8)))
+    assert config.prefill_args == ("--cpus", "0-3") and config.decode_args == ("--cpus", "4-7")
+    assert config.node_args == ("--max-num-seqs", "2")
+    shared = cluster_config_from_args(a, plan_layout(range(2)))
+    assert shared.prefill_args == shared.decode_args == ()
+
+
+def test_serve_help_documents_the_layout_flags():
+    r = subprocess.run([*SERVE[:4], "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "--prefill-cpus CPUS" in text and "--decode-cpus CPUS" in text
+    assert "'all' = not pinned" in text and "split the cores between the nodes" in text

@@ -65,7 +65,16 @@ class ControlMessage(msgspec.Struct, frozen=True, tag_field="type", tag=True,
 
 
 class Register(ControlMessage):
-    """Node → router: who I am and what I can hold."""
+    """Node → router: who I am, what I can hold and what I compute on.
+
+    The compute fields (added later, so with defaults: an older node omits them
+    and is taken to share compute with nobody) let the router's cost model see
+    when a prefill node competes with a decode node for the same cores or GPU:
+    ``boot_id``: the kernel's /proc/sys/kernel/random/boot_id (one per machine,
+    the same in every container on it; ``host`` is the hostname, which is not);
+    ``cpus``: the cores the node may run on (its affinity after ``--cpus``);
+    ``device``: "cpu" | "cuda"; ``gpus``: the UUIDs of the GPUs its ranks use.
+    """
 
     node_id: str
     role: str                     # "prefill" | "decode"
@@ -80,6 +89,10 @@ class Register(ControlMessage):
     kv_endpoints: list[str]       # decode ranks' receive endpoints (empty on prefill)
     pid: int
     host: str
+    boot_id: str = ""
+    cpus: list[int] = []
+    device: str = ""
+    gpus: list[str] = []
 
 
 class Registered(ControlMessage):

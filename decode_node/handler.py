@@ -60,6 +60,8 @@ class DecodeHandler(RoleHandler):
         self._received_at[msg.rid] = now
         if msg.remote:
             self._remote[msg.rid] = ""
+            # reserve its blocks now: the KVTarget leaves before the next step, not after it
+            self.on_outputs(self.engine.reserve_kv_loads())
 
     def on_kv_event(self, event: KVTransferEvent) -> None:
         """A remote request's KV landed on every rank."""

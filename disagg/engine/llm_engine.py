@@ -183,6 +183,21 @@ class LLMEngine:
         prefill failed or its node died); False if the request is not waiting."""
         return self.scheduler.fall_back(request_id)
 
+    def reserve_kv_loads(self) -> list[RequestOutput]:
+        """Reserve blocks now for the LOAD_REMOTE requests first in line; their outputs
+        carry the :class:`KVLoadTarget` (``kv_load``), so the remote prefill can start
+        without waiting for the next step to admit them.
+
+        Call between steps. The next ``step()`` tells the ranks to expect the KV
+        before any of it is received (they poll their links only inside a step).
+        Requests that do not fit beside the running ones wait for a step as before.
+        """
+        return [self._kv_load_output(req, target) for req, target in self.scheduler.reserve_loads()]
+
+    def _kv_load_output(self, req: Request, target: KVLoadTarget) -> RequestOutput:
+        target.endpoints = list(self.kv_endpoints)
+        return self.outputs.build(req, [], kv_load=target)
+
     def load(self) -> dict:
         """Queued prefill tokens, running/waiting counts and KV usage (for heartbeats)."""
         return self.scheduler.load()
@@ -221,9 +236,7 @@ class LLMEngine:
                       if n == 1 and req.has_output and req.num_computed_tokens + 1 == req.num_tokens)
         self.last_step_tokens = (sum(n for _, n in sched.scheduled) - decodes, decodes)
         outputs, self._pending = self._pending, []
-        for req, target in sched.kv_loads:
-            target.endpoints = list(self.kv_endpoints)
-            outputs.append(self.outputs.build(req, [], kv_load=target))
+        outputs += [self._kv_load_output(req, target) for req, target in sched.kv_loads]
         outputs += [self.outputs.build(req, []) for req in sched.finished]
         connector = self.scheduler.connector
         if not sched.scheduled and not connector.has_pending():

@@ -207,17 +207,7 @@ class Scheduler:
             if remote:
                 if not self.blocks.allocate(req, req.num_tokens, prefix):
                     break
-                self.waiting.popleft()
-                req.num_cached_tokens = cached
-                req.status = RequestStatus.WAITING_FOR_KV
-                req.deadline = time.monotonic() + self.kv_load_timeout_s
-                self.waiting_for_kv[req.request_id] = req
-                req.kv_received = not self.connector.receives_kv
-                epochs = [b.epoch for b in req.blocks]
-                target = KVLoadTarget(req.block_ids, epochs, cached, req.num_tokens, req.request_id)
-                self.connector.on_blocks_allocated_for_load(req.request_id, req.block_ids, epochs,
-                                                            cached)
-                out.kv_loads.append((req, target))
+                out.kv_loads.append(self._start_load(req, cached))
                 continue
             n = min(req.num_tokens - cached, budget, self.chunk)
             if not self.blocks.allocate(req, cached + n, prefix):
@@ -238,6 +228,45 @@ class Scheduler:
             scheduled.append((req, n))
             budget -= n
         return budget
+
+    def reserve_loads(self) -> list[tuple[Request, KVLoadTarget]]:
+        """Reserve blocks now for the remote-KV requests first in line (called between
+        steps, so their remote prefill need not wait for a step's admission).
+
+        Only in arrival order, while ``max_num_seqs`` allows and the blocks fit
+        beside those the running requests need for their next chunk, so no
+        running request is preempted for them; the rest wait for ``schedule``.
+        """
+        loads: list[tuple[Request, KVLoadTarget]] = []
+        blocks = self.blocks
+        growth = sum(max(0, blocks.blocks_needed(min(r.num_tokens, r.num_computed_tokens
+                                                     + self.chunk)) - len(r.blocks))
+                     for r in self.running)
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if req.kv_mode is not KVMode.LOAD_REMOTE:
+                break
+            prefix = blocks.match_prefix(req, leave_one=False)
+            needed = blocks.blocks_needed(req.num_tokens) - len(prefix) \
+                + sum(1 for b in prefix if b.ref_count == 0)
+            if needed + growth > blocks.num_free_blocks \
+                    or not blocks.allocate(req, req.num_tokens, prefix):
+                break
+            loads.append(self._start_load(req, len(prefix) * blocks.block_size))
+        return loads
+
+    def _start_load(self, req: Request, cached: int) -> tuple[Request, KVLoadTarget]:
+        """``req`` (first in line, its blocks allocated) now waits for its KV."""
+        self.waiting.popleft()
+        req.num_cached_tokens = cached
+        req.status = RequestStatus.WAITING_FOR_KV
+        req.deadline = time.monotonic() + self.kv_load_timeout_s
+        self.waiting_for_kv[req.request_id] = req
+        req.kv_received = not self.connector.receives_kv
+        epochs = [b.epoch for b in req.blocks]
+        target = KVLoadTarget(req.block_ids, epochs, cached, req.num_tokens, req.request_id)
+        self.connector.on_blocks_allocated_for_load(req.request_id, req.block_ids, epochs, cached)
+        return req, target
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)

@@ -93,13 +93,15 @@ class NodeServer:
         self._steps: list[list] = []
         self._snapshot = (engine.load(), 0, 0)
         cfg = engine.config
+        from disagg.cpus import compute_report   # after any --cpus pinning (run_node)
         self._register = m.Register(
             node_id=node_id, role=handler_cls.role, tp=cfg.tensor_parallel_size,
             block_size=cfg.block_size, model=served_model_name,
             max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size,
             num_kv_blocks=engine.num_blocks, kv_bytes_per_token=kv_bytes_per_token(engine),
             kv_transport=cfg.kv_transfer.kind if cfg.kv_transfer else "none",
-            kv_endpoints=list(engine.kv_endpoints), pid=os.getpid(), host=socket.gethostname())
+            kv_endpoints=list(engine.kv_endpoints), pid=os.getpid(), host=socket.gethostname(),
+            **compute_report(cfg.device, cfg.tensor_parallel_size))
 
     def send(self, msg) -> None:
         """Queue ``msg`` to the router (never blocks; ZeroMQ buffers while it is away)."""

@@ -92,6 +92,14 @@ def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[
     return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]
 
 
+def run_until_finished(engine, rid: str):
+    """Step ``engine`` until request ``rid`` finishes; its final output."""
+    while True:
+        for out in engine.step():
+            if out.request_id == rid and out.finished:
+                return out
+
+
 def pytest_sessionstart(session) -> None:
     """Build the C++ CPU kernels once, up front, in this process (about 50 s on a
     fresh machine, nothing once cached), so no test's start-up timeout pays for it.

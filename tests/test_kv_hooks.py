@@ -8,20 +8,13 @@ import time
 
 import pytest
 
-from conftest import random_prompts
+from conftest import random_prompts, run_until_finished
 from disagg.config import EngineConfig
 from disagg.engine import LLMEngine
 from disagg.engine.request import KVMode
 from disagg.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-
-
-def _run_until_finished(engine: LLMEngine, rid: str):
-    while True:
-        for out in engine.step():
-            if out.request_id == rid and out.finished:
-                return out
 
 
 def test_prefill_export_then_remote_decode_matches_single_engine(tiny_llama):
@@ -36,7 +29,7 @@ def test_prefill_export_then_remote_decode_matches_single_engine(tiny_llama):
         assert len(d.cached_prefix(prompt)) == 4
 
         prid = p.add_request(prompt, PARAMS, kv_mode=KVMode.PREFILL_ONLY)
-        exported = _run_until_finished(p, prid)
+        exported = run_until_finished(p, prid)
         exp = exported.kv_export
         assert exp is not None and exp.num_tokens == 30 and len(exp.block_ids) == 8
         assert len(exp.block_hashes) == 7 and exp.first_token_id == expected[0]
@@ -56,7 +49,7 @@ def test_prefill_export_then_remote_decode_matches_single_engine(tiny_llama):
         d.notify_kv_ready(drid, exp.first_token_id)
         assert p.release_kv(prid) and not p.release_kv(prid)
         assert p.scheduler.blocks.pool.num_free_blocks == 64
-        out = _run_until_finished(d, drid)
+        out = run_until_finished(d, drid)
     assert out.output_token_ids == expected
 
 
@@ -91,7 +84,7 @@ def test_kv_load_timeout_falls_back_to_local_prefill(tiny_llama):
         target = next(o.kv_load for o in d.step() if o.request_id == rid)
         assert len(target.epochs) == len(target.block_ids) == 6
         time.sleep(0.1)
-        out = _run_until_finished(d, rid)                            # nobody filled the KV
+        out = run_until_finished(d, rid)                            # nobody filled the KV
         assert d.scheduler.num_kv_load_timeouts == 1
         with pytest.raises(KeyError):
             d.notify_kv_ready(rid, 5)                                # too late: harmless

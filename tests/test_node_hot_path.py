@@ -11,7 +11,7 @@ import time
 import pytest
 import zmq
 
-from conftest import make_tiny_model, random_prompts
+from conftest import make_tiny_model, random_prompts, run_until_finished
 from decode_node.handler import DecodeHandler
 from disagg.config import EngineConfig
 from disagg.control import messages as m
@@ -21,13 +21,6 @@ from disagg.node.server import NodeServer
 from disagg.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-
-
-def _run_until_finished(engine: LLMEngine, rid: str):
-    while True:
-        for out in engine.step():
-            if out.request_id == rid and out.finished:
-                return out
 
 
 def test_reserved_at_admission_and_token_identical(tiny_llama):
@@ -48,12 +41,12 @@ def test_reserved_at_admission_and_token_identical(tiny_llama):
         assert all(o.kv_load is None for o in d.step())   # the step does not announce it again
 
         prid = p.add_request(prompt, PARAMS, kv_mode=KVMode.PREFILL_ONLY)
-        exp = _run_until_finished(p, prid).kv_export
+        exp = run_until_finished(p, prid).kv_export
         for src, dst in zip(p.kv_caches, d.kv_caches):
             for s, t in zip(exp.block_ids, target.block_ids):
                 dst[t].copy_(src[s])
         d.notify_kv_ready(drid, exp.first_token_id)
-        assert _run_until_finished(d, drid).output_token_ids == expected
+        assert run_until_finished(d, drid).output_token_ids == expected
 
 
 def test_reservation_leaves_running_growth_and_keeps_arrival_order(tiny_llama):

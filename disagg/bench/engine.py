@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 import disagg
+from disagg.bench.args import parse_names
 from disagg.bench.engine_sides import bench_disagg, bench_transformers
 from disagg.bench.peak_rss import PeakRssSampler
 from disagg.config import resolve_dtype
@@ -69,13 +70,7 @@ VLLM_PEER_SCRIPT = Path(__file__).with_name("vllm_peer.py")
 
 def parse_baselines(text: str) -> tuple[str, ...]:
     """``"transformers,vllm"`` → ``("transformers", "vllm")``; unknown names are refused."""
-    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    unknown = [n for n in names if n not in BASELINES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown baseline {', '.join(map(repr, unknown)) or repr(text)}; choose from "
-            f"{', '.join(BASELINES)} (comma-separated), or pass --skip-baseline for none")
-    return names
+    return parse_names(text, BASELINES, "baseline", ", or pass --skip-baseline for none")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:

@@ -56,6 +56,7 @@ import urllib.request
 from pathlib import Path
 
 import disagg
+from disagg.bench.args import parse_names
 
 SERVERS = ("vllm", "disagg", "disagg-local", "disagg-remote")
 DISAGG_POLICY = {"disagg": None, "disagg-local": "local", "disagg-remote": "remote"}
@@ -89,13 +90,7 @@ def parse_rates(text: str) -> tuple[float, ...]:
 
 def parse_servers(text: str) -> tuple[str, ...]:
     """``"vllm,disagg"`` → ``("vllm", "disagg")``; unknown names are refused."""
-    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    unknown = [n for n in names if n not in SERVERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown server {', '.join(map(repr, unknown)) or repr(text)}; choose from "
-            f"{', '.join(SERVERS)} (comma-separated)")
-    return names
+    return parse_names(text, SERVERS, "server")
 
 
 def rate_key(rate: float) -> str:

@@ -224,7 +224,8 @@ def _say(msg: str) -> None:
     print(f"[bench serve] {msg}", file=sys.stderr, flush=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -242,12 +243,17 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-class _Server:
-    """One server process group: started, waited on until ``/health`` is 200, stopped."""
+class Server:
+    """One server process group: started, waited on until ``/health`` is 200, stopped.
+
+    ``cpus``: pin it (and every process it starts) to these cores, by the affinity
+    mask set before it runs; None leaves it unpinned.
+    """
 
     def __init__(self, side: str, cmd: list[str], env: dict[str, str], port: int,
-                 log: Path) -> None:
+                 log: Path, cpus: set[int] | None = None) -> None:
         self.side, self.cmd, self.env, self.log = side, cmd, env, log
+        self.cpus = None if cpus is None else frozenset(cpus)
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
@@ -258,7 +264,8 @@ class _Server:
         with self.log.open("w") as f:
             self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT,
                                          env={**os.environ, **self.env},
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=None if self.cpus is None else self._pin)
         while not _healthy(self.url):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.side} exited with {self.proc.returncode} during "
@@ -270,6 +277,9 @@ class _Server:
         seconds = time.monotonic() - t0
         _say(f"{self.side} ready in {seconds:.0f} s at {self.url}")
         return seconds
+
+    def _pin(self) -> None:
+        os.sched_setaffinity(0, self.cpus)     # in the child, before exec
 
     def stop(self) -> None:
         """SIGTERM to its process group, SIGKILL after 60 s."""
@@ -366,9 +376,9 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
                     servers[side] = {"url": a.peer_url.rstrip("/"), "started_by_bench": False}
                     bench_rates(side, round_, servers[side]["url"])
                     continue
-                port = _free_port()
+                port = free_port()
                 cmd, env = server_command(side, a, port, model_dir, name, vllm_python)
-                server = _Server(side, cmd, env, port, run_dir / f"{side}-r{round_}-server.log")
+                server = Server(side, cmd, env, port, run_dir / f"{side}-r{round_}-server.log")
                 try:
                     startup = server.start(a.server_timeout_s)
                     bench_rates(side, round_, server.url)

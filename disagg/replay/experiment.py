@@ -8,11 +8,16 @@ stopped before the next mode starts::
     disaggregated   prefill node on half the cores, decode node on the other
                     half, policy remote: every prompt is prefilled remotely
     conditional     the same two nodes, the cost-model router decides per request
+    vllm            not a default: the peer series, vllm serve on every core (or
+                    any server at --peer-url); see ``peer``
 
 The router and the load generator are not pinned: they run beside the nodes
-in every mode alike. One report folder compares the modes side by side (see
-``report_files``); ``--rates`` with several entries finds each mode's highest
-rate with at least ``--attainment-target`` SLO attainment (DistServe's goodput).
+in every mode alike. Every node and the peer run ``--dtype`` (auto: resolved
+once here, float32 on CPUs without native bfloat16). One report folder
+compares the modes side by side (see ``report_files``); ``--rates`` with
+several entries finds each mode's highest rate with at least
+``--attainment-target`` SLO attainment (DistServe's goodput), and with a peer
+the summary sets each mode's against the peer's.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import time
 from pathlib import Path
 
 from disagg.cluster import ClusterConfig, LocalCluster
+from disagg.config import resolve_dtype
 from disagg.cpus import parse_cpus, usable_cpus
-from disagg.engine_args import add_kv_transport_arg
+from disagg.engine_args import add_dtype_arg, add_kv_transport_arg
 from disagg.replay.commands import (add_shaping_args, offered_rate, run_one, served_model,
                                     shape_runs, slo_bounds)
 from disagg.replay.loadgen import TargetConfig, replay
-from disagg.replay.report_files import RunRecord, write_report
+from disagg.replay.peer import PEER_MODE, PeerConfig, add_peer_args, running_peer, series_plan
+from disagg.replay.report_files import RunRecord, peer_comparison, peer_lines, write_report
 from disagg.replay.shaping import ShapedRequest
 from transport.base import KINDS
 
@@ -40,8 +47,10 @@ DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "traces" / "AzureLLMInfere
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``disagg experiment`` (defaults fit a 2-core CPU and SmolLM2)."""
     p.add_argument("--modes", default=",".join(MODES),
-                   help=f"comma-separated subset of {', '.join(MODES)}")
+                   help=f"comma-separated subset of {', '.join(MODES)}, {PEER_MODE} (the peer "
+                        "series: vllm serve from `make peers`, or --peer-url)")
     p.add_argument("--model", default="default", help="served model ('default' = SmolLM2)")
+    add_dtype_arg(p)
     p.add_argument("--cpus", default=None,
                    help="cores to use in total, e.g. 0-3 (default: all this process may use); "
                         "disaggregated modes give the prefill node the first half")
@@ -58,6 +67,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="requests sent (not measured) after each deployment starts")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per request")
     p.add_argument("--out", default="results/experiment", help="report folder")
+    add_peer_args(p)
     add_shaping_args(p, defaults={
         "trace": str(DEFAULT_TRACE), "start_s": 600.0, "max_requests": 40,
         "length_scale": 0.25, "max_input_tokens": 512, "max_output_tokens": 64,
@@ -76,9 +86,15 @@ def _cpu_list(cpus: list[int]) -> str:
     return ",".join(str(c) for c in cpus)
 
 
-def mode_config(mode: str, a: argparse.Namespace, cpus: list[int], log_dir: Path) -> ClusterConfig:
-    """The deployment of one mode (see the module docstring)."""
+def mode_config(mode: str, a: argparse.Namespace, cpus: list[int], log_dir: Path,
+                dtype: str | None = None) -> ClusterConfig:
+    """The deployment of one mode (see the module docstring); every node runs ``dtype``
+    (None: the nodes' own default)."""
     extra = tuple(arg for item in a.node_arg for arg in item.split("=", 1)) if a.node_arg else ()
+    if "--dtype" in extra:
+        raise ValueError("--node-arg may not set --dtype: use --dtype (the peer runs it too)")
+    if dtype is not None:
+        extra = ("--dtype", dtype, *extra)
     common = dict(model=a.model, prefill_tp=a.prefill_tp, decode_tp=a.decode_tp,
                   kv_transport=a.kv_transport, node_args=extra, log_dir=str(log_dir / mode))
     if mode == "colocated":
@@ -111,12 +127,16 @@ def _git_commit() -> str | None:
         return None
 
 
+def _title(series: list[str]) -> str:
+    text = " vs ".join(series)
+    return text[:1].upper() + text[1:]
+
+
 def run_experiment(a: argparse.Namespace) -> int:
     """Run every mode at every rate; write the side-by-side report."""
-    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise ValueError(f"--modes must be a subset of {', '.join(MODES)}, got {a.modes!r}")
+    modes, peer = series_plan(a, MODES)     # refuses a missing peer environment first
+    peer_model = served_model(peer.url, {}) if peer and peer.url else None
+    dtype = resolve_dtype(a.dtype, "cpu")
     cpus = sorted(parse_cpus(a.cpus)) if a.cpus else usable_cpus()
     slo = slo_bounds(a)
     runs = shape_runs(a)
@@ -127,7 +147,11 @@ def run_experiment(a: argparse.Namespace) -> int:
     try:
         for i, mode in enumerate(modes, 1):
             print(f"[experiment] {mode} ({i}/{len(modes)}): starting", file=sys.stderr, flush=True)
-            if _run_mode(mode, a, cpus, runs, slo, out, records):
+            if peer is not None and mode == peer.name:
+                stopped = _run_peer(peer, peer_model, a, dtype, cpus, runs, slo, out, records)
+            else:
+                stopped = _run_mode(mode, a, dtype, cpus, runs, slo, out, records)
+            if stopped:
                 interrupted = True
                 break
     except KeyboardInterrupt:       # Ctrl-C while a deployment starts or warms up
@@ -139,31 +163,55 @@ def run_experiment(a: argparse.Namespace) -> int:
         return 130 if interrupted else 1
     meta = {"command": " ".join(["disagg", *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": _git_commit(),
-            "cpus": cpus, "modes": modes, "model": a.model, "trace": str(a.trace),
+            "cpus": cpus, "modes": modes, "model": a.model, "dtype": dtype,
+            "peer": None if peer is None else {"name": peer.name, "url": peer.url,
+                                               "vllm_python": peer.vllm_python
+                                               and str(peer.vllm_python)},
+            "trace": str(a.trace),
             "prefill_tp": a.prefill_tp, "decode_tp": a.decode_tp, "kv_transport": a.kv_transport,
             "wall_time_s": round(time.monotonic() - t_start, 1)}
-    write_report(out, records, meta, a.attainment_target,
-                 title="Colocated vs disaggregated vs conditional")
+    measured = list(dict.fromkeys(r.series for r in records))
+    against = peer.name if peer is not None and peer.name in measured else None
+    write_report(out, records, meta, a.attainment_target, title=_title(measured), peer=against)
+    if against is not None:
+        for line in peer_lines(peer_comparison(records, a.attainment_target, against), against,
+                               a.attainment_target):
+            print(f"[experiment] {line[2:].replace('**', '')}", file=sys.stderr)
     print(f"[experiment] report written to {out}/report.md", file=sys.stderr)
     return 130 if interrupted else 0
 
 
-def _run_mode(mode: str, a: argparse.Namespace, cpus: list[int], runs, slo, out: Path,
-              records: list[RunRecord]) -> bool:
+def _run_mode(mode: str, a: argparse.Namespace, dtype: str, cpus: list[int], runs, slo,
+              out: Path, records: list[RunRecord]) -> bool:
     """Deploy ``mode``, warm it up, replay every rate; True when interrupted."""
-    with LocalCluster(mode_config(mode, a, cpus, out / "logs")) as cluster:
+    with LocalCluster(mode_config(mode, a, cpus, out / "logs", dtype)) as cluster:
         cluster.start()
         target = TargetConfig(base_url=cluster.http_url, model=served_model(cluster.http_url, {}),
                               timeout_s=a.timeout_s)
-        warm_up(target, runs[0][1], a.warmup)
-        for rate, requests in runs:
-            rec = run_one(requests, target, mode, offered_rate(requests, rate), slo)
-            records.append(rec)
-            s = rec.summary
-            print(f"[experiment] {mode} @ {rec.rate:g} req/s: SLO attainment "
-                  f"{100 * (s['slo_attainment'] or 0):.0f} %, goodput {s['goodput_rps']:.2f} "
-                  f"req/s, errors {s['num_errors']}", file=sys.stderr, flush=True)
-            if rec.run.interrupted:
-                return True
-    return False
+        return _run_rates(mode, target, a, runs, slo, records)
 
+
+def _run_peer(peer: PeerConfig, model: str | None, a: argparse.Namespace, dtype: str,
+              cpus: list[int], runs, slo, out: Path, records: list[RunRecord]) -> bool:
+    """The peer series: start it if needed (once for every rate), warm it up, replay
+    every rate; True when interrupted."""
+    with running_peer(peer, a.model, dtype, cpus, out / "logs" / peer.name) as url:
+        target = TargetConfig(base_url=url, model=model or served_model(url, {}),
+                              timeout_s=a.timeout_s)
+        return _run_rates(peer.name, target, a, runs, slo, records)
+
+
+def _run_rates(series: str, target: TargetConfig, a: argparse.Namespace, runs, slo,
+               records: list[RunRecord]) -> bool:
+    """Warm ``target`` up, then replay every rate as ``series``; True when interrupted."""
+    warm_up(target, runs[0][1], a.warmup)
+    for rate, requests in runs:
+        rec = run_one(requests, target, series, offered_rate(requests, rate), slo)
+        records.append(rec)
+        s = rec.summary
+        print(f"[experiment] {series} @ {rec.rate:g} req/s: SLO attainment "
+              f"{100 * (s['slo_attainment'] or 0):.0f} %, goodput {s['goodput_rps']:.2f} "
+              f"req/s, errors {s['num_errors']}", file=sys.stderr, flush=True)
+        if rec.run.interrupted:
+            return True
+    return False

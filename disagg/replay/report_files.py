@@ -6,7 +6,8 @@ One layout for both ``disagg replay`` (one series, one or more rates) and
     OUT/
       results/SERIES@RATE.jsonl   every request of that run (raw, RequestResult)
       summary.json                meta + every run's summary + the rate sweep
-      report.md                   per rate a side-by-side table; the sweep table
+      report.md                   per rate a side-by-side table; the sweep table; with
+                                  a peer series, each series' best rate against the peer's
       ttft_cdf.png  tpot_cdf.png  CDFs, one panel per rate, one curve per series
       goodput_vs_rate.png         goodput and SLO attainment against offered rate
 """
@@ -72,9 +73,45 @@ def sweep_table(records: list[RunRecord], target: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def peer_comparison(records: list[RunRecord], target: float, peer: str) -> dict[str, dict]:
+    """Per series other than ``peer``: its highest rate with >= ``target`` SLO
+    attainment, the peer's, and the verdict ``"higher"``, ``"lower"``, ``"equal"``
+    or ``"neither"`` (neither reached the target at any rate)."""
+    best = best_rates(records, target)
+    if peer not in best:
+        raise ValueError(f"no run of the peer series {peer!r}")
+    theirs = best[peer]
+    out = {}
+    for series, mine in best.items():
+        if series == peer:
+            continue
+        if mine is None and theirs is None:
+            verdict = "neither"
+        elif theirs is None or (mine is not None and mine > theirs):
+            verdict = "higher"
+        elif mine is None or mine < theirs:
+            verdict = "lower"
+        else:
+            verdict = "equal"
+        out[series] = {"best_rate": mine, "peer_best_rate": theirs, "verdict": verdict}
+    return out
+
+
+def peer_lines(comparison: dict[str, dict], peer: str, target: float) -> list[str]:
+    """``peer_comparison`` as Markdown bullets, one per series."""
+    def rate(r: float | None) -> str:
+        return "none" if r is None else f"{r:g} req/s"
+    words = {"higher": f"higher than {peer}", "lower": f"lower than {peer}",
+             "equal": f"equal to {peer}", "neither": f"neither reaches {100 * target:g} %"}
+    return [f"- **{s}**: {rate(c['best_rate'])} vs {peer} {rate(c['peer_best_rate'])} "
+            f"({words[c['verdict']]})" for s, c in comparison.items()]
+
+
 def write_report(out_dir: str | Path, records: list[RunRecord], meta: dict,
-                 attainment_target: float = 0.9, title: str = "Replay report") -> Path:
-    """Write every file of the layout above; returns ``out_dir``."""
+                 attainment_target: float = 0.9, title: str = "Replay report",
+                 peer: str | None = None) -> Path:
+    """Write every file of the layout above; returns ``out_dir``. ``peer`` names the
+    series every other one is set against (its highest rate at the attainment target)."""
     from disagg.replay.plots import goodput_vs_rate, latency_cdfs   # matplotlib: slow import
     if not records:
         raise ValueError("write_report needs at least one run")
@@ -83,10 +120,12 @@ def write_report(out_dir: str | Path, records: list[RunRecord], meta: dict,
     for rec in records:
         write_jsonl(rec.run.results, out / "results" / f"{rec.name}.jsonl")
     rates = sorted({r.rate for r in records})
+    vs_peer = None if peer is None else peer_comparison(records, attainment_target, peer)
     write_summary_json({
         "meta": meta,
         "attainment_target": attainment_target,
         "best_rate": best_rates(records, attainment_target),
+        "peer": peer, "vs_peer": vs_peer,
         "runs": [{"series": r.series, "rate": r.rate, "summary": r.summary} for r in records],
     }, out / "summary.json")
 
@@ -98,8 +137,14 @@ def write_report(out_dir: str | Path, records: list[RunRecord], meta: dict,
     md += ["## Goodput and SLO attainment against rate\n",
            f"SLO: TTFT ≤ {_ms(ttft_slo)}, TPOT ≤ {_ms(tpot_slo)}; goodput = requests/s meeting "
            f"both; attainment target {100 * attainment_target:g} %.\n",
-           sweep_table(records, attainment_target),
-           "![TTFT CDF](ttft_cdf.png)\n", "![TPOT CDF](tpot_cdf.png)\n",
+           sweep_table(records, attainment_target)]
+    if vs_peer:
+        md += [f"### Against the peer ({peer})\n",
+               f"Highest offered rate with ≥ {100 * attainment_target:g} % SLO attainment, "
+               f"each series against {peer} (rates tried: "
+               f"{', '.join(f'{r:g}' for r in rates)} req/s):\n",
+               "\n".join(peer_lines(vs_peer, peer, attainment_target)) + "\n"]
+    md += ["![TTFT CDF](ttft_cdf.png)\n", "![TPOT CDF](tpot_cdf.png)\n",
            "![goodput against rate](goodput_vs_rate.png)\n"]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
 

@@ -350,7 +350,8 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
     model_dir, name = resolve_model_dir("default"), served_model_name("default")
     rates = [rate_key(r) for r in a.rates]
     tmp = None if a.out else tempfile.TemporaryDirectory(prefix="disagg-bench-serve-")
-    run_dir = Path(tmp.name) if tmp else Path(a.out).with_name(Path(a.out).stem + "-runs")
+    # absolute: the client runs with run_dir as its working directory
+    run_dir = (Path(tmp.name) if tmp else Path(a.out).with_name(Path(a.out).stem + "-runs")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     servers: dict[str, dict] = {}
     runs: dict[str, dict[str, list[dict]]] = {s: {r: [] for r in rates} for s in a.servers}

@@ -21,41 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from disagg.bench.server_process import Server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PY = ROOT / ".peers" / "vllm" / "bin" / "python"
 AIPERF = ROOT / ".peers" / "aiperf" / "bin" / "aiperf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"disagg serve exited with {proc.returncode} during start-up")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"disagg serve not healthy after {timeout_s:.0f} s")
 
 
 def _model_dir() -> Path:
@@ -166,15 +143,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     model_dir = _model_dir()
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    serve_log = (out_dir / "disagg-serve.log").open("w")
-    serve = subprocess.Popen([str(ROOT / ".venv" / "bin" / "disagg"), "serve", "--port", str(port)],
-                             stdout=serve_log, stderr=subprocess.STDOUT, cwd=ROOT,
-                             start_new_session=True)
+    serve = Server("disagg serve", [str(ROOT / ".venv" / "bin" / "disagg"), "serve", "--port",
+                                    str(port)], {}, port, out_dir / "disagg-serve.log")
     results = []
     try:
-        _wait_healthy(base, serve, 300)
+        serve.start(300)
         if "vllm" not in a.skip:
             results.append(run_vllm_bench(base, model_dir, out_dir, "vllm", "/v1/completions", a))
             results.append(run_vllm_bench(base, model_dir, out_dir, "openai-chat",
@@ -183,12 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_aiperf(base, model_dir, out_dir, "completions", a))
             results.append(run_aiperf(base, model_dir, out_dir, "chat", a))
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-        serve_log.close()
+        serve.stop()
     ok = bool(results) and all(r.get("exit_code") == 0 and r.get("failed") == 0
                                and r.get("completed") == r["sent"] for r in results)
     report = {"server": "disagg serve (defaults)", "date": time.strftime("%Y-%m-%d"),

@@ -89,7 +89,7 @@ def test_nodes_get_the_experiment_dtype(tmp_path):
 def test_started_server_is_pinned_to_the_cores(tmp_path):
     """The peer's server process (here a stdlib HTTP server with a /health file) runs
     on exactly the experiment's cores."""
-    from disagg.bench.serve import Server, free_port
+    from disagg.bench.server_process import Server, free_port
     from disagg.cpus import usable_cpus
     (tmp_path / "health").write_text("ok")
     port, core = free_port(), usable_cpus()[-1]

@@ -46,8 +46,6 @@ import json
 import math
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +55,7 @@ from pathlib import Path
 
 import disagg
 from disagg.bench.args import parse_names
+from disagg.bench.server_process import Server, free_port, healthy, log_tail
 
 SERVERS = ("vllm", "disagg", "disagg-local", "disagg-remote")
 DISAGG_POLICY = {"disagg": None, "disagg-local": "local", "disagg-remote": "remote"}
@@ -224,76 +223,6 @@ def _say(msg: str) -> None:
     print(f"[bench serve] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-class Server:
-    """One server process group: started, waited on until ``/health`` is 200, stopped.
-
-    ``cpus``: pin it (and every process it starts) to these cores, by the affinity
-    mask set before it runs; None leaves it unpinned.
-    """
-
-    def __init__(self, side: str, cmd: list[str], env: dict[str, str], port: int,
-                 log: Path, cpus: set[int] | None = None) -> None:
-        self.side, self.cmd, self.env, self.log = side, cmd, env, log
-        self.cpus = None if cpus is None else frozenset(cpus)
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float) -> float:
-        """Start it and wait until healthy; the seconds that took (``RuntimeError`` if not)."""
-        _say(f"starting {self.side}: {shlex.join(self.cmd)}  (log {self.log})")
-        t0 = time.monotonic()
-        with self.log.open("w") as f:
-            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **self.env},
-                                         start_new_session=True,
-                                         preexec_fn=None if self.cpus is None else self._pin)
-        while not _healthy(self.url):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.side} exited with {self.proc.returncode} during "
-                                   f"start-up; the end of its log:\n{_tail(self.log)}")
-            if time.monotonic() - t0 > timeout_s:
-                raise RuntimeError(f"{self.side} not healthy after {timeout_s:.0f} s; the end "
-                                   f"of its log:\n{_tail(self.log)}")
-            time.sleep(1.0)
-        seconds = time.monotonic() - t0
-        _say(f"{self.side} ready in {seconds:.0f} s at {self.url}")
-        return seconds
-
-    def _pin(self) -> None:
-        os.sched_setaffinity(0, self.cpus)     # in the child, before exec
-
-    def stop(self) -> None:
-        """SIGTERM to its process group, SIGKILL after 60 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        _say(f"stopping {self.side}")
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
 def _run_client(vllm_python: Path, args: list[str], base_url: str, run_dir: Path, tag: str,
                 timeout_s: float) -> dict:
     """One client run: our metrics from its result file, or ``{"error": ...}``."""
@@ -312,7 +241,7 @@ def _run_client(vllm_python: Path, args: list[str], base_url: str, run_dir: Path
     path = run_dir / name
     if rc != 0 or not path.exists():
         _say(f"client run {tag} FAILED (exit {rc}); see {log}")
-        return {"error": f"exit {rc}: {_tail(log, 8)}"}
+        return {"error": f"exit {rc}: {log_tail(log, 8)}"}
     summary = summarize(json.loads(path.read_text()))
     _say(f"client run {tag} done in {time.monotonic() - t0:.0f} s: " + ", ".join(
         f"{k} {summary[k]:.4g}" if isinstance(summary[k], float) else f"{k} {summary[k]}"
@@ -345,7 +274,7 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
     from disagg.model.resolve import resolve_model_dir, served_model_name
     check_args(a)
     vllm_python = find_vllm_python(a.vllm_python)       # the client's, always needed
-    if a.peer_url and not _healthy(a.peer_url.rstrip("/")):
+    if a.peer_url and not healthy(a.peer_url.rstrip("/")):
         raise RuntimeError(f"--peer-url {a.peer_url}: no 200 from its /health")
     model_dir, name = resolve_model_dir("default"), served_model_name("default")
     rates = [rate_key(r) for r in a.rates]

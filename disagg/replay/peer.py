@@ -106,7 +106,8 @@ def running_peer(peer: PeerConfig, model: str, dtype: str, cpus: list[int],
     if peer.url is not None:
         yield peer.url
         return
-    from disagg.bench.serve import Server, free_port, server_command
+    from disagg.bench.serve import server_command
+    from disagg.bench.server_process import Server, free_port
     from disagg.model.resolve import resolve_model_dir, served_model_name
     port = free_port()
     flags = argparse.Namespace(dtype=dtype, vllm_serve_args="")

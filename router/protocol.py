@@ -29,7 +29,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 from pydantic_core import PydanticCustomError
 
 from disagg.sampling_params import MAX_LOGPROBS, SamplingParams
-from router.errors import ProtocolError, bad
+from router.errors import bad, validation_error
 
 log = logging.getLogger("disagg.router")
 
@@ -377,40 +377,6 @@ class ChatCompletionRequest(_Request):
 
     def _engine_logprobs(self) -> int | None:
         return self.response_logprobs
-
-
-def _param(loc: tuple) -> str | None:
-    """``("messages", 1, "role")`` → ``"messages[1].role"``."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or None
-
-
-def _json_type(value: Any) -> str:
-    for kind, name in ((type(None), "null"), (bool, "boolean"), ((int, float), "number"),
-                       (str, "string"), (list, "array"), (dict, "object")):
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
-
-
-def validation_error(exc: ValidationError) -> ProtocolError:
-    """The 400 for a pydantic ``ValidationError`` (its first error, ``param`` = the field)."""
-    err = exc.errors(include_url=False)[0]
-    kind, loc, msg = err["type"], err["loc"], err["msg"]
-    if kind == "json_invalid":
-        return bad(None, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', msg)}")
-    if kind == "model_type" and not loc:
-        return bad(None, f"the request body must be a JSON object, got {_json_type(err['input'])}")
-    param = (err.get("ctx") or {}).get("param") or _param(loc)
-    if kind == "invalid_request":
-        return bad(param, msg)
-    if kind == "missing":
-        return bad(param, f"'{param}' is required")
-    got = err.get("input")
-    shown = repr(got) if isinstance(got, (bool, int, float, str)) and len(repr(got)) < 60 else ""
-    return bad(param, f"'{param}': {msg}" + (f" (got {_json_type(got)} {shown})" if shown else ""))
 
 
 def parse_request(raw: bytes | str, chat: bool) -> CompletionRequest | ChatCompletionRequest:

@@ -18,10 +18,12 @@ SAMPLES = [
                ["tcp://127.0.0.1:5555"], 1234, "localhost"),
     m.Register("p0", "prefill", 3, 16, "smollm2", 8192, 49152, 500, 23040, "shm", [], 99, "h"),
     m.Registered("d0"),
+    m.Registered("d0", "router-7f3a"),
     m.Refused("d0", "model mismatch"),
     m.RegisterAgain("d0"),
     m.Heartbeat("d0", {"queued_prefill_tokens": 12, "kv_usage": 0.5}, [(128, 4, 0.02)], 10, 20),
     m.Generate("r1", [1, 2, 3], {"max_tokens": 8, "temperature": 0.0, "stop": ["x"]}, True),
+    m.Generate("r1", [1, 2, 3], {"max_tokens": 8}, False, [9, 10]),
     m.KVTarget("r1", {"blocks": [1, 2], "epoch": 3}, 16, 12.5),
     m.Prefill("r1", [1, 2, 3], {"max_tokens": 8}, {"blocks": [1, 2]}),
     m.FirstToken("r1", 42, LOGPROB, 0.125, 100.25),
@@ -37,6 +39,8 @@ SAMPLES = [
     m.StepTokens([]),
     m.Fallback("r1", "prefill node lost"),
     m.Abort("r1"),
+    m.Drain("d0"),
+    m.Deregister("d0"),
     m.Rejected("r1", "prompt too long"),
 ]
 

@@ -26,7 +26,8 @@ and one wakeup on the router per step instead of one per request.
 
 Node life: ``Register`` → ``Registered``; ``Heartbeat`` every
 ``heartbeat_s``; a router that does not know a heartbeating node answers
-``RegisterAgain`` (it restarted, or dropped the node as dead).
+``RegisterAgain`` (it restarted, or dropped the node as dead). On SIGTERM a
+node sends ``Drain``, finishes its requests, then ``Deregister`` and exits.
 Times (``*_at``) are ``time.monotonic()`` seconds — comparable between
 processes of one host only, used for latency accounting.
 """
@@ -96,9 +97,15 @@ class Register(ControlMessage):
 
 
 class Registered(ControlMessage):
-    """Router → node: registration accepted."""
+    """Router → node: registration accepted.
+
+    ``router_id``: this router process's instance id (new on every start). A node
+    that sees it change was registered with a router that is gone: it aborts every
+    request it holds (that router's), so no blocks or pins are left behind.
+    """
 
     node_id: str
+    router_id: str = ""
 
 
 class Refused(ControlMessage):
@@ -130,12 +137,19 @@ class Heartbeat(ControlMessage):
 
 
 class Generate(ControlMessage):
-    """Router → decode: run this request; ``remote`` = its KV comes from a prefill node."""
+    """Router → decode: run this request; ``remote`` = its KV comes from a prefill node.
+
+    ``resume_token_ids``: output tokens the client already has (a request migrated
+    from a lost decode node). The engine starts the request with them as its output
+    (prefilling prompt + them, as after a preemption), so ``max_tokens``, penalties,
+    stop strings and ``Tokens.output_len`` count them; such a request is never remote.
+    """
 
     rid: str
     prompt_token_ids: list[int]
     params: dict[str, Any]        # SamplingParams.to_dict()
     remote: bool
+    resume_token_ids: list[int] = []
 
 
 class KVTarget(ControlMessage):
@@ -235,6 +249,20 @@ class Abort(ControlMessage):
     rid: str
 
 
+class Drain(ControlMessage):
+    """Node → router: I am shutting down (SIGTERM); route nothing new to me. The node
+    finishes what it holds (up to its grace period), then sends ``Deregister``."""
+
+    node_id: str
+
+
+class Deregister(ControlMessage):
+    """Node → router: I am leaving now. Requests I still hold are recovered as for a
+    lost node (remote prefills fall back, decodes migrate)."""
+
+    node_id: str
+
+
 class Rejected(ControlMessage):
     """Node → router: a request could not be taken or ended in error (``error`` says why)."""
 
@@ -244,7 +272,7 @@ class Rejected(ControlMessage):
 
 MESSAGES = {cls.__name__: cls for cls in (
     Register, Registered, Refused, RegisterAgain, Heartbeat, Generate, KVTarget, Prefill, FirstToken,
-    KVSent, Tokens, StepTokens, Fallback, Abort, Rejected)}
+    KVSent, Tokens, StepTokens, Fallback, Abort, Drain, Deregister, Rejected)}
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[tuple(MESSAGES.values())])

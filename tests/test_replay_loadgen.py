@@ -114,6 +114,7 @@ def test_open_loop_schedule_and_token_times(server):
     slow = by_id["r0"]
     assert slow.status == "ok" and slow.output_tokens == 4 and slow.prompt_tokens == 3
     assert slow.ttft >= 1.0 and len(slow.token_times) == 4
+    assert slow.text == "t0t1t2t3"
     assert all(g == pytest.approx(TOKEN_GAP_S, abs=0.04) for g in slow.itl)
     assert slow.tpot == pytest.approx(TOKEN_GAP_S, abs=0.04)
     for r in by_id.values():

@@ -4,7 +4,7 @@ Requests go out at their scheduled ``send_at_s`` whatever the server is doing
 (open loop: a slow server gets a growing queue, as in production, instead of a
 politely slower client). Each one streams; the generator records when it was
 sent, when each chunk carrying text arrived, when the stream ended, the token
-counts from the final usage chunk, and the outcome::
+counts from the final usage chunk, the text, and the outcome::
 
     schedule ──sleep until t0+send_at──▶ task r0 ─ POST stream ─▶ chunks ─▶ RequestResult
                                  └────▶ task r1 ─ ...            (appended when done)
@@ -122,7 +122,9 @@ async def send_one(client: httpx.AsyncClient, rid: str, req: ShapedRequest,
                         res.status = "error"
                         res.error = str(event["error"].get("message", event["error"]))[:300]
                         break
-                    if any(c.get("text") for c in event.get("choices") or ()):
+                    text = "".join(c.get("text") or "" for c in event.get("choices") or ())
+                    if text:
+                        res.text += text
                         now = time.perf_counter() - t0
                         res.token_times.append(now)
                         chunks += 1

@@ -45,6 +45,7 @@ class RequestResult:
         (one per token when the server streams token by token).
     route: how the request was served (e.g. ``"local"``/``"remote"`` prefill),
         when the server reports it.
+    text: the streamed output text (what fault runs compare with a no-fault run).
     """
 
     request_id: str
@@ -57,6 +58,7 @@ class RequestResult:
     status: str = "ok"
     error: str | None = None
     route: str | None = None
+    text: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -86,3 +86,61 @@ def test_pool_lifetime_and_unknown_pools(tmp_path):
     assert decode_header(sock.recv(), (Error,)).code == ErrorCode.FIELD
     sock.close(linger=0)
     rx.close()
+
+
+def _create_pool_and_wait(conn) -> None:
+    """Child: create a pool, report its name, then sleep until killed."""
+    import time as _time
+    pool = ShmKVPool.create(L, 4, 2, 4, 8)
+    conn.send(pool.name)
+    _time.sleep(600)
+
+
+def test_pools_of_killed_creators_are_swept_live_ones_kept():
+    import signal
+    from transport.shm_transport import SHM_DIR, sweep_stale_pools
+    ctx = mp.get_context("spawn")
+    procs, names = [], []
+    for _ in range(2):
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_create_pool_and_wait, args=(theirs,), daemon=True)
+        proc.start()
+        assert ours.poll(60)
+        procs.append(proc)
+        names.append(ours.recv())
+    dead, alive = names
+    os.kill(procs[0].pid, signal.SIGKILL)       # no chance to unlink: the file stays
+    procs[0].join(10)
+    assert os.path.exists(os.path.join(SHM_DIR, dead))
+    assert sweep_stale_pools(min_age_s=3600) == []      # too young to be judged
+    swept = sweep_stale_pools(min_age_s=0)
+    assert dead in swept and alive not in swept         # the live creator holds its lock
+    assert not os.path.exists(os.path.join(SHM_DIR, dead))
+    assert os.path.exists(os.path.join(SHM_DIR, alive))
+    procs[1].terminate()
+    procs[1].join(10)
+    sweep_stale_pools(min_age_s=0)
+    assert not os.path.exists(os.path.join(SHM_DIR, alive))
+
+
+def test_receiver_unmaps_the_pools_of_gone_senders(tmp_path):
+    (rx,) = make_receivers("shm", 2, 1, _addr(tmp_path), ShmKVReceiver)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(rx.endpoint)
+
+    def hello(pool):
+        sock.send(encode(Hello(0, 1, L, 4, 2, 4, 8, "float32", pool.info())))
+        assert rx.poll(2.0) == 1 and sock.poll(2000)
+        assert isinstance(decode_header(sock.recv(), (Hello, Error)), Hello)
+
+    first = ShmKVPool.create(L, 4, 2, 4, 8)
+    hello(first)
+    assert set(rx._peer_pools) == {first.name}
+    first.close()                                # the sender went away (a restart follows)
+    second = ShmKVPool.create(L, 4, 2, 4, 8)
+    hello(second)
+    assert set(rx._peer_pools) == {second.name}  # the dead pool's pages are not kept mapped
+    sock.close(linger=0)
+    rx.close()
+    second.close()

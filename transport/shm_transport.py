@@ -14,10 +14,20 @@ Only small control messages travel over ZeroMQ (``ipc://``)::
 Only the pool's *name* crosses the socket, never a path: the receiver maps
 only files named ``disagg-kv-<hex>`` in the shared-memory directory. The
 creating process unlinks the file on :meth:`ShmKVPool.close` (or at exit).
+
+A creator that is SIGKILLed cannot unlink, and a supervisor restarting it would
+leave one pool's worth of memory behind per crash. So the creator holds an
+exclusive ``flock`` on its file for as long as it lives (the kernel drops it
+when the process dies, however it dies), and every new pool first sweeps the
+files nobody holds (:func:`sweep_stale_pools`). A receiver drops its mapping of
+a peer's pool once that pool's file is gone (checked at each new HELLO), or
+the mapping alone would keep a dead pool's pages allocated.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import re
 import tempfile
@@ -38,11 +48,53 @@ _NAME = re.compile(r"^disagg-kv-[0-9a-f]{32}$")
 _GEOMETRY = ("num_layers", "num_blocks", "num_kv_heads", "block_size", "head_dim")
 
 
+log = logging.getLogger(__name__)
+
+STALE_MIN_AGE_S = 60.0    # younger files are never swept: their creator may not hold the lock yet
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _release(path: str, fd: int) -> None:
+    """The creator's end: remove the file, then drop its lock."""
+    _unlink(path)
+    os.close(fd)
+
+
+def sweep_stale_pools(min_age_s: float = STALE_MIN_AGE_S) -> list[str]:
+    """Remove pool files whose creator is gone (nobody holds their lock) and that are
+    older than ``min_age_s``; return their names."""
+    swept = []
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if _NAME.match(n)]
+    except OSError:
+        return swept
+    for name in names:
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime < min_age_s:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue                     # its creator is alive
+            _unlink(path)
+            swept.append(name)
+        finally:
+            os.close(fd)
+    if swept:
+        log.warning("removed %d shared KV pool(s) left by processes that died: %s",
+                    len(swept), ", ".join(swept))
+    return swept
 
 
 class ShmKVPool:
@@ -65,10 +117,12 @@ class ShmKVPool:
         if create:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX)       # held until this process ends
                 os.ftruncate(fd, nbytes)
-            finally:
-                os.close(fd)
-            self._finalizer = weakref.finalize(self, _unlink, self.path)
+            except BaseException:
+                _release(self.path, fd)
+                raise
+            self._finalizer = weakref.finalize(self, _release, self.path, fd)
         elif os.path.getsize(self.path) != nbytes:
             raise ValueError(f"shared pool {name} has {os.path.getsize(self.path)} bytes, "
                              f"its announced geometry needs {nbytes}")
@@ -78,7 +132,9 @@ class ShmKVPool:
     @classmethod
     def create(cls, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int,
                head_dim: int, dtype: str = "float32") -> "ShmKVPool":
-        """Allocate a new zero-filled pool; this process owns (and unlinks) it."""
+        """Allocate a new zero-filled pool; this process owns (and unlinks) it. Pools
+        left by dead processes are swept first."""
+        sweep_stale_pools()
         return cls(f"disagg-kv-{uuid.uuid4().hex}", num_layers, num_blocks, num_kv_heads,
                    block_size, head_dim, dtype, create=True)
 
@@ -146,6 +202,7 @@ class ShmKVReceiver(ZmqKVReceiver):
             raise WireError(ErrorCode.UNKNOWN_POOL, f"expected a {self.pool_kind} pool, got "
                             f"kind {peer.pool.get('kind')!r}")
         if name not in self._peer_pools:
+            self._forget_gone_pools()
             try:
                 layers = self._open_pool(peer.pool)
             except (ValueError, OSError, RuntimeError) as exc:
@@ -159,6 +216,13 @@ class ShmKVReceiver(ZmqKVReceiver):
                                 f"dtype) {got} does not match this pool {want}")
             self._peer_pools[name] = layers
         return self.hello
+
+    def _forget_gone_pools(self) -> None:
+        """Unmap peer pools whose file was removed (their creator closed or died)."""
+        for pool in [p for p in self._handles if not os.path.exists(p.path)]:
+            self._peer_pools.pop(pool.name, None)
+            self._handles.remove(pool)
+            pool.close()
 
     def _write(self, msg: KVBlocks, frames: list) -> int:
         if not msg.src_pool:

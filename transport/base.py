@@ -46,8 +46,16 @@ class TransportConfig:
     temp path; an engine's ranks derive theirs with :func:`rank_address`); a
     sender gets the receiver's bound endpoint at ``connect`` time. ``lease_s`` is how long a
     sender keeps blocks pinned without an ACK; ``timeout_s`` bounds every
-    blocking wait. CurveZMQ encryption is on when ``curve_server_public`` is set
-    (receiver also needs ``curve_server_secret``).
+    blocking wait (and a live receiver's HELLO reply). CurveZMQ encryption is on
+    when ``curve_server_public`` is set (receiver also needs ``curve_server_secret``).
+
+    Liveness (see :mod:`transport.liveness`): a sender's link to a decode rank
+    fails when the receiver's ZeroMQ handshake has not completed within
+    ``connect_timeout_s``, or when its heartbeat pings (one every
+    ``heartbeat_s``, answered by the peer's ZeroMQ I/O thread even while its
+    engine is busy) go unanswered for ``heartbeat_timeout_s``: a stopped or
+    killed receiver or a cut link fails the transfer within about
+    ``heartbeat_s + heartbeat_timeout_s`` (2 s by default).
     """
 
     kind: str = "zmq"
@@ -57,6 +65,9 @@ class TransportConfig:
     timeout_s: float = 30.0
     curve_server_public: bytes | None = None
     curve_server_secret: bytes | None = None
+    connect_timeout_s: float = 2.0
+    heartbeat_s: float = 0.5
+    heartbeat_timeout_s: float = 1.5
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -71,6 +82,14 @@ class TransportConfig:
         for name in ("lease_s", "timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
+        for name in ("connect_timeout_s", "heartbeat_s", "heartbeat_timeout_s"):
+            value = getattr(self, name)      # ZeroMQ takes milliseconds (TTL: 0.1 s units, < 6553.6 s)
+            if not isinstance(value, (int, float)) or not 0.001 <= value <= 3600:
+                raise ValueError(f"{name} must be between 0.001 and 3600 seconds, got {value!r}")
+        if not self.heartbeat_timeout_s > self.heartbeat_s:
+            raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed "
+                             f"heartbeat_s ({self.heartbeat_s}): a link is declared dead only "
+                             f"after more than one ping went unanswered")
         if self.curve_server_secret is not None and self.curve_server_public is None:
             raise ValueError("curve_server_secret needs curve_server_public as well")
         for name in ("curve_server_public", "curve_server_secret"):

@@ -4,7 +4,10 @@ One DEALER socket per decode rank. A transfer is one request's blocks to one
 decode rank, sent as one message (whole request) or one per layer range
 (layer-wise, ``final=True`` on the last). Its source blocks stay pinned in a
 :class:`~transport.pins.PinTable` until every message is ACKed, an ERROR
-arrives, or the lease expires.
+arrives, the lease expires, or the link drops: a :class:`~transport.liveness.LinkWatch`
+per decode rank (heartbeats on a side connection, socket events) notices a
+stopped or dead receiver or a cut link within ``heartbeat_s +
+heartbeat_timeout_s`` and an unreachable one within ``connect_timeout_s``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 import zmq
 
 from .base import KVSender, TransportConfig, TransportError, TransportTimeout, pool_geometry
+from .liveness import LinkWatch, set_keepalive
 from .pins import PinTable, ReleaseFn
 from .resharding import ReshardPlan, gather_heads
 from .messages import Ack, Error, Hello, KVBlocks, WireError, WireMessage
@@ -52,7 +56,9 @@ class ZmqKVSender(KVSender):
     behind it at once (ZeroMQ keeps a socket's messages in order), and
     :meth:`poll` checks the reply. A caller that never blocks (an engine rank)
     drives everything through :meth:`poll` and collects outcomes with
-    :meth:`finished`.
+    :meth:`finished`. A link that dies (see :mod:`transport.liveness`) is
+    dropped in :meth:`poll` or :meth:`connected`, failing its transfers; the
+    next :meth:`connect` opens a fresh one.
     """
 
     def __init__(self, config: TransportConfig, kv_caches: list[torch.Tensor], plan: ReshardPlan,
@@ -65,7 +71,8 @@ class ZmqKVSender(KVSender):
         self.bytes_sent = 0
         self._ctx = ctx or zmq.Context.instance()
         self._socks: dict[int, zmq.Socket] = {}
-        self._handshakes: dict[int, float] = {}        # dst rank -> HELLO reply deadline
+        self._watches: dict[int, LinkWatch] = {}
+        self._handshakes: dict[int, tuple[float, float]] = {}   # dst rank -> HELLO (deadline, timeout)
         self._transfers: dict[str, _Transfer] = {}
 
     def _pool_info(self) -> dict:
@@ -74,31 +81,54 @@ class ZmqKVSender(KVSender):
 
     def connect(self, dst_rank: int, endpoint: str, timeout_s: float | None = None,
                 wait: bool = True) -> Hello | None:
-        """Open the link to decode rank ``dst_rank``; with ``wait`` block for its HELLO."""
+        """Open the link to decode rank ``dst_rank``; with ``wait`` block for its HELLO.
+
+        The HELLO reply (from the receiver's engine, which may be busy) may take
+        up to ``timeout_s`` (default ``config.timeout_s``); the connection itself
+        (the receiver's ZeroMQ I/O thread) must come up within
+        ``config.connect_timeout_s``, and heartbeats guard it from then on.
+        """
         self.plan.pairs(self.tp_rank, dst_rank)           # validates the ranks
         timeout_s = timeout_s or self.config.timeout_s
         if dst_rank in self._socks:
             self._drop(dst_rank, "reconnected")
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self.config.curve_server_public is not None:
-            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
-            sock.curve_serverkey = self.config.curve_server_public
-        sock.connect(endpoint)
+        sock = self._dealer()
+        set_keepalive(sock, self.config)
+        try:
+            self._watches[dst_rank] = LinkWatch(sock, self._dealer(), endpoint, self.config)
+        except TransportError:             # a malformed endpoint
+            sock.close(linger=0)
+            raise
         sock.send(encode(self.hello))
         self._socks[dst_rank] = sock
-        self._handshakes[dst_rank] = time.monotonic() + timeout_s
+        self._handshakes[dst_rank] = (time.monotonic() + timeout_s, timeout_s)
         if not wait:
             return None
-        if not sock.poll(int(1000 * timeout_s), zmq.POLLIN):
-            self._drop(dst_rank, "no HELLO reply")
-            raise TransportTimeout(f"no HELLO reply from decode rank {dst_rank} at {endpoint} "
-                                   f"within {timeout_s:.3g} s")
+        deadline = time.monotonic() + timeout_s
+        while not sock.poll(max(1, min(50, int(1000 * (deadline - time.monotonic())))), zmq.POLLIN):
+            try:
+                self._watches[dst_rank].check()
+            except TransportError as exc:
+                self._drop(dst_rank, str(exc))
+                raise type(exc)(f"handshake with decode rank {dst_rank} failed: {exc}") from None
+            if time.monotonic() >= deadline:
+                self._drop(dst_rank, "no HELLO reply")
+                raise TransportTimeout(f"no HELLO reply from decode rank {dst_rank} at {endpoint} "
+                                       f"within {timeout_s:.3g} s")
         try:
             return self._on_hello(dst_rank, decode_header(sock.recv(), (Hello, Error)))
         except (WireError, TransportError) as exc:
             self._drop(dst_rank, str(exc))
             raise TransportError(f"handshake with decode rank {dst_rank} failed: {exc}") from None
+
+    def _dealer(self) -> zmq.Socket:
+        """A DEALER with this transport's options (no linger, CURVE client keys if configured)."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.config.curve_server_public is not None:
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+            sock.curve_serverkey = self.config.curve_server_public
+        return sock
 
     def _on_hello(self, dst_rank: int, peer: WireMessage) -> Hello:
         """Check a decode rank's HELLO reply against this pool and the plan."""
@@ -119,8 +149,10 @@ class ZmqKVSender(KVSender):
 
     def _drop(self, dst_rank: int, reason: str) -> None:
         """Close the link to ``dst_rank`` (queued messages are discarded) and fail its transfers."""
-        sock = self._socks.pop(dst_rank, None)
+        sock, watch = self._socks.pop(dst_rank, None), self._watches.pop(dst_rank, None)
         self._handshakes.pop(dst_rank, None)
+        if watch is not None:
+            watch.close()
         if sock is not None:
             sock.close(linger=0)
         for tid, tr in self._transfers.items():
@@ -129,8 +161,21 @@ class ZmqKVSender(KVSender):
                 self.pins.release(tid, "error")
 
     def connected(self, dst_rank: int) -> bool:
-        """Whether a link to ``dst_rank`` is open (its handshake may still be pending)."""
+        """Whether a link to ``dst_rank`` is open (its handshake may still be pending).
+
+        Links found dead are dropped first, so a caller that reconnects when
+        this is False gets a fresh link instead of queueing into a dead one.
+        """
+        self._check_links(time.monotonic())
         return dst_rank in self._socks
+
+    def _check_links(self, now: float) -> None:
+        """Drop every link whose :class:`LinkWatch` reports it dead."""
+        for q, watch in list(self._watches.items()):
+            try:
+                watch.check(now)
+            except TransportError as exc:
+                self._drop(q, str(exc))
 
     def send(self, request_id: str, dst_rank: int, src_block_ids: list[int],
              dst_block_ids: list[int], epochs: list[int], layers: tuple[int, int] | None = None,
@@ -195,8 +240,12 @@ class ZmqKVSender(KVSender):
         for q, sock in self._socks.items():
             poller.register(sock, zmq.POLLIN)
             ranks[sock] = q
+            for mon in self._watches[q].monitors:       # a link event ends the wait too
+                poller.register(mon, zmq.POLLIN)
         for sock, _ in poller.poll(int(timeout_s * 1000)) if self._socks else []:
-            q = ranks[sock]
+            q = ranks.get(sock)
+            if q is None:                               # a monitor: read by _check_links below
+                continue
             while q in self._socks:
                 try:
                     reply = decode_header(sock.recv(zmq.NOBLOCK))
@@ -214,8 +263,9 @@ class ZmqKVSender(KVSender):
                 elif isinstance(reply, (Ack, Error)):
                     self._on_reply(reply)
         now = time.monotonic()
-        for q in [q for q, t in self._handshakes.items() if t <= now]:
-            self._drop(q, f"no HELLO reply within {self.config.timeout_s:.3g} s")
+        self._check_links(now)                          # after the replies: ACKs that made it count
+        for q in [q for q, (t, _) in self._handshakes.items() if t <= now]:
+            self._drop(q, f"no HELLO reply within {self._handshakes[q][1]:.3g} s")
         for tid in self.pins.expire(now):
             tr = self._transfers.get(tid)
             if tr is not None and not tr.done:

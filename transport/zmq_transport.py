@@ -9,6 +9,11 @@ frames leave the source pool with ``copy=False`` when the blocks are one
 contiguous span with all heads, else from one gathered staging buffer. The
 receiver reads frames in place (``recv_multipart(copy=False)`` +
 ``torch.frombuffer``) and copies them into its pool after validation.
+
+Each sender also connects an idle heartbeat DEALER (see
+:mod:`transport.liveness`); the ROUTER's I/O thread answers its pings, so a
+receiver whose engine is busy still counts as alive, and the application
+never sees that connection.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 import zmq
 
 from .base import KVReceiver, TransportConfig, TransportError, TransportTimeout, pool_geometry
+from .liveness import set_keepalive
 from .pending import PendingLoads
 from .resharding import scatter_heads
 from .messages import Ack, Error, ErrorCode, Hello, KVBlocks, WireError
@@ -46,6 +52,7 @@ class ZmqKVReceiver(KVReceiver):
         self._sock = (ctx or zmq.Context.instance()).socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + (1 << 20))
+        set_keepalive(self._sock, config)        # closes half-open links of vanished senders
         if config.curve_server_secret is not None:
             self._sock.curve_server = True
             self._sock.curve_publickey = config.curve_server_public

@@ -40,6 +40,21 @@ def test_tp_with_replicated_kv_heads(tiny_llama):
     assert [o.output_token_ids for o in outs] == expected
 
 
+def test_tp_ranks_ignore_a_terminal_ctrl_c(tiny_llama):
+    """Ctrl-C reaches the whole process group; the ranks leave stopping to the driver
+    (a node drains before it closes its engine)."""
+    import os
+    import signal
+    prompt = random_prompts(1, 256, 5, 20, seed=9)
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    with _engine(tiny_llama, tensor_parallel_size=2, torch_threads=1) as engine:
+        for proc in engine.workers.procs:
+            os.kill(proc.pid, signal.SIGINT)
+        outs = engine.generate(prompt, params)
+        assert all(proc.is_alive() for proc in engine.workers.procs)
+    assert outs[0].output_token_ids == hf_greedy(tiny_llama, prompt[0], 6, ignore_eos=True)
+
+
 def test_batch_invariance_with_small_chunks(tiny_llama):
     prompts = random_prompts(16, 256, 10, 60, seed=3)
     params = SamplingParams(max_tokens=10, **GREEDY)

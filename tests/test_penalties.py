@@ -127,3 +127,18 @@ def test_bad_histories_and_ids_raise():
     with pytest.raises(ValueError, match="logit_bias"):
         apply_penalties(logits, [SamplingParams(logit_bias={VOCAB: 1.0})] * 2,
                         [TokenHistory([1], 1)] * 2)
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 1e-300, 1e300, 1.7e308])
+def test_extreme_repetition_penalties_keep_logits_finite_and_sample(penalty):
+    # found by schemathesis: 5e-324 is a valid double > 0 but 0 in float32; the division
+    # made inf logits, the softmax NaN, and the sampler's error killed the decode node
+    logits = torch.randn(2, VOCAB) * 4.0
+    logits[:, 0] = 0.0                                          # 0 * inf would be NaN
+    hist = [TokenHistory([0, 5, 6, 7], 2)] * 2
+    params = [SamplingParams(repetition_penalty=penalty, temperature=0),
+              SamplingParams(repetition_penalty=penalty, temperature=1.0, top_p=0.9)]
+    out = apply_penalties(logits, params, hist)
+    assert torch.isfinite(out).all()
+    sampled = Sampler()(logits, params, [None, make_generator(0, "cpu")], hist)
+    assert all(0 <= t < VOCAB for t in sampled.token_ids)

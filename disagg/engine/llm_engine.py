@@ -85,7 +85,8 @@ class LLMEngine:
     # ---- requests ---------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, kv_mode: KVMode | None = None,
-                    kv_target: KVLoadTarget | dict | None = None) -> str:
+                    kv_target: KVLoadTarget | dict | None = None,
+                    resume_token_ids: list[int] | None = None) -> str:
         """Queue a request; bad input raises ``ValueError`` and changes nothing.
 
         ``kv_mode`` defaults from the role: a prefill engine runs every request
@@ -93,19 +94,29 @@ class LLMEngine:
         ``kv_target`` (prefill role with a transport): the decode engine's
         :class:`KVLoadTarget` for this prompt; the KV is sent there as it is
         computed and the blocks are released once every rank's send ended.
+        ``resume_token_ids``: output the request already has (it was migrated from
+        another engine); it starts with them as its output and prefills prompt +
+        them, as after a preemption, so ``max_tokens``, penalties, stop strings and
+        ``output_token_ids`` count them and the final ``text`` covers them. Only for
+        local requests without ``prompt_logprobs``.
         """
         if kv_mode is None:
             kv_mode = KVMode.PREFILL_ONLY if self.config.role == "prefill" else KVMode.LOCAL
         params = params or SamplingParams()
         ids = self._tokenize(prompt)
+        resume = self._check_resume(resume_token_ids or [], params, KVMode(kv_mode))
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.scheduler.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the context length is "
                              f"{self.max_model_len}, leaving no room to generate")
-        if -(-len(ids) // self.config.block_size) > self.num_blocks:
-            raise ValueError(f"prompt of {len(ids)} tokens needs more KV blocks than the "
+        if resume and len(ids) + len(resume) >= self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) and resumed output ({len(resume)}) "
+                             f"reach the context length {self.max_model_len}")
+        total = len(ids) + len(resume)
+        if -(-total // self.config.block_size) > self.num_blocks:
+            raise ValueError(f"prompt of {total} tokens needs more KV blocks than the "
                              f"{self.num_blocks} this engine has (raise kv_cache_memory)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
@@ -125,9 +136,30 @@ class LLMEngine:
         gen = make_generator(params.seed, self.runner.device if self.runner else "cpu") \
             if not params.greedy else None
         req = Request(rid, ids, params, eos_token_ids=self.eos_token_ids, kv_mode=KVMode(kv_mode),
-                      generator=gen, kv_target=kv_target)
+                      generator=gen, kv_target=kv_target, resume_token_ids=resume)
         self.scheduler.add(req)
         return rid
+
+    def _check_resume(self, resume: list[int], params: SamplingParams,
+                      kv_mode: KVMode) -> list[int]:
+        """``resume_token_ids`` checked against the request (``ValueError``), as a list."""
+        if not resume:
+            return []
+        vocab = self.model_config.vocab_size
+        if not isinstance(resume, (list, tuple)) or any(
+                isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
+                for t in resume):
+            raise ValueError(f"resume token ids must be integers in [0, {vocab})")
+        if kv_mode is not KVMode.LOCAL:
+            raise ValueError(f"a resumed request runs locally (prefilling prompt + resumed "
+                             f"output here); kv_mode {kv_mode.value} cannot resume")
+        if params.prompt_logprobs is not None:
+            raise ValueError("a resumed request cannot return prompt_logprobs (its first "
+                             "part already did)")
+        if len(resume) >= params.max_tokens:
+            raise ValueError(f"{len(resume)} resumed tokens leave nothing to generate under "
+                             f"max_tokens={params.max_tokens}")
+        return list(resume)
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -155,6 +187,21 @@ class LLMEngine:
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         self.outputs.forget(request_id)
         return True
+
+    def abort_all(self) -> int:
+        """Abort every request this engine holds (as :meth:`abort_request`) and drop
+        outputs not yet reported; return how many there were. A node calls it when
+        its router restarted: nobody is left to read those requests' tokens."""
+        rids = list(self.scheduler.requests)
+        for rid in rids:
+            self.abort_request(rid)
+        self._pending = []
+        return len(rids)
+
+    def is_idle(self) -> bool:
+        """Whether the engine holds nothing: no request in any state (waiting, running,
+        waiting for KV, pinned), no output to report, no KV transfer in flight."""
+        return not self.scheduler.requests and not self.has_unfinished()
 
     def notify_kv_ready(self, request_id: str, first_token_id: int) -> None:
         """Hook 2: a LOAD_REMOTE request's first token, computed by the remote prefill.

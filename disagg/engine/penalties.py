@@ -95,9 +95,13 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
         prompts = [h.prompt if p.repetition_penalty != 1.0 else () for h, p in zip(hist, ps)]
         seen = torch.unique(torch.cat([out_keys, _keys(prompts, rows, vocab, "prompt", device)]))
         rep = _per_row([p.repetition_penalty for p in ps], rows, len(params), device)
-        rep = rep[seen // vocab]                                              # (S,)
+        # a penalty that is a normal double may be 0 or inf in float32 (5e-324, 1e300):
+        # keep it inside float32's normal range and the results finite, or the row's
+        # softmax turns to NaN and the sampler fails the whole step
+        fmax = torch.finfo(rep.dtype).max
+        rep = rep.clamp(torch.finfo(rep.dtype).tiny, fmax)[seen // vocab]   # (S,)
         vals = flat[seen]                                                     # (S,)
-        flat[seen] = torch.where(vals > 0, vals / rep, vals * rep)
+        flat[seen] = torch.where(vals > 0, vals / rep, vals * rep).clamp(-fmax, fmax)
     if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in ps):
         tokens, counts = torch.unique(out_keys, return_counts=True)           # (U,), (U,)
         row = tokens // vocab

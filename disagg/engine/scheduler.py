@@ -131,13 +131,25 @@ class Scheduler:
         return True
 
     def load(self) -> dict:
-        """Queue and cache figures a node reports in heartbeats."""
+        """Queue and cache figures a node reports in heartbeats.
+
+        The last four let anyone outside prove nothing leaked (all 0 once idle):
+        ``num_requests``: requests held in any state (waiting, running, waiting for
+        KV, pinned); ``num_used_blocks``: KV blocks held by requests (free blocks kept
+        for the prefix cache not counted); ``num_pinned``: prefill-only requests whose
+        blocks stay pinned until their KV send ends or is released; ``num_kv_sends``:
+        requests whose KV send has not ended on every rank (the transport still pins
+        their source blocks until the receiver acknowledges, or the lease runs out).
+        """
         queued = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
         queued += sum(r.num_tokens - r.num_computed_tokens for r in self.running
                       if r.num_tokens - r.num_computed_tokens > 1)
         return {"queued_prefill_tokens": queued, "num_running": len(self.running),
                 "num_waiting": len(self.waiting), "num_waiting_for_kv": len(self.waiting_for_kv),
-                "num_pinned": len(self.pinned), "kv_usage": self.blocks.pool.usage}
+                "num_pinned": len(self.pinned), "kv_usage": self.blocks.pool.usage,
+                "num_requests": len(self.requests),
+                "num_used_blocks": self.blocks.pool.num_used_blocks,
+                "num_kv_sends": sum(1 for rid in self.requests if self.connector.holds(rid))}
 
     def kv_received(self, request_id: str) -> None:
         """The connector delivered every block to every rank (ignored if it fell back meanwhile)."""

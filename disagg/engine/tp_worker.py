@@ -21,6 +21,7 @@ With TP = 1 the driver runs the model itself and none of this is used.
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import socket
 import sys
 import traceback
@@ -54,6 +55,11 @@ def threads_per_rank(config: EngineConfig) -> int:
 def _worker_main(config: EngineConfig, model_cfg, model_dir: Path | None, rank: int,
                  num_blocks: int, init_method: str, conn, connector_cls) -> None:
     from disagg.engine.model_runner import ModelRunner
+    # A terminal's Ctrl-C reaches the whole process group: the driver decides when its
+    # ranks stop (a node drains first), so a rank ignores SIGINT and ends when the
+    # driver closes its pipe (or dies: the pipe closes then too). SIGTERM still ends a
+    # rank (a rank stuck in a collective must stay killable by a process-group signal).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         torch.set_num_threads(threads_per_rank(config))
         init_tensor_parallel(rank, config.tensor_parallel_size, init_method, config.device)

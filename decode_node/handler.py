@@ -15,7 +15,8 @@ log = logging.getLogger("disagg.decode")
 
 
 class DecodeHandler(RoleHandler):
-    """``Generate`` → a local or load-remote request; outputs → ``KVTarget`` / ``StepTokens``.
+    """``Generate`` → a local or load-remote request (a migrated one resumes with the
+    output its client already has); outputs → ``KVTarget`` / ``StepTokens``.
 
     Where a request's prefill ran is reported with its last tokens: "remote"
     when its KV arrived (or its first token alone finished it), "fallback"
@@ -34,6 +35,12 @@ class DecodeHandler(RoleHandler):
         if isinstance(msg, m.Generate):
             self._generate(msg)
         elif isinstance(msg, m.FirstToken):
+            if not 0 <= msg.token_id < self.engine.model_config.vocab_size:
+                # a broken prefill's token would crash the model's embedding: prefill here
+                log.error("first token %d for %s is outside the vocabulary; prefilling it here",
+                          msg.token_id, msg.rid)
+                self.engine.fall_back_to_local(msg.rid)
+                return
             try:
                 self.engine.notify_kv_ready(msg.rid, msg.token_id)
             except KeyError:        # fell back or aborted meanwhile: computed here instead
@@ -49,10 +56,18 @@ class DecodeHandler(RoleHandler):
 
     def _generate(self, msg: m.Generate) -> None:
         now = time.monotonic()
+        if self.engine.abort_request(msg.rid):
+            # the router presumed this node lost and moved the request back here: its
+            # word is the newest, so the copy still running here goes
+            log.warning("request %s came again; dropped the copy running here", msg.rid)
+            self._forget(msg.rid)
         try:
+            # a resumed request (migrated from a lost node) with remote=True is refused
+            # by the engine: it prefills its prompt + resumed output here
             self.engine.add_request(msg.prompt_token_ids, SamplingParams.from_dict(msg.params),
                                     request_id=msg.rid,
-                                    kv_mode=KVMode.LOAD_REMOTE if msg.remote else KVMode.LOCAL)
+                                    kv_mode=KVMode.LOAD_REMOTE if msg.remote else KVMode.LOCAL,
+                                    resume_token_ids=msg.resume_token_ids)
         except (ValueError, TypeError) as exc:
             log.warning("refused request %s: %s", msg.rid, exc)
             self.send(m.Rejected(msg.rid, str(exc)))

@@ -8,6 +8,8 @@ deployments through :class:`LocalCluster`::
         httpx.post(c.http_url + "/v1/completions", json=...)
         c.kill("prefill-0")            # SIGKILL one node (fault tests)
         c.start_node("prefill", tp=1)  # and bring up another
+        c.restart_node("prefill-0")    # or the same one again (same name and node id)
+        c.kill("router"); c.restart_router()   # a new router on the same control address
 
 Each child's output goes to ``log_dir/NAME.log`` (or is inherited when
 ``log_dir`` is None, as ``disagg serve`` does). Ports are chosen by the OS.
@@ -33,14 +35,17 @@ from transport.base import KINDS
 class ClusterConfig:
     """What to start. ``node_args`` are extra flags for every node (engine flags);
     ``prefill_args`` / ``decode_args`` go to that role's nodes only (after
-    ``node_args``, so they win), e.g. ``("--cpus", "0", "--torch-threads", "1")``.
+    ``node_args``, so they win), e.g. ``("--cpus", "0", "--torch-threads", "1")``;
+    ``router_args`` are extra router flags, e.g. ``("--drain-timeout-s", "60")``.
 
     ``node_nice``: nodes start with this nice value (``--nice``), the router with 0,
     so on shared cores the router's few milliseconds of work per engine step preempt
     the nodes' torch threads instead of queueing behind them. Measured with
     ``disagg bench router`` on 2 cores (benchmarks.md, "Router overhead"): nice 10
     cut the router-only overhead p50 from 3.3 to 1.8 ms at 1 stream and from 9.8 to
-    8.1 ms at 32, tokens/s unchanged (the nodes still get every idle cycle)."""
+    8.1 ms at 32, tokens/s unchanged (the nodes still get every idle cycle).
+
+    ``reject_ttft_slo_s``: the router's ``--reject-ttft-slo-s`` (None: off)."""
 
     model: str = "default"
     prefill_tp: int = 1
@@ -54,11 +59,13 @@ class ClusterConfig:
     port: int = 0
     api_key: str | None = None
     max_inflight: int = 256
+    reject_ttft_slo_s: float | None = None
     node_timeout_s: float = 3.0
     node_nice: int = 10
     node_args: tuple[str, ...] = ()
     prefill_args: tuple[str, ...] = ()
     decode_args: tuple[str, ...] = ()
+    router_args: tuple[str, ...] = ()
     log_dir: str | None = None
     startup_timeout_s: float = 180.0
 
@@ -74,6 +81,9 @@ class ClusterConfig:
             raise ValueError(f"node_nice must be an int in 0..19, got {self.node_nice!r}")
         if self.startup_timeout_s <= 0 or self.node_timeout_s <= 0:
             raise ValueError("startup_timeout_s and node_timeout_s must be > 0")
+        if self.reject_ttft_slo_s is not None and not 0 < self.reject_ttft_slo_s < float("inf"):
+            raise ValueError(f"reject_ttft_slo_s must be None or seconds > 0, got "
+                             f"{self.reject_ttft_slo_s!r}")
 
 
 @dataclass
@@ -85,6 +95,7 @@ class LocalCluster:
     http_url: str = ""
     control_address: str = ""
     _counts: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    _nodes: dict = field(default_factory=dict)      # node name → (role, tp)
     _tmp: tempfile.TemporaryDirectory | None = None
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
@@ -104,22 +115,8 @@ class LocalCluster:
         """Start the router and the configured nodes; return once every node registered."""
         c = self.config
         self._tmp = tempfile.TemporaryDirectory(prefix="disagg-cluster-")
-        ready = Path(self._tmp.name) / "router.json"
-        args = ["router", "--host", c.host, "--port", str(c.port), "--model", c.model,
-                "--control-address", f"tcp://{c.host}:*", "--policy", c.policy,
-                "--max-inflight", str(c.max_inflight), "--node-timeout-s", str(c.node_timeout_s),
-                "--ready-file", str(ready)]
-        for opt in c.policy_options:
-            args += ["--policy-option", opt]
-        if c.api_key:
-            args += ["--api-key", c.api_key]
-        router = self._spawn("router", args)
         deadline = time.monotonic() + c.startup_timeout_s
-        while not ready.exists():
-            self._check_alive(router, "router", deadline)
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
-        self.http_url, self.control_address = info["http"], info["control"]
+        self._start_router(f"tcp://{c.host}:*", c.port, deadline)
         for _ in range(c.num_prefill):
             self.start_node("prefill", c.prefill_tp, wait=False)
         for _ in range(c.num_decode):
@@ -127,23 +124,74 @@ class LocalCluster:
         self.wait_nodes(c.num_prefill, c.num_decode, deadline)
         return self
 
+    def _start_router(self, control_address: str, port: int, deadline: float) -> None:
+        """Spawn the router on ``control_address`` and HTTP ``port``; wait for its ready file."""
+        c = self.config
+        ready = Path(self._tmp.name) / f"router-{time.monotonic_ns()}.json"
+        args = ["router", "--host", c.host, "--port", str(port), "--model", c.model,
+                "--control-address", control_address, "--policy", c.policy,
+                "--max-inflight", str(c.max_inflight), "--node-timeout-s", str(c.node_timeout_s),
+                "--ready-file", str(ready)]
+        for opt in c.policy_options:
+            args += ["--policy-option", opt]
+        if c.api_key:
+            args += ["--api-key", c.api_key]
+        if c.reject_ttft_slo_s is not None:
+            args += ["--reject-ttft-slo-s", repr(c.reject_ttft_slo_s)]
+        args += list(c.router_args)
+        router = self._spawn("router", args)
+        while not ready.exists():
+            self._check_alive(router, "router", deadline)
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        self.http_url, self.control_address = info["http"], info["control"]
+
+    def restart_router(self, wait_nodes: bool = True) -> None:
+        """Start a new router process on the addresses of the old one (the control
+        address the nodes were given, the same HTTP port), after the old one exited
+        (``RuntimeError`` if it still runs). With ``wait_nodes``, return once every
+        node still running registered with it again (they do so by themselves)."""
+        old = self.procs.get("router")
+        if old is not None and old.poll() is None:
+            raise RuntimeError("the router is still running; kill or stop it first")
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        port = int(self.http_url.rsplit(":", 1)[1])
+        self._start_router(self.control_address, port, deadline)
+        if wait_nodes:
+            alive = [r for n, (r, _) in self._nodes.items()
+                     if n in self.procs and self.procs[n].poll() is None]
+            self.wait_nodes(alive.count("prefill"), alive.count("decode"), deadline)
+
     def start_node(self, role: str, tp: int, wait: bool = True) -> str:
         """Start one more ``role`` node (named ``role-N``); return its name."""
         name = f"{role}-{self._counts[role]}"
         self._counts[role] += 1
-        self._spawn(name, [f"{role}_node", "--router", self.control_address, "--node-id", name,
-                           "--model", self.config.model, "--tp", str(tp),
-                           "--kv-transport", self.config.kv_transport,
-                           "--kv-address", f"tcp://{self.config.host}:*",
-                           "--nice", str(self.config.node_nice), *self.config.node_args,
-                           *(self.config.prefill_args if role == "prefill"
-                             else self.config.decode_args)])
-        if wait:
-            have = self.health()
-            self.wait_nodes(have.get("prefill_nodes", 0) + (role == "prefill"),
-                            have.get("decode_nodes", 0) + (role == "decode"),
-                            time.monotonic() + self.config.startup_timeout_s)
+        self._nodes[name] = (role, tp)
+        self._spawn_node(name, wait)
         return name
+
+    def restart_node(self, name: str, wait: bool = True) -> None:
+        """Start node ``name`` again, with the same node id, role and TP, after its process
+        exited (``RuntimeError`` if it still runs; ``KeyError`` for a name never started)."""
+        self._nodes[name]                              # KeyError for an unknown name
+        proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            raise RuntimeError(f"{name} is still running (pid {proc.pid})")
+        self._spawn_node(name, wait)
+
+    def _spawn_node(self, name: str, wait: bool) -> None:
+        role, tp = self._nodes[name]
+        proc = self._spawn(name, [
+            f"{role}_node", "--router", self.control_address, "--node-id", name,
+            "--model", self.config.model, "--tp", str(tp),
+            "--kv-transport", self.config.kv_transport,
+            "--kv-address", f"tcp://{self.config.host}:*",
+            "--nice", str(self.config.node_nice), *self.config.node_args,
+            *(self.config.prefill_args if role == "prefill" else self.config.decode_args)])
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while wait and self.health().get("nodes", {}).get(name, {}).get("pid") != proc.pid:
+            self._check_alive(proc, name, deadline)    # registered as this very process
+            time.sleep(0.1)
 
     def health(self) -> dict:
         """The router's ``/health`` body (whatever its status code)."""

@@ -4,11 +4,18 @@ The one-command deployment: it starts the three processes through
 :class:`~disagg.cluster.LocalCluster` (their output goes to this terminal),
 prints one ready line with the OpenAI base URL, then supervises them:
 
-- SIGINT (Ctrl-C) or SIGTERM: stop every child, print ``stopped``, exit 0.
-  A terminal's Ctrl-C reaches the children too (same process group) and they
-  stop themselves; once shutdown began, their exits are expected.
-- a child exits on its own: say which one and its exit code, stop the
-  rest, exit 1.
+- a node exits on its own: say which one and its exit code, and start it again
+  under the same name (node id) after a back-off (:class:`RestartBackoff`: 1 s,
+  doubling up to 30 s, back to 1 s once a run lasted a minute). The router
+  counts it (``disagg_node_restarts_total``) and keeps answering meanwhile:
+  without the prefill node prompts are prefilled on the decode node, without
+  the decode node new requests get 503 with ``Retry-After``.
+- the router exits on its own: say so, stop the nodes, exit 1.
+- SIGINT (Ctrl-C) or SIGTERM: stop every child (SIGTERM: nodes drain, the
+  router finishes its streams; whatever is still up 20 s later is killed),
+  print ``stopped``, exit 0. A terminal's Ctrl-C reaches the children too
+  (same process group) and they stop themselves; once shutdown began, their
+  exits are expected.
 - start-up fails: say why, stop whatever started, exit 2.
 
 Layout (:func:`plan_layout`, printed at start-up, one line per process): the
@@ -66,6 +73,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' (env DISAGG_API_KEY)")
     p.add_argument("--max-inflight", type=int, default=256,
                    help="requests in flight before new ones get 429")
+    p.add_argument("--reject-ttft-slo-s", type=float, default=None, metavar="S",
+                   help="refuse at once (429) requests whose predicted time to first token "
+                        "exceeds S seconds, once the cost model has measured a few (default: off)")
     p.add_argument("--startup-timeout-s", type=float, default=180.0,
                    help="give up if the nodes have not registered by then")
     g = p.add_argument_group("process layout (default: split the cores between the nodes "
@@ -175,6 +185,9 @@ def cluster_config_from_args(a: argparse.Namespace, layout: Layout | None = None
     core ``layout`` (default: no pinning); ``ValueError`` if bad."""
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {a.port}")
+    if a.reject_ttft_slo_s is not None and not 0 < a.reject_ttft_slo_s < float("inf"):
+        raise ValueError(f"--reject-ttft-slo-s must be a number of seconds > 0, got "
+                         f"{a.reject_ttft_slo_s}")
     node_args: list[str] = []
     for attr, flag in NODE_FLAGS:
         value = getattr(a, attr)
@@ -185,6 +198,7 @@ def cluster_config_from_args(a: argparse.Namespace, layout: Layout | None = None
                          policy=a.policy, policy_options=tuple(a.policy_option),
                          kv_transport=a.kv_transport, host=a.host, port=a.port,
                          api_key=a.api_key, max_inflight=a.max_inflight,
+                         reject_ttft_slo_s=a.reject_ttft_slo_s,
                          node_args=tuple(node_args), prefill_args=layout.node_args("prefill"),
                          decode_args=layout.node_args("decode"), log_dir=None,
                          startup_timeout_s=a.startup_timeout_s)
@@ -216,18 +230,54 @@ def curl_example(base_url: str, model: str, api_key: bool) -> str:
             f"-d '{body}'")
 
 
-def _supervise(cluster: LocalCluster, stop: threading.Event) -> int:
-    """Wait for a stop signal (→ 0) or a child exiting on its own (→ 1)."""
+class RestartBackoff:
+    """How long to wait before restarting a node that died: ``first_s``, doubling on
+    each death up to ``max_s``, back to ``first_s`` once a run lasted ``stable_s``."""
+
+    def __init__(self, first_s: float = 1.0, max_s: float = 30.0,
+                 stable_s: float = 60.0) -> None:
+        if not 0 < first_s <= max_s or stable_s <= 0:
+            raise ValueError(f"need 0 < first_s <= max_s and stable_s > 0, got first_s "
+                             f"{first_s!r}, max_s {max_s!r}, stable_s {stable_s!r}")
+        self.first_s, self.max_s, self.stable_s = first_s, max_s, stable_s
+        self._next: dict[str, float] = {}
+
+    def delay(self, name: str, uptime_s: float) -> float:
+        """The wait before restarting ``name``, whose last run lasted ``uptime_s``."""
+        delay = self.first_s if uptime_s >= self.stable_s else self._next.get(name, self.first_s)
+        self._next[name] = min(delay * 2, self.max_s)
+        return delay
+
+
+def _supervise(cluster: LocalCluster, stop: threading.Event,
+               backoff: RestartBackoff | None = None) -> int:
+    """Restart dead nodes (after ``backoff``) until a stop signal (→ 0) or the router
+    exiting on its own (→ 1)."""
+    backoff = backoff or RestartBackoff()
+    started = {name: time.monotonic() for name in cluster.procs}
+    due: dict[str, float] = {}                  # node name → when to restart it
     while not stop.wait(0.2):
-        dead = [(n, p) for n, p in cluster.procs.items() if p.poll() is not None]
-        if not dead:
-            continue
-        if stop.wait(0.5):      # a terminal Ctrl-C reaches the children first, sometimes
+        router = cluster.procs["router"]
+        dead = [(n, p) for n, p in cluster.procs.items()
+                if n not in due and p.poll() is not None]
+        if dead and stop.wait(0.5):    # a terminal Ctrl-C reaches the children first, sometimes
             return 0
+        if router.poll() is not None:
+            _say(f"router (pid {router.pid}) exited unexpectedly with code "
+                 f"{router.returncode}; stopping the nodes")
+            return 1
+        now = time.monotonic()
         for name, proc in dead:
-            _say(f"{name} (pid {proc.pid}) exited unexpectedly with code {proc.returncode}; "
-                 "stopping the rest")
-        return 1
+            up = now - started[name]
+            delay = backoff.delay(name, up)
+            due[name] = now + delay
+            _say(f"{name} (pid {proc.pid}) exited unexpectedly with code {proc.returncode} "
+                 f"after {up:.0f} s; restarting it in {delay:g} s")
+        for name in [n for n, at in due.items() if at <= time.monotonic()]:
+            del due[name]
+            cluster.restart_node(name, wait=False)
+            started[name] = time.monotonic()
+            _say(f"{name} restarted (pid {cluster.procs[name].pid})")
     return 0
 
 
@@ -272,7 +322,8 @@ def run_serve(a: argparse.Namespace) -> int:
               f"prefill pid {procs['prefill-0'].pid}, decode pid {procs['decode-0'].pid})",
               file=sys.stderr, flush=True)
         print(f"  try: {curl_example(base, name, bool(config.api_key))}", file=sys.stderr, flush=True)
-        print("  Ctrl-C stops all three.", file=sys.stderr, flush=True)
+        print("  Ctrl-C stops all three; a node that dies is started again.", file=sys.stderr,
+              flush=True)
         code = _supervise(cluster, stop)
     except _Interrupted:
         code = 0

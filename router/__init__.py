@@ -15,4 +15,5 @@ remotely; then it streams tokens back. Start it with ``disagg router``.
     tokenizer.py        tokens + chat template, no torch  detokenizer.py  incremental text
     policy.py (+ route_types, calibration, estimates)
     metrics.py          Prometheus metrics (prometheus_client)
+    migration.py        a lost decode node's requests move on   connections.py  node deaths
 """

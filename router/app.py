@@ -3,16 +3,18 @@
     POST /v1/completions        prompt(s) as text or token ids; stream=true → SSE
     POST /v1/chat/completions   messages through the model's chat template
     GET  /v1/models             the served model
-    GET  /health                200 once a decode node is up, else 503
+    GET  /health                200 once a decode node is up, else 503; each node's state
     GET  /metrics               Prometheus text
     GET  /openapi.json, /docs   the schema (request models from router.protocol)
 
 Every refusal is an OpenAI error body with a 4xx status: 400 bad input,
 401 wrong or missing API key (when one is set), 404 unknown model, 429 when
 ``max_inflight`` engine requests are already in flight (with ``Retry-After``;
-a request with ``n`` > 1, ``best_of`` or several prompts counts as that many),
-503 while no decode node is up. A handler bug becomes a 500 error body, logged;
-the nodes never see a request the router could not validate.
+a request with ``n`` > 1, ``best_of`` or several prompts counts as that many)
+or when its predicted time to first token exceeds the SLO (:mod:`router.admission`),
+503 while no decode node is up (with ``Retry-After`` too: a supervisor is
+bringing one back, or a draining one is leaving). A handler bug becomes a 500
+error body, logged; the nodes never see a request the router could not validate.
 """
 
 from __future__ import annotations
@@ -117,12 +119,13 @@ def create_app(dispatcher: Dispatcher, registry: CollectorRegistry, tokenizer, m
             # The capacity check and the submits have no await between them, so a burst
             # cannot slip past the limit while its bodies are being read.
             if len(dispatcher.inflight) + total > max_inflight:
+                metrics.rejected.labels(reason="max_inflight").inc()
                 raise ProtocolError(429, f"the server is at capacity ({max_inflight} requests in "
                                          f"flight); retry after {retry_after_s} s",
                                     code="rate_limit_exceeded", type="rate_limit_error")
             reqs = submit(prompts, budgets, parsed, arrival)
         except ProtocolError as exc:
-            headers = {"Retry-After": str(retry_after_s)} if exc.status == 429 else None
+            headers = {"Retry-After": str(retry_after_s)} if exc.status in (429, 503) else None
             return error(exc, headers)
         spec = ResponseSpec(chat=chat, n=parsed.n, copies=parsed.copies,
                             logprobs=parsed.response_logprobs,
@@ -192,12 +195,19 @@ def create_app(dispatcher: Dispatcher, registry: CollectorRegistry, tokenizer, m
 
     @app.get("/health")
     async def health():
+        """Counts of the nodes taking requests (draining ones not counted), every
+        registered node's role and state ("up" | "draining"), this router's id."""
         reg = dispatcher.registry
-        body = {"decode_nodes": len(reg.of_role("decode")),
-                "prefill_nodes": len(reg.of_role("prefill")),
-                "inflight": len(dispatcher.inflight)}
+        body = {"decode_nodes": len(reg.usable("decode")),
+                "prefill_nodes": len(reg.usable("prefill")),
+                "inflight": len(dispatcher.inflight),
+                "nodes": {n.node_id: {"role": n.info.role, "state": n.state, "pid": n.info.pid}
+                          for n in reg.nodes.values()},
+                "router_id": dispatcher.router_id}
         body["status"] = "ok" if body["decode_nodes"] else "no_decode_node"
-        return JSONResponse(body, status_code=200 if body["decode_nodes"] else 503)
+        return JSONResponse(body, status_code=200 if body["decode_nodes"] else 503,
+                            headers=None if body["decode_nodes"] else
+                            {"Retry-After": str(retry_after_s)})
 
     @app.get("/metrics")
     async def prometheus():

@@ -200,6 +200,13 @@ class Calibration:
         steps = math.ceil(tokens / max(self.config.chunk_tokens - num_running, 1))
         return steps * self.decode_step.get(decode_node).slope * num_running
 
+    def observations(self, route: str) -> int:
+        """Fewest observations among the fits a ``route`` TTFT prediction uses ("local":
+        the decode role's prefill; "remote": the prefill role's prefill and the link)."""
+        if route == "local":
+            return self.prefill["decode"].shared.count
+        return min(self.prefill["prefill"].shared.count, self.link.count)
+
     def min_count(self) -> int:
         """Fewest observations among the fits a decision needs (both prefill roles, link)."""
         return min(self.prefill["prefill"].shared.count, self.prefill["decode"].shared.count,

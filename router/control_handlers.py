@@ -3,6 +3,13 @@
 Every handler runs on the serving loop and returns at once. Messages about a
 request the router no longer knows (it ended, or the router restarted) get
 an ``Abort`` back, so the node frees its blocks.
+
+Node life as the router sees it: ``Register`` (a known node id with a new pid
+counts as a restart, ``disagg_node_restarts_total``) → heartbeats (load, the
+leak gauges ``disagg_node_requests`` etc.) → ``Drain`` (still registered, never
+picked; a request that crossed the Drain comes back ``Rejected(DRAINING)`` and
+is routed again) → ``Deregister`` (removed; what it still held is recovered as
+for a lost node, but it is not counted "down": it left on purpose).
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ class ControlHandlers:
         self._table = {m.Register: self.register, m.Heartbeat: self.heartbeat,
                        m.KVTarget: self.kv_target, m.FirstToken: self.first_token,
                        m.KVSent: self.kv_sent, m.Tokens: self.tokens,
-                       m.StepTokens: self.step_tokens, m.Rejected: self.rejected}
+                       m.StepTokens: self.step_tokens, m.Rejected: self.rejected,
+                       m.Drain: self.drain, m.Deregister: self.deregister}
+        self._pids: dict[str, int] = {}     # node id → pid it last registered with
+        self._gauged: set[str] = set()      # node ids with per-node gauge series
 
     def handle(self, node_id: str, msg, frame: bytes) -> None:
         """Dispatch one message from ``node_id`` (``frame`` is its encoding)."""
@@ -35,7 +45,8 @@ class ControlHandlers:
             return
         if isinstance(msg, m.Heartbeat):           # sent from the node's "hb:" socket
             node_id = msg.node_id
-        elif node_id not in self.d.registry.nodes and not isinstance(msg, m.Register):
+        elif node_id not in self.d.registry.nodes and not isinstance(
+                msg, (m.Register, m.Deregister)):
             self.d.send(node_id, m.RegisterAgain(node_id))
         handler(node_id, msg, frame)
 
@@ -48,7 +59,7 @@ class ControlHandlers:
             return
         old = self.d.registry.nodes.get(node_id)
         if old is not None and old.info == msg:        # a repeated Register: just re-ack
-            self.d.send(node_id, m.Registered(node_id))
+            self.d.send(node_id, m.Registered(node_id, self.d.router_id))
             return
         if self.d.registry.remove(node_id) is not None and old.info.pid != msg.pid:
             self.d.node_lost(old, "restarted")
@@ -61,7 +72,34 @@ class ControlHandlers:
         self.d.lost.pop(node_id, None)
         log.info("node %s joined: %s, TP %d, %d KV blocks, pid %d on %s", node_id, msg.role,
                  msg.tp, msg.num_kv_blocks, msg.pid, msg.host)
-        self.d.send(node_id, m.Registered(node_id))
+        if self._pids.get(node_id, msg.pid) != msg.pid:
+            log.warning("node %s was restarted (pid %d -> %d)", node_id, self._pids[node_id],
+                        msg.pid)
+            self.d.metrics.node_restarts.labels(role=msg.role).inc()
+        self._pids[node_id] = msg.pid
+        self.d.send(node_id, m.Registered(node_id, self.d.router_id))
+        self.update_node_gauges()
+        self.d.resume_parked()              # requests of a lost node waiting for one
+
+    def drain(self, node_id: str, msg: m.Drain, frame: bytes) -> None:
+        """The node is leaving: keep it (heartbeats, its requests) but route nothing new
+        to it."""
+        node = self.d.registry.nodes.get(node_id)
+        if node is None or node.draining:
+            return
+        node.draining = True
+        log.info("node %s (%s) is draining: no new requests go to it", node_id,
+                 node.info.role)
+        self.update_node_gauges()
+
+    def deregister(self, node_id: str, msg: m.Deregister, frame: bytes) -> None:
+        """The node left: forget it and recover whatever it still held."""
+        node = self.d.registry.remove(node_id)
+        if node is None:
+            return
+        log.info("node %s (%s) left", node_id, node.info.role)
+        self.d.node_lost(node, "deregistered")
+        self.d.lost.pop(node_id, None)                 # it left on purpose: not "down"
         self.update_node_gauges()
 
     def heartbeat(self, node_id: str, msg: m.Heartbeat, frame: bytes) -> None:
@@ -75,8 +113,13 @@ class ControlHandlers:
         met.queue_depth.labels(**labels).set(msg.load.get("num_running", 0)
                                              + msg.load.get("num_waiting", 0))
         met.kv_usage.labels(**labels).set(float(msg.load.get("kv_usage", 0.0)))
+        for gauge, key in ((met.node_requests, "num_requests"),
+                           (met.node_kv_blocks, "num_used_blocks"),
+                           (met.node_pinned, "num_pinned"), (met.node_kv_sends, "num_kv_sends")):
+            gauge.labels(**labels).set(msg.load.get(key, 0))
+        self._gauged.add(node_id)
         if role == "decode":
-            got = msg.kv_bytes_received
+            got = max(msg.kv_bytes_received, 0)     # a counter: a negative one is malformed
             met.kv_transfer_bytes.inc(got - node.kv_bytes_received if got >= node.kv_bytes_received
                                       else got)
             node.kv_bytes_received = got
@@ -91,12 +134,25 @@ class ControlHandlers:
             log.error("bad step timings from %s: %s", node_id, exc)
 
     def update_node_gauges(self) -> None:
-        """``disagg_nodes{role,state}``: registered (up) and dropped, not back yet (down)."""
+        """``disagg_nodes{role,state}``: registered and taking requests (up), registered
+        and leaving (draining), dropped and not back yet (down). A node no longer
+        registered loses its per-node series (queue depth, KV usage, what it holds)."""
+        met, reg = self.d.metrics, self.d.registry
         for role in ("prefill", "decode"):
-            self.d.metrics.nodes.labels(role=role, state="up").set(
-                len(self.d.registry.of_role(role)))
-            self.d.metrics.nodes.labels(role=role, state="down").set(
+            nodes = reg.of_role(role)
+            met.nodes.labels(role=role, state="up").set(sum(not n.draining for n in nodes))
+            met.nodes.labels(role=role, state="draining").set(sum(n.draining for n in nodes))
+            met.nodes.labels(role=role, state="down").set(
                 sum(r == role for r in self.d.lost.values()))
+        for node_id in [n for n in self._gauged if n not in reg.nodes]:
+            self._gauged.discard(node_id)
+            for gauge in (met.queue_depth, met.kv_usage, met.node_requests, met.node_kv_blocks,
+                          met.node_pinned, met.node_kv_sends):
+                for role in ("prefill", "decode"):
+                    try:
+                        gauge.remove(node_id, role)
+                    except KeyError:
+                        pass
 
     # ---- requests --------------------------------------------------------
     def _request(self, node_id: str, rid: str):
@@ -126,7 +182,7 @@ class ControlHandlers:
     def first_token(self, node_id: str, msg: m.FirstToken, frame: bytes) -> None:
         """The remote prefill's first token: to the client now, and on to the decode node."""
         req = self._request(node_id, msg.rid)
-        if req is None or req.fell_back:
+        if req is None or req.fell_back or node_id != req.prefill:   # not after a migration
             return
         self.d.unpend(req, decode=False)
         self.d.send(req.decode, msg, frame)
@@ -170,6 +226,10 @@ class ControlHandlers:
         if msg.received_at is not None:
             self._ingress(req, msg.received_at)
         start = msg.output_len - len(msg.new_token_ids)
+        if start > req.num_output:      # a gap: a stale copy of a request that moved back here
+            log.warning("%s: tokens from %d on from %s, %d delivered; ignored", msg.rid, start,
+                        node_id, req.num_output)
+            return
         skip = max(req.num_output - start, 0)      # a remote first token already delivered
         ids = msg.new_token_ids[skip:]
         lps = [m.logprobs_from_wire(e) for e in msg.logprobs[skip:]] if msg.logprobs \
@@ -179,9 +239,18 @@ class ControlHandlers:
             self._deliver(req, ids, lps, msg.output_len, msg.sent_at, msg)
 
     def rejected(self, node_id: str, msg: m.Rejected, frame: bytes) -> None:
-        """A node refused a request: the prefill side falls back, the decode side fails it."""
+        """A node refused a request: the prefill side falls back, the decode side fails it;
+        a draining node's refusal (the request crossed its ``Drain``) is no failure: the
+        request goes to another decode node, or prefills locally."""
         req = self.d.inflight.get(msg.rid)
         if req is None:
+            return
+        if msg.error == m.DRAINING:
+            self.drain(node_id, m.Drain(node_id), b"")
+            if node_id == req.decode:
+                self.d._decode_lost(req, "node_draining")
+            elif node_id == req.prefill:
+                self.d.fall_back(req, "prefill_draining")
             return
         if node_id == req.prefill and node_id != req.decode:
             self.d.fall_back(req, "prefill_rejected")
@@ -207,6 +276,7 @@ class ControlHandlers:
                 met.itl.observe(now - req.last_token_at)
             req.last_token_at = now
             req.num_output = max(req.num_output, output_len)
+            req.output_ids += ids
             met.generation_tokens.inc(len(ids))
         finished = end is not None and end.finished
         prompt_lps = None

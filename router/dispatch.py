@@ -7,8 +7,10 @@ and messages are drawn in :mod:`disagg.control.messages`. Failures:
 
 - prefill node silent for ``node_timeout_s``, its KV send failed, or it
   refused the request → ``Fallback`` to the decode node (counted by reason);
-- decode node lost → the request is sent to another decode node if nothing
-  reached the client yet, else it ends with an error;
+- decode node lost (its connection ended: at once, see
+  :mod:`router.connections`; silent for ``node_timeout_s``; restarted) → the
+  request moves to another decode node with the tokens already sent, or
+  waits for one to come up (:mod:`router.migration`);
 - client gone → ``Abort`` to every node holding the request.
 
 Routing (decode node by load and prefix affinity, prefill node by load, local
@@ -22,16 +24,20 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 
 import zmq
 import zmq.asyncio
 
 from disagg.control import messages as m
+from router.connections import ConnectionWatch
+from router.admission import TTFTAdmission
 from router.control_handlers import ControlHandlers
 from router.inflight import Event, Inflight
 from disagg.kv_cache.hashing import hash_blocks
 from disagg.sampling_params import SamplingParams
 from router.metrics import RouterMetrics
+from router.migration import MigrationConfig, Migrator
 from router.nodes import NodeRegistry
 from router.policy import RoutingPolicy
 from router.errors import ProtocolError
@@ -44,51 +50,68 @@ class Dispatcher:
     """Owns the control socket, the in-flight requests and the routing decision."""
 
     def __init__(self, registry: NodeRegistry, policy: RoutingPolicy, metrics: RouterMetrics,
-                 control_address: str) -> None:
+                 control_address: str, migration: MigrationConfig | None = None,
+                 reject_ttft_slo_s: float | None = None) -> None:
         self.registry = registry
         self.policy = policy
         self.metrics = metrics
+        #: early rejection of requests predicted to miss the TTFT SLO (None: off)
+        self.admission = TTFTAdmission(reject_ttft_slo_s, policy, metrics)
         self.inflight: dict[str, Inflight] = {}
         self.lost: dict[str, str] = {}          # node id → role, dropped and not back yet
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # a node restarted under the same id takes its identity over from a connection
+        # the router still holds (else its Register would wait unread until that closes)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.bind(control_address)
         #: the bound control address (a ``:*`` port resolved)
         self.address: str = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._ids = itertools.count()
         self._tasks: list[asyncio.Task] = []
+        #: this router process's id, in every ``Registered``: a node seeing it change
+        #: knows its router restarted and drops the old one's requests
+        self.router_id: str = uuid.uuid4().hex
         self.handlers = ControlHandlers(self)
+        self.migrator = Migrator(self, migration or MigrationConfig())
+        self.connections = ConnectionWatch(self.sock, self._disconnected)
 
     # ---- lifecycle -------------------------------------------------------
     def start(self) -> None:
         """Start receiving and watching node health (call on the serving loop)."""
         self._tasks = [asyncio.create_task(self._recv_loop()),
-                       asyncio.create_task(self._health_loop())]
+                       asyncio.create_task(self._health_loop()),
+                       asyncio.create_task(self.connections.run())]
 
     async def close(self) -> None:
         """Stop the tasks and close the socket."""
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.connections.close()
         self.sock.close(0)
         self.ctx.term()
 
     async def _recv_loop(self) -> None:
         while True:
             try:
-                ident, frame = await self.sock.recv_multipart()
+                ident, part = await self.sock.recv_multipart(copy=False)
             except ValueError:
                 log.error("dropped a control message that was not [identity, frame]")
                 continue
+            ident, frame = ident.bytes, part.bytes
             try:
                 msg = m.decode(frame)
             except m.ControlError as exc:
                 log.error("dropped a malformed control frame from %r: %s", ident, exc)
                 continue
+            node_id = ident.decode(errors="replace")
+            if isinstance(msg, m.Register):     # its connection: see router.connections
+                self.connections.note(node_id, part.get(zmq.SRCFD))
             try:
-                self.handlers.handle(ident.decode(errors="replace"), msg, frame)
+                self.handlers.handle(node_id, msg, frame)
             except Exception:            # a bug in one handler must not stop the router
                 log.exception("error handling %s", type(msg).__name__)
 
@@ -99,7 +122,15 @@ class Dispatcher:
             for node in self.registry.expire(time.monotonic()):
                 log.warning("node %s (%s) stopped answering; dropped", node.node_id, node.info.role)
                 self.node_lost(node, "node_timeout")
+            self.migrator.expire(time.monotonic())
             self.handlers.update_node_gauges()
+
+    def _disconnected(self, node_id: str) -> None:
+        """A registered node's connection ended (its process died): it is lost now."""
+        node = self.registry.remove(node_id)
+        if node is not None:
+            log.warning("node %s (%s) disconnected; dropped", node_id, node.info.role)
+            self.node_lost(node, "disconnected")
 
     # ---- sending ---------------------------------------------------------
     def send(self, node_id: str, msg, frame: bytes | None = None) -> bool:
@@ -124,7 +155,8 @@ class Dispatcher:
         :class:`router.inflight.Inflight`). A request asking for prompt logprobs
         is prefilled locally whatever the policy says (reason ``prompt_logprobs``):
         they come from the prefill's logits, which a remote prefill keeps.
-        Raises :class:`ProtocolError` 503 when no decode node is up.
+        Raises :class:`ProtocolError` 503 when no decode node is up, 429 when the
+        request is predicted to miss the TTFT SLO (:mod:`router.admission`).
         """
         block_size = self.registry.block_size()
         hashes = hash_blocks(prompt, block_size) if block_size else []
@@ -138,9 +170,10 @@ class Dispatcher:
                          decode.as_load(), prefill.as_load() if prefill else None, block_size)
         decision = Decision("local", "prompt_logprobs") if params.needs_local_prefill \
             else self.policy.decide(inp)
+        self.admission.check(inp, decision.route)      # a 429 if it would miss the TTFT SLO
         self.metrics.route_decisions.labels(policy=self.policy.name, route=decision.route,
                                             reason=decision.reason).inc()
-        rid = f"r{next(self._ids)}"
+        rid = f"r{next(self._ids)}-{self.router_id[:8]}"   # unique past a router restart
         log.debug("%s → %s via %s (%s): %s", rid, decision.route, decode.node_id,
                   decision.reason, decision.detail)
         remote = decision.route == "remote"
@@ -165,7 +198,8 @@ class Dispatcher:
         req = self.inflight.pop(rid, None)
         if req is None:
             return
-        self.send(req.decode, m.Abort(rid))
+        if req.decode:                          # "" while parked (router.migration)
+            self.send(req.decode, m.Abort(rid))
         if req.prefill is not None and not req.kv_done:
             self.send(req.prefill, m.Abort(rid))
         self.unpend(req)
@@ -206,18 +240,12 @@ class Dispatcher:
                 self._decode_lost(req, reason)
 
     def _decode_lost(self, req: Inflight, reason: str) -> None:
-        if req.num_output == 0:
-            pick = self.registry.pick_decode(req.hashes, len(req.prompt))
-            if pick is not None:             # nothing streamed yet: start over elsewhere, locally
-                log.warning("%s: decode node %s lost (%s); retrying on %s", req.rid, req.decode,
-                            reason, pick[0].node_id)
-                if req.prefill is not None and not req.kv_done:
-                    self.send(req.prefill, m.Abort(req.rid))
-                req.decode, req.route, req.prefill, req.kv_done = pick[0].node_id, "local", None, True
-                self.send(req.decode, m.Generate(req.rid, req.prompt, req.params.to_dict(), False))
-                return
-        self.fail(req, ProtocolError(502, f"the decode node serving this request was lost "
-                                          f"({reason})", code="node_lost", type="server_error"))
+        """``req``'s decode node is gone: it migrates (see :mod:`router.migration`)."""
+        self.migrator.decode_lost(req, reason)
+
+    def resume_parked(self) -> None:
+        """Place the requests waiting for a decode node (call after a node registered)."""
+        self.migrator.resume_parked()
 
     def unpend(self, req: Inflight, decode: bool = True) -> None:
         """The request no longer waits for prefill on its nodes (for load estimates)."""

@@ -43,6 +43,10 @@ class Inflight:
     route: str                                   # the decision: "local" | "remote"
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     num_output: int = 0                          # tokens handed to the client so far
+    output_ids: list = field(default_factory=list)   # those tokens (a migration resumes them)
+    migrations: int = 0                          # times moved off a lost decode node
+    parked_until: float | None = None            # waiting for a decode node until then
+                                                 # (monotonic; ``decode`` is "" meanwhile)
     first_token_at: float | None = None
     last_token_at: float | None = None
     transfer_bytes: int = 0

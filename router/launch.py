@@ -3,6 +3,11 @@
 ``disagg router`` (or ``python -m router``). Prints where it listens once it
 does; ``--ready-file PATH`` also writes ``{"http": URL, "control": ADDRESS}``
 there (how ``disagg serve`` and the tests learn ports chosen with ``0`` / ``*``).
+
+SIGTERM / SIGINT drain the HTTP side: no new connections, requests in flight
+(streams too) run to their end for up to ``--drain-timeout-s``, then the rest
+are cancelled and it exits 0; the control plane keeps serving the nodes until
+the last stream ended. A second SIGINT stops at once.
 """
 
 from __future__ import annotations
@@ -43,6 +48,24 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="requests in flight before new ones get 429")
     p.add_argument("--node-timeout-s", type=float, default=3.0,
                    help="a node silent this long is dropped (its requests fall back)")
+    p.add_argument("--max-migrations", type=int, default=3,
+                   help="times one request may move off a lost decode node to another (it "
+                        "resumes with the tokens already sent); one more loss ends it with a "
+                        "502 error event; 0 = never move (default 3)")
+    p.add_argument("--migration-wait-s", type=float, default=60.0,
+                   help="how long a lost decode node's request waits for a decode node to "
+                        "come up when none is, before it ends with a 502 error event "
+                        "(default 60)")
+    p.add_argument("--drain-timeout-s", type=float,
+                   default=env("DISAGG_DRAIN_TIMEOUT_S", "30"),
+                   help="on SIGTERM/SIGINT stop accepting connections and let requests in "
+                        "flight finish for up to this long (env DISAGG_DRAIN_TIMEOUT_S; "
+                        "default 30)")
+    p.add_argument("--reject-ttft-slo-s", type=float, default=None, metavar="S",
+                   help="refuse at once (429 + Retry-After) a request whose predicted time to "
+                        "first token exceeds S seconds, counted in disagg_rejected_total"
+                        "{reason=\"predicted_ttft\"}; nothing is refused until the cost model "
+                        "has measured a few requests (default: off)")
     p.add_argument("--ready-file", default=None, help="write the bound addresses here as JSON")
     p.add_argument("--log-level", default=env("DISAGG_LOG_LEVEL", "INFO"))
 
@@ -87,19 +110,31 @@ async def serve_router(a: argparse.Namespace) -> None:
     from router.app import create_app
     from router.dispatch import Dispatcher
     from router.metrics import RouterMetrics
+    from router.migration import MigrationConfig
     from router.nodes import NodeRegistry
     from router.policy import make_policy
     from router.tokenizer import load_router_tokenizer
 
+    if not a.drain_timeout_s >= 0:
+        raise ValueError(f"--drain-timeout-s must be >= 0, got {a.drain_timeout_s}")
+    if a.reject_ttft_slo_s is not None and not 0 < a.reject_ttft_slo_s < float("inf"):
+        raise ValueError(f"--reject-ttft-slo-s must be a number of seconds > 0, got "
+                         f"{a.reject_ttft_slo_s}")
+    try:
+        migration = MigrationConfig(a.max_migrations, a.migration_wait_s)
+    except ValueError as exc:
+        raise ValueError(f"--max-migrations / --migration-wait-s: {exc}") from None
     name = a.served_model_name or served_model_name(a.model)
     tokenizer = load_router_tokenizer(a.model)      # no torch in this process
     policy = make_policy(a.policy, **_policy_options(a.policy_option))
     registry = CollectorRegistry()
     dispatcher = Dispatcher(NodeRegistry(name, a.node_timeout_s), policy,
-                            RouterMetrics(registry), a.control_address)
+                            RouterMetrics(registry), a.control_address, migration,
+                            a.reject_ttft_slo_s)
     app = create_app(dispatcher, registry, tokenizer, name, a.api_key, a.max_inflight)
     server = _server_class()(uvicorn.Config(app, host=a.host, port=a.port, loop="none",
-                                           log_level="warning", lifespan="on"))
+                                           log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=a.drain_timeout_s))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

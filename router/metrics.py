@@ -29,8 +29,15 @@ REQUEST_STATUSES = ("ok", "error", "aborted")
 ROLES = ("prefill", "decode")
 """Node roles."""
 
-NODE_STATES = ("up", "down")
-"""Node health states."""
+REJECT_REASONS = ("max_inflight", "predicted_ttft")
+"""Why a request was refused with 429 before admission (``disagg_rejected_total``)."""
+
+NODE_STATES = ("up", "draining", "down")
+"""Node states: taking requests; registered but leaving (said ``Drain``, gets no new
+requests); dropped (silent) and not back yet."""
+
+MIGRATION_FAILURES = ("max_migrations", "wait_timeout")
+"""Why a lost decode node's request could not be moved (see ``router.migration``)."""
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
                 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0)
@@ -51,12 +58,12 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.00
 class RouterMetrics:
     """Creates every router metric in ``registry``; attributes are the metric families.
 
-    The ``(route, status)`` request counters and ``(role, state)`` node gauges
-    are created up front at 0, so ``rate()`` and dashboards see every series
-    from the first scrape. Constructing it turns off ``prometheus_client``'s
-    ``*_created`` timestamp series process-wide: no dashboard uses them, and
-    in text format 0.0.4 Prometheus would store each as an extra gauge series
-    per label set. Registering twice in one registry raises ValueError
+    The ``(route, status)`` request counters, ``(role, state)`` node gauges,
+    ``role`` restart counters and ``reason`` rejection counters are created up front at 0, so ``rate()`` and
+    dashboards see every series from the first scrape. Constructing it turns
+    off ``prometheus_client``'s ``*_created`` timestamp series process-wide: no
+    dashboard uses them, and in text format 0.0.4 Prometheus would store each
+    as an extra gauge series per label set. Registering twice in one registry raises ValueError
     (duplicated timeseries).
     """
 
@@ -101,9 +108,48 @@ class RouterMetrics:
             **kw)
         self.nodes = Gauge(
             "disagg_nodes", "Registered nodes by role and health.", ("role", "state"), **kw)
+        self.node_restarts = Counter(
+            "disagg_node_restarts_total",
+            "Times a node id registered again with a new process id (it was restarted).",
+            ("role",), **kw)
+        # What each node's engine still holds (its last heartbeat): all 0 on an idle
+        # node, so after quiescence anything else is a leak.
+        self.node_requests = Gauge(
+            "disagg_node_requests",
+            "Requests a node's engine holds in any state (waiting, running, waiting for KV, "
+            "pinned).", ("node", "role"), **kw)
+        self.node_kv_blocks = Gauge(
+            "disagg_node_kv_blocks_used",
+            "KV blocks held by requests on a node (free blocks kept for the prefix cache "
+            "not counted).", ("node", "role"), **kw)
+        self.node_pinned = Gauge(
+            "disagg_node_pinned_requests",
+            "Prefill-only requests whose KV blocks stay pinned until their send ends or is "
+            "released.", ("node", "role"), **kw)
+        self.node_kv_sends = Gauge(
+            "disagg_node_kv_sends",
+            "Requests whose KV send has not ended on every rank (the transport still pins "
+            "their source blocks).", ("node", "role"), **kw)
         self.fallbacks = Counter(
             "disagg_fallbacks_total", "Remote prefills that fell back to local prefill.",
             ("reason",), **kw)
+        self.rejected = Counter(
+            "disagg_rejected_total",
+            "Requests refused with HTTP 429 before admission: max_inflight = --max-inflight "
+            "requests already in flight; predicted_ttft = predicted time to first token over "
+            "--reject-ttft-slo-s.", ("reason",), **kw)
+        self.migrations = Counter(
+            "disagg_migrations_total",
+            "Requests moved off a lost decode node (resumed elsewhere with the tokens already "
+            "sent), by why the node was lost.", ("reason",), **kw)
+        self.migration_failures = Counter(
+            "disagg_migration_failures_total",
+            "Requests a decode node's loss ended with an error: max_migrations = moved "
+            "--max-migrations times already; wait_timeout = no decode node came up within "
+            "--migration-wait-s.", ("reason",), **kw)
+        self.parked_requests = Gauge(
+            "disagg_parked_requests",
+            "Requests of a lost decode node waiting for a decode node to come up.", **kw)
         self.router_overhead = Histogram(
             "disagg_router_overhead_seconds",
             "Latency the router adds: ingress = HTTP arrival to the decode node receiving the "
@@ -119,6 +165,11 @@ class RouterMetrics:
         for route in ROUTES:
             for status in REQUEST_STATUSES:
                 self.requests.labels(route=route, status=status)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
+        for reason in MIGRATION_FAILURES:
+            self.migration_failures.labels(reason=reason)
         for role in ROLES:
+            self.node_restarts.labels(role=role)
             for state in NODE_STATES:
                 self.nodes.labels(role=role, state=state)

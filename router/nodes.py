@@ -3,8 +3,10 @@
 A node is *up* while its heartbeats arrive; after ``node_timeout_s`` of
 silence it is *down* (its requests fall back or fail, see
 ``router.dispatch``) and is forgotten; when it speaks again it is asked to
-register and is used again. Load is the node's last heartbeat, raised by the
-prompt tokens the router sent it since (heartbeats lag by up to one period).
+register and is used again. A node that said ``Drain`` is *draining*: still
+registered and heartbeating, finishing its requests, but never picked for new
+ones. Load is the node's last heartbeat, raised by the prompt tokens the router
+sent it since (heartbeats lag by up to one period).
 
 Picking (xPyD):
 - decode node: least ``queued + uncached`` prompt tokens, where ``uncached``
@@ -40,6 +42,12 @@ class Node:
     load: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)     # rid → prompt tokens sent, not yet prefilled
     kv_bytes_received: int = 0
+    draining: bool = False                          # said Drain: no new requests
+
+    @property
+    def state(self) -> str:
+        """``"up"`` or ``"draining"`` (a registered node is never ``"down"``)."""
+        return "draining" if self.draining else "up"
 
     @property
     def node_id(self) -> str:
@@ -122,13 +130,18 @@ class NodeRegistry:
         return self.nodes.pop(node_id, None)
 
     def of_role(self, role: str) -> list[Node]:
-        """The registered nodes of ``role``."""
+        """The registered nodes of ``role`` (draining ones included)."""
         return [n for n in self.nodes.values() if n.info.role == role]
 
+    def usable(self, role: str) -> list[Node]:
+        """The registered nodes of ``role`` that take new requests (not draining)."""
+        return [n for n in self.nodes.values() if n.info.role == role and not n.draining]
+
     def pick_decode(self, hashes: list[int], num_prompt_tokens: int) -> tuple[Node, int] | None:
-        """The decode node to use and its guessed cached tokens; None if there is none."""
+        """The decode node to use and its guessed cached tokens; None if there is none
+        (draining nodes are never picked)."""
         best = None
-        for node in self.of_role("decode"):
+        for node in self.usable("decode"):
             cached = self.prefixes.match(node.node_id, hashes) * node.info.block_size
             cost = (node.queued_tokens() + num_prompt_tokens - cached
                     + RUNNING_TOKEN_WEIGHT * int(node.load.get("num_running", 0)))
@@ -137,8 +150,8 @@ class NodeRegistry:
         return None if best is None else (best[1], best[2])
 
     def pick_prefill(self, num_prompt_tokens: int) -> Node | None:
-        """The least-loaded prefill node; None if there is none."""
-        nodes = self.of_role("prefill")
+        """The least-loaded prefill node that is not draining; None if there is none."""
+        nodes = self.usable("prefill")
         return min(nodes, key=lambda n: n.queued_tokens() + num_prompt_tokens, default=None)
 
     def max_model_len(self) -> int | None:

@@ -137,13 +137,24 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class NodeHealth(BaseModel):
+    """One registered node in ``GET /health``."""
+
+    role: Literal["prefill", "decode"]
+    state: Literal["up", "draining"]
+    pid: int
+
+
 class Health(BaseModel):
-    """``GET /health`` (200 with a decode node up, else 503)."""
+    """``GET /health`` (200 with a decode node up, else 503). The counts are of nodes
+    taking requests; ``nodes`` lists every registered one, draining ones included."""
 
     status: Literal["ok", "no_decode_node"]
     decode_nodes: int
     prefill_nodes: int
     inflight: int
+    nodes: dict[str, NodeHealth]
+    router_id: str
 
 
 _MODELS = (CompletionRequest, ChatCompletionRequest, Completion, ChatCompletion, ErrorResponse,

@@ -45,6 +45,14 @@ stay online-calibrated per node, contention included). A decision that the
 shared-compute terms flipped to local has reason "shared_compute_local_faster".
 ``kv_usage``, ``num_waiting`` and ``tp`` are not model inputs: rates are
 learned per node, which absorbs TP and hardware differences.
+
+Every policy, the static ones too, keeps this calibration (the ``observe_*``
+hooks feed it) and answers :meth:`RoutingPolicy.predict_ttft`: the TTFT the
+formulas above predict for the path a request takes. The router refuses a
+request early when that prediction exceeds its SLO (``--reject-ttft-slo-s``).
+A prediction needs measurements: until the fits its path uses have
+:data:`MIN_PREDICTION_OBSERVATIONS` each, there is none (the priors are rough
+figures for one machine, not grounds to refuse anyone).
 """
 
 from __future__ import annotations
@@ -56,14 +64,25 @@ from .calibration import Calibration, CostBreakdown, CostModelConfig
 from .estimates import check_count
 from .route_types import Decision, RouteInput
 
-__all__ = ["AlwaysLocal", "AlwaysRemote", "CostModel", "POLICY_NAMES", "RoutingPolicy",
-           "TokenThreshold", "add_policy_arg", "make_policy"]
+__all__ = ["AlwaysLocal", "AlwaysRemote", "CostModel", "MIN_PREDICTION_OBSERVATIONS",
+           "POLICY_NAMES", "RoutingPolicy", "TokenThreshold", "add_policy_arg", "make_policy"]
+
+MIN_PREDICTION_OBSERVATIONS = 5
+"""Measurements each fit a path's TTFT prediction uses must have before
+:meth:`RoutingPolicy.predict_ttft` predicts it (a few requests' prefill steps)."""
 
 
 class RoutingPolicy(ABC):
-    """Decides local vs remote prefill per request; may learn from measurements."""
+    """Decides local vs remote prefill per request; learns rates from measurements.
+
+    ``config``: the priors of the calibration every policy keeps for
+    :meth:`predict_ttft` (defaults: :class:`CostModelConfig`'s).
+    """
 
     name = "abstract"
+
+    def __init__(self, config: CostModelConfig | None = None) -> None:
+        self.calibration = Calibration(config or CostModelConfig())
 
     @abstractmethod
     def decide(self, inp: RouteInput) -> Decision:
@@ -72,17 +91,43 @@ class RoutingPolicy(ABC):
     def observe_prefill(self, role: str, node_id: str, num_tokens: int, seconds: float) -> None:
         """A prefill of ``num_tokens`` computed (uncached) tokens on a ``role``
         node took ``seconds`` from its first scheduled step to its last, queueing
-        excluded (no-op by default)."""
+        excluded: calibrates ``role``'s prefill rate (and ``node_id``'s own)."""
+        self.calibration.observe_prefill(role, node_id, num_tokens, seconds)
 
     def observe_transfer(self, num_bytes: int, seconds: float) -> None:
-        """A KV transfer of ``num_bytes`` took ``seconds`` (no-op by default)."""
+        """A KV transfer of ``num_bytes`` took ``seconds``: calibrates the link."""
+        self.calibration.observe_transfer(num_bytes, seconds)
 
     def observe_decode_step(self, node_id: str, batch_size: int, seconds: float) -> None:
-        """A decode step of ``batch_size`` sequences took ``seconds`` (no-op by default)."""
+        """A decode step of ``batch_size`` sequences took ``seconds`` on ``node_id``."""
+        self.calibration.observe_decode_step(node_id, batch_size, seconds)
 
     def observe_remote_overhead(self, seconds: float) -> None:
         """A remote request's measured TTFT minus its prefill and transfer
-        seconds (the extra hops' cost); no-op by default."""
+        seconds (the extra hops' cost): calibrates the remote path's fixed overhead."""
+        self.calibration.observe_remote_overhead(seconds)
+
+    def predict(self, inp: RouteInput) -> CostBreakdown:
+        """Both paths' predicted terms for ``inp`` under the current calibration."""
+        d, p = inp.decode, inp.prefill
+        return self.calibration.predict(
+            decode_node=d.node_id, decode_queue=d.queued_prefill_tokens, num_running=d.num_running,
+            uncached_decode=inp.uncached_decode, prefill_node=None if p is None else p.node_id,
+            prefill_queue=0 if p is None else p.queued_prefill_tokens,
+            uncached_prefill=inp.uncached_prefill, transfer_bytes=inp.transfer_bytes,
+            shared=inp.shared_compute)
+
+    def predict_ttft(self, inp: RouteInput, route: str) -> float | None:
+        """Predicted seconds to the first token of ``inp`` prefilled on ``route``
+        ("local", or "remote": local when there is no prefill node), whatever the
+        policy; None while the fits that path uses have fewer than
+        :data:`MIN_PREDICTION_OBSERVATIONS` measurements each (no prediction)."""
+        remote = route == "remote" and inp.prefill is not None
+        if self.calibration.observations("remote" if remote else "local") \
+                < MIN_PREDICTION_OBSERVATIONS:
+            return None
+        b = self.predict(inp)
+        return b.remote_ttft_s if remote else b.local_ttft_s
 
 
 def _basics(inp: RouteInput) -> str:
@@ -122,6 +167,7 @@ class TokenThreshold(RoutingPolicy):
     name = "threshold"
 
     def __init__(self, min_remote_tokens: int = 256, max_prefill_queue_tokens: int = 8192) -> None:
+        super().__init__()
         check_count("min_remote_tokens", min_remote_tokens)
         check_count("max_prefill_queue_tokens", max_prefill_queue_tokens, 1)
         self.min_remote_tokens = min_remote_tokens
@@ -159,34 +205,8 @@ class CostModel(RoutingPolicy):
             except TypeError:
                 valid = sorted(CostModelConfig.__dataclass_fields__)
                 raise ValueError(f"unknown cost-model options {sorted(priors)}; valid: {valid}") from None
+        super().__init__(config)
         self.config = config
-        self.calibration = Calibration(config)
-
-    def observe_prefill(self, role: str, node_id: str, num_tokens: int, seconds: float) -> None:
-        """Calibrate ``role``'s prefill rate (and ``node_id``'s own)."""
-        self.calibration.observe_prefill(role, node_id, num_tokens, seconds)
-
-    def observe_transfer(self, num_bytes: int, seconds: float) -> None:
-        """Calibrate the link's bandwidth and latency."""
-        self.calibration.observe_transfer(num_bytes, seconds)
-
-    def observe_decode_step(self, node_id: str, batch_size: int, seconds: float) -> None:
-        """Calibrate the decode step time vs batch size on ``node_id``."""
-        self.calibration.observe_decode_step(node_id, batch_size, seconds)
-
-    def observe_remote_overhead(self, seconds: float) -> None:
-        """Calibrate the remote path's fixed per-request overhead."""
-        self.calibration.observe_remote_overhead(seconds)
-
-    def predict(self, inp: RouteInput) -> CostBreakdown:
-        """Both paths' predicted terms for ``inp`` under the current calibration."""
-        d, p = inp.decode, inp.prefill
-        return self.calibration.predict(
-            decode_node=d.node_id, decode_queue=d.queued_prefill_tokens, num_running=d.num_running,
-            uncached_decode=inp.uncached_decode, prefill_node=None if p is None else p.node_id,
-            prefill_queue=0 if p is None else p.queued_prefill_tokens,
-            uncached_prefill=inp.uncached_prefill, transfer_bytes=inp.transfer_bytes,
-            shared=inp.shared_compute)
 
     def decide(self, inp: RouteInput) -> Decision:
         """Route to the path with the lower predicted cost (ties → local)."""

@@ -4,8 +4,9 @@ per-role launch scripts.
 Each serve test starts ``python -m disagg.cli serve --port 0`` in its own session
 (process group), so a terminal's Ctrl-C can be reproduced with ``killpg`` and
 "no orphans" means "the process group is empty" once ``disagg serve`` exited.
-The two tests that start the whole deployment take about 15-30 s each on 2 CPU
-cores (together over 40 s), hence ``slow``; the rest take seconds.
+The two tests that start the whole deployment take about 15-60 s each on 2 CPU
+cores (one kills the decode node and waits for serve to restart it), hence
+``slow``; the rest take seconds.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -21,8 +23,9 @@ import pytest
 
 from conftest import needs_smollm2
 from disagg.cpus import format_cpus, usable_cpus
-from disagg.serve import Layout, add_serve_args, cluster_config_from_args, plan_layout
-from serving_helpers import SERVE, Serve
+from disagg.serve import (
+    Layout, RestartBackoff, add_serve_args, cluster_config_from_args, plan_layout)
+from serving_helpers import SERVE, Serve, metric, wait_metric
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [REPO / "scripts" / f"launch_{role}.sh" for role in ("router", "prefill", "decode")]
@@ -64,18 +67,55 @@ def test_serve_completes_then_ctrl_c_stops_everything():
 
 @needs_smollm2
 @pytest.mark.slow
-def test_serve_exits_1_when_a_node_dies_and_stops_the_rest():
+def test_serve_restarts_a_dead_node_and_exits_1_when_the_router_dies():
     serve = Serve("--policy", "local")
     try:
-        router, prefill, decode = (int(p) for p in serve.wait_ready().groups()[2:])
+        m = serve.wait_ready()
+        url, model = m.group(1), m.group(2)
+        base = url.removesuffix("/v1")
+        router, prefill, decode = (int(p) for p in m.groups()[2:])
+        body = {"model": model, "prompt": "The capital of France is", "max_tokens": 4,
+                "temperature": 0}
         os.kill(decode, signal.SIGKILL)
-        assert serve.wait_exit(30) == 1, serve.output
-        assert re.search(rf"decode-0 \(pid {decode}\) exited unexpectedly with code -9",
-                         serve.output), serve.output
-        assert gone(router) and gone(prefill)
+        # while it is away: 503 with Retry-After (no decode node), then answers again
+        deadline = time.monotonic() + 60
+        while httpx.get(base + "/health", timeout=30).json()["decode_nodes"]:
+            assert time.monotonic() < deadline, serve.output
+            time.sleep(0.05)
+        r = httpx.post(url + "/completions", json=body, timeout=120)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, r.text
+        deadline = time.monotonic() + 240
+        while (r := httpx.post(url + "/completions", json=body, timeout=120)).status_code != 200:
+            assert r.status_code == 503 and time.monotonic() < deadline, (r.text, serve.output)
+            time.sleep(0.25)
+        assert r.json()["choices"][0]["text"].strip()
+        assert re.search(rf"decode-0 \(pid {decode}\) exited unexpectedly with code -9 after "
+                         r"\d+ s; restarting it in 1 s", serve.output), serve.output
+        new = int(re.search(r"decode-0 restarted \(pid (\d+)\)", serve.output).group(1))
+        assert new != decode and not gone(new)
+        assert wait_metric(base, "disagg_node_restarts_total", lambda v: v == 1,
+                           role="decode") == 1
+        assert metric(base, "disagg_node_restarts_total", role="prefill") == 0
+        # only the router's death ends serve: exit 1, every node stopped
+        os.kill(router, signal.SIGKILL)
+        assert serve.wait_exit(60) == 1, serve.output
+        assert re.search(rf"router \(pid {router}\) exited unexpectedly with code -9; stopping "
+                         "the nodes", serve.output), serve.output
+        assert gone(prefill) and gone(new)
         assert not serve.group_alive()
     finally:
         serve.kill_all()
+
+
+def test_restart_backoff_doubles_caps_and_resets_after_a_stable_run():
+    backoff = RestartBackoff(first_s=1, max_s=30, stable_s=60)
+    assert [backoff.delay("decode-0", 2.0) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert backoff.delay("prefill-0", 0.5) == 1                 # per node
+    assert backoff.delay("decode-0", 61.0) == 1                 # it stayed up a minute
+    assert backoff.delay("decode-0", 3.0) == 2
+    for bad in ({"first_s": 0}, {"first_s": 40}, {"stable_s": 0}):
+        with pytest.raises(ValueError, match="first_s"):
+            RestartBackoff(**bad)
 
 
 def test_serve_startup_failure_exits_2_without_orphans(tmp_path):

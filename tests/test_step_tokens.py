@@ -37,7 +37,7 @@ def dispatcher():
     d.sent = sent
     try:
         d.handlers.handle("decode-0", NODE, b"")
-        assert sent == [("decode-0", m.Registered("decode-0"))]
+        assert sent == [("decode-0", m.Registered("decode-0", d.router_id))]
         sent.clear()
         yield d
     finally:

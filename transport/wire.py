@@ -67,7 +67,9 @@ def decode_header(buf: Any, accept: tuple[type, ...] = HEADER_TYPES) -> WireMess
     except msgspec.ValidationError as exc:       # msgpack, but not a well-formed header
         _check_envelope(_plain(buf), accept)
         raise WireError(ErrorCode.FIELD, f"bad header field: {exc}") from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:    # a str that is not UTF-8
+    # UnicodeDecodeError: a str that is not UTF-8; RecursionError: nesting too deep (a
+    # nesting bomb, e.g. in Hello.pool)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise WireError(ErrorCode.DECODE, f"header is not valid msgpack: {exc}") from None
     if not isinstance(msg, accept):
         _check_envelope({"v": msg.v, "kind": type(msg).__struct_config__.tag}, accept)
@@ -78,8 +80,9 @@ def _plain(buf: Any) -> Any:
     """``buf`` decoded without a schema (None when even that fails)."""
     try:
         return msgspec.msgpack.decode(buf)
-    # TypeError: unhashable map keys; UnicodeDecodeError: a str that is not UTF-8
-    except (msgspec.DecodeError, TypeError, UnicodeDecodeError):
+    # TypeError: unhashable map keys; UnicodeDecodeError: a str that is not UTF-8;
+    # RecursionError: nesting deeper than msgspec's limit
+    except (msgspec.DecodeError, TypeError, UnicodeDecodeError, RecursionError):
         return None
 
 

@@ -264,10 +264,18 @@ class Deregister(ControlMessage):
 
 
 class Rejected(ControlMessage):
-    """Node → router: a request could not be taken or ended in error (``error`` says why)."""
+    """Node → router: a request could not be taken or ended in error (``error`` says why).
+
+    ``error == DRAINING``: the node is draining (it sent ``Drain``, the request crossed
+    it): nothing is wrong with the request, the router routes it to another node.
+    """
 
     rid: str
     error: str
+
+
+DRAINING = "the node is draining"
+"""``Rejected.error`` of a request refused because its node is draining."""
 
 
 MESSAGES = {cls.__name__: cls for cls in (
@@ -290,6 +298,7 @@ def decode(frame: bytes) -> ControlMessage:
     try:
         return _DECODER.decode(frame)
     # ValidationError is a DecodeError (wrong shape or type); msgspec raises
-    # UnicodeDecodeError for a string that is not UTF-8.
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    # UnicodeDecodeError for a string that is not UTF-8, and RecursionError for
+    # nesting deeper than its limit (a nesting bomb in an ``Any`` field).
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ControlError(f"malformed control frame: {exc}") from None

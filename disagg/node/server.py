@@ -16,7 +16,16 @@ The role (what a message means, what an output becomes) lives in a
 A node registers at start, answers ``RegisterAgain`` by registering again
 (the router restarted or dropped it), and keeps serving whatever happens to
 the router: requests it no longer knows are aborted by it when their tokens
-arrive.
+arrive. ``Registered`` carries the router process's id: when it changes, the
+router restarted and nobody waits for the requests the node holds, so it
+aborts them all (blocks and pins freed) and forgets its role state.
+
+Leaving (``run(stop, drain)``): once ``drain`` is set (a node's first SIGTERM)
+the node sends ``Drain``, refuses new ``Generate`` / ``Prefill`` with
+``Rejected(DRAINING)`` (the router routes them elsewhere), and serves what it
+holds (remote KV it waits for included) until its engine is idle or
+``drain_timeout_s`` passed; then, as on ``stop``, it sends ``Deregister`` (the
+router recovers whatever it still held) and returns.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from disagg.engine.outputs import KVTransferEvent, RequestOutput
 log = logging.getLogger("disagg.node")
 
 MAX_STEP_SAMPLES = 64       # step timings carried by one heartbeat (the newest)
+LEAVE_LINGER_MS = 1000      # how long closing waits for queued messages to reach the router
 
 
 class RoleHandler(ABC):
@@ -74,12 +84,19 @@ class NodeServer:
     """Runs ``handler``'s engine against the router at ``router_address`` until stopped."""
 
     def __init__(self, engine: LLMEngine, handler_cls, router_address: str, node_id: str,
-                 served_model_name: str, heartbeat_s: float = 0.5) -> None:
+                 served_model_name: str, heartbeat_s: float = 0.5,
+                 drain_timeout_s: float = 30.0) -> None:
         if heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s!r}")
+        if not drain_timeout_s >= 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {drain_timeout_s!r}")
         self.engine = engine
         self.node_id = node_id
         self.heartbeat_s = heartbeat_s
+        self.drain_timeout_s = drain_timeout_s
+        self.draining = False
+        #: the id of the router process this node registered with ("" before the first)
+        self.router_id = ""
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, node_id.encode())
@@ -114,16 +131,24 @@ class NodeServer:
         self._register_sent_at = time.monotonic()
         self.send(self._register)
 
-    def run(self, stop: threading.Event) -> None:
-        """Serve until ``stop`` is set."""
+    def run(self, stop: threading.Event, drain: threading.Event | None = None) -> None:
+        """Serve until ``stop`` is set, or until a drain begun by setting ``drain``
+        ended (see the module docstring); either way say ``Deregister`` last."""
         self._send_register()
         beats = threading.Thread(target=self._heartbeats, args=(stop,), daemon=True,
                                  name="heartbeat")
         beats.start()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        deadline = None
         try:
             while not stop.is_set():
+                if drain is not None and drain.is_set():
+                    if deadline is None:
+                        deadline = self._begin_drain()
+                    if self.engine.is_idle() or time.monotonic() >= deadline:
+                        self._end_drain(deadline)
+                        break
                 moved = bool(poller.poll(0 if self.engine.has_unfinished() else 50))
                 if moved:
                     self._drain()
@@ -135,8 +160,37 @@ class NodeServer:
                     self._snapshot = (self.engine.load(), stats["bytes_sent"],
                                       stats["bytes_received"])
         finally:
+            self.send(m.Deregister(self.node_id))      # the router recovers what is left
             stop.set()
             beats.join()
+
+    def _begin_drain(self) -> float:
+        """Say ``Drain``; return when the grace period ends."""
+        self.draining = True
+        self.send(m.Drain(self.node_id))
+        held = self.engine.load()["num_requests"]
+        log.info("draining: %d request(s) held; leaving when they are done or in %g s",
+                 held, self.drain_timeout_s)
+        return time.monotonic() + self.drain_timeout_s
+
+    def _end_drain(self, deadline: float) -> None:
+        held = self.engine.load()["num_requests"]
+        if held:
+            log.warning("drain grace period over with %d request(s) still held; leaving "
+                        "them to the router", held)
+        else:
+            log.info("drained: nothing left, %.1f s before the grace period's end",
+                     max(deadline - time.monotonic(), 0.0))
+
+    def _router_changed(self, router_id: str) -> None:
+        """A new router process registered this node: drop the old one's requests."""
+        if router_id and self.router_id and router_id != self.router_id:
+            aborted = self.engine.abort_all()
+            self.handler = type(self.handler)(self.engine, self.send)
+            log.warning("the router restarted (%s -> %s): aborted the %d request(s) of the "
+                        "old one", self.router_id, router_id, aborted)
+        if router_id:
+            self.router_id = router_id
 
     def _drain(self) -> None:
         while True:
@@ -152,7 +206,13 @@ class NodeServer:
             if isinstance(msg, m.Registered):
                 if not self.registered:
                     log.info("registered with the router as %s", self.node_id)
+                    if self.draining:                  # a new router: tell it too
+                        self.send(m.Drain(self.node_id))
                 self.registered = True
+                self._router_changed(msg.router_id)
+            elif self.draining and isinstance(msg, (m.Generate, m.Prefill)):
+                log.info("refused %s: draining (the router routes it elsewhere)", msg.rid)
+                self.send(m.Rejected(msg.rid, m.DRAINING))
             elif isinstance(msg, m.Refused):
                 raise RuntimeError(f"the router refused this node: {msg.reason}")
             elif isinstance(msg, m.RegisterAgain):
@@ -198,7 +258,8 @@ class NodeServer:
             sock.close(0)
 
     def close(self) -> None:
-        """Close the socket and stop the engine (idempotent)."""
-        self.sock.close(0)
+        """Close the socket (waiting up to ``LEAVE_LINGER_MS`` for the last messages,
+        ``Deregister`` among them, to leave) and stop the engine (idempotent)."""
+        self.sock.close(LEAVE_LINGER_MS)
         self.ctx.term()
         self.engine.shutdown()

@@ -54,6 +54,24 @@ def test_kv_that_never_comes_falls_back_to_local_prefill(tiny_llama):
         assert not de.scheduler.connector.has_pending()
 
 
+def test_an_idle_node_still_falls_back_when_the_kv_wait_runs_out(tiny_llama):
+    """Nothing moving (the KV is not coming, no transfer in flight, no other request): the
+    node loop steps only while ``has_unfinished()``, so the overdue wait must count, or the
+    request and its blocks stay held until some other request wakes the engine."""
+    prompt = random_prompts(1, 256, 21, 22, seed=5)[0]
+    with LLMEngine(EngineConfig(model=tiny_llama, block_size=4, num_kv_blocks=BLOCKS)) as single:
+        want = single.generate([prompt], PARAMS)[0].output_token_ids
+    with LLMEngine(EngineConfig(model=tiny_llama, role="decode", block_size=4,
+                                num_kv_blocks=BLOCKS, kv_load_timeout_s=0.3)) as de:
+        _target(de, prompt)
+        assert not de.has_unfinished()                 # waiting for its first token
+        time.sleep(0.4)
+        assert de.has_unfinished()
+        done = [o for o in _drain(de) if o.finished]
+        assert [o.output_token_ids for o in done] == [want]
+        assert de.is_idle() and de.scheduler.blocks.pool.num_free_blocks == BLOCKS
+
+
 @pytest.mark.parametrize("lease_s,timeout_s,reason", [(1.0, 5.0, "lease"), (5.0, 1.0, "HELLO")])
 def test_dead_receiver_ends_in_an_error_and_frees_blocks(tiny_llama, lease_s, timeout_s, reason):
     """No ACK ever comes: the lease (or the handshake timeout) ends the transfer."""

@@ -205,3 +205,23 @@ def test_a_new_router_id_aborts_every_held_request(node):
     assert server.router_id == "router-b" and server.handler._remote == {}
     router.send(m.Generate("new", prompts[0], {**LONG, "max_tokens": 3}, False))
     router.recv(m.StepTokens, where=_finished("new"))           # and it serves the new one
+
+
+def test_being_dropped_by_the_router_aborts_every_held_request(node):
+    """RegisterAgain while registered: the router dropped this node (it was silent, e.g.
+    SIGSTOPped, past the node timeout) and moved its requests elsewhere; the copies left
+    here would otherwise run on (or wait for KV) with nobody reading them."""
+    router, server, stop, drain, thread = node
+    prompts = random_prompts(2, 256, 10, 11, seed=7)
+    router.send(m.Generate("local", prompts[0], {**LONG, "max_tokens": 10_000}, False))
+    router.send(m.Generate("remote", prompts[1], LONG, True))    # waits for KV
+    router.recv(m.KVTarget)
+    router.recv(m.Heartbeat, where=lambda b: b.load["num_requests"] == 2)
+    router.send(m.RegisterAgain("decode-0"))
+    router.recv(m.Register)                                       # it registers again
+    beat = router.recv(m.Heartbeat, where=lambda b: b.load["num_requests"] == 0)
+    assert {k: beat.load[k] for k in HELD} == dict.fromkeys(HELD, 0)
+    router.send(m.Registered("decode-0", "router-a"))
+    router.send(m.RegisterAgain("decode-0"))     # a late duplicate before it is registered...
+    router.send(m.Generate("new", prompts[0], {**LONG, "max_tokens": 3}, False))
+    router.recv(m.StepTokens, where=_finished("new"))           # ...does not abort new work

@@ -10,6 +10,7 @@ neither.
 from __future__ import annotations
 
 import itertools
+import time
 import sys
 from pathlib import Path
 
@@ -262,11 +263,13 @@ class LLMEngine:
         """Whether ``step()`` has work to do or outputs to report.
 
         Requests waiting for remote KV or pinned after a prefill count only
-        while a KV transport moves their blocks; otherwise they move only when
-        ``notify_kv_ready`` / ``release_kv`` (or their timeout) moves them.
+        while a KV transport moves their blocks, or once their timeout passed
+        (a step then falls back / frees them); otherwise they move only when
+        ``notify_kv_ready`` / ``release_kv`` moves them.
         """
         return self.scheduler.has_work() or bool(self._pending) \
-            or self.scheduler.connector.has_pending()
+            or self.scheduler.connector.has_pending() \
+            or self.scheduler.has_overdue(time.monotonic())
 
     @property
     def kv_caches(self) -> list[torch.Tensor]:

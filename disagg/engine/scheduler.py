@@ -76,6 +76,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_overdue(self, now: float) -> bool:
+        """Whether a KV wait or a pin lease ran out (the next ``schedule`` acts on it)."""
+        return any(r.deadline is not None and r.deadline <= now
+                   for r in (*self.waiting_for_kv.values(), *self.pinned.values()))
+
     def finish(self, req: Request, status: RequestStatus) -> None:
         """End a request and free its blocks (pins prefill-only requests instead)."""
         if req in self.running:

@@ -16,8 +16,10 @@ The role (what a message means, what an output becomes) lives in a
 A node registers at start, answers ``RegisterAgain`` by registering again
 (the router restarted or dropped it), and keeps serving whatever happens to
 the router: requests it no longer knows are aborted by it when their tokens
-arrive. ``Registered`` carries the router process's id: when it changes, the
-router restarted and nobody waits for the requests the node holds, so it
+arrive. A ``RegisterAgain`` while registered means the router dropped the node
+(it was silent too long: its requests were already moved or ended), and
+``Registered`` carries the router process's id, which changes when the router
+restarted: either way nobody waits for the requests the node holds, so it
 aborts them all (blocks and pins freed) and forgets its role state.
 
 Leaving (``run(stop, drain)``): once ``drain`` is set (a node's first SIGTERM)
@@ -185,12 +187,16 @@ class NodeServer:
     def _router_changed(self, router_id: str) -> None:
         """A new router process registered this node: drop the old one's requests."""
         if router_id and self.router_id and router_id != self.router_id:
-            aborted = self.engine.abort_all()
-            self.handler = type(self.handler)(self.engine, self.send)
-            log.warning("the router restarted (%s -> %s): aborted the %d request(s) of the "
-                        "old one", self.router_id, router_id, aborted)
+            self._abort_everything(f"the router restarted ({self.router_id} -> {router_id})")
         if router_id:
             self.router_id = router_id
+
+    def _abort_everything(self, why: str) -> None:
+        """Abort every request the engine holds and forget the role's state."""
+        aborted = self.engine.abort_all()
+        self.handler = type(self.handler)(self.engine, self.send)
+        if aborted:
+            log.warning("%s: aborted the %d request(s) held here", why, aborted)
 
     def _drain(self) -> None:
         while True:
@@ -216,6 +222,11 @@ class NodeServer:
             elif isinstance(msg, m.Refused):
                 raise RuntimeError(f"the router refused this node: {msg.reason}")
             elif isinstance(msg, m.RegisterAgain):
+                if self.registered:
+                    # the router dropped this node (silent too long, or it restarted): it
+                    # already moved or ended every request held here, so nobody reads them
+                    self._abort_everything("the router dropped this node")
+                    self._register_sent_at = 0.0
                 # one Register per burst: heartbeats sent while we were busy each got a reply
                 if time.monotonic() - self._register_sent_at > 2 * self.heartbeat_s:
                     log.warning("the router does not know this node; registering again")

@@ -12,7 +12,8 @@ prints one ready line with the OpenAI base URL, then supervises them:
   the decode node new requests get 503 with ``Retry-After``.
 - the router exits on its own: say so, stop the nodes, exit 1.
 - SIGINT (Ctrl-C) or SIGTERM: stop every child (SIGTERM: nodes drain, the
-  router finishes its streams; whatever is still up 20 s later is killed),
+  router finishes its streams; whatever is still up ``--drain-timeout-s`` + 10 s
+  later is killed),
   print ``stopped``, exit 0. A terminal's Ctrl-C reaches the children too
   (same process group) and they stop themselves; once shutdown began, their
   exits are expected.
@@ -78,6 +79,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "exceeds S seconds, once the cost model has measured a few (default: off)")
     p.add_argument("--startup-timeout-s", type=float, default=180.0,
                    help="give up if the nodes have not registered by then")
+    g = p.add_argument_group("faults")
+    g.add_argument("--node-timeout-s", type=float, default=3.0,
+                   help="the router drops a node silent this long (its requests move on)")
+    g.add_argument("--max-migrations", type=int, default=3,
+                   help="how often one request may move off a lost decode node (0: never)")
+    g.add_argument("--migration-wait-s", type=float, default=60.0,
+                   help="how long a moved request waits for a decode node when none is up")
+    g.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM, how long the router and the nodes let requests in flight "
+                        "finish (disagg serve's own stop waits for them)")
     g = p.add_argument_group("process layout (default: split the cores between the nodes "
                              "when each gets >= 2 per TP rank, else share them all)")
     g.add_argument("--prefill-cpus", default=None, metavar="CPUS",
@@ -188,18 +199,25 @@ def cluster_config_from_args(a: argparse.Namespace, layout: Layout | None = None
     if a.reject_ttft_slo_s is not None and not 0 < a.reject_ttft_slo_s < float("inf"):
         raise ValueError(f"--reject-ttft-slo-s must be a number of seconds > 0, got "
                          f"{a.reject_ttft_slo_s}")
-    node_args: list[str] = []
+    from router.migration import MigrationConfig
+    MigrationConfig(a.max_migrations, a.migration_wait_s)          # ValueError if bad
+    if not 0 <= a.drain_timeout_s < float("inf"):
+        raise ValueError(f"--drain-timeout-s must be a number of seconds >= 0, got "
+                         f"{a.drain_timeout_s}")
+    node_args: list[str] = ["--drain-timeout-s", repr(a.drain_timeout_s)]
     for attr, flag in NODE_FLAGS:
         value = getattr(a, attr)
         if value is not None:
             node_args += [flag, str(value)]
+    router_args = ("--max-migrations", str(a.max_migrations), "--migration-wait-s",
+                   repr(a.migration_wait_s), "--drain-timeout-s", repr(a.drain_timeout_s))
     layout = layout or Layout((), None, None)
     return ClusterConfig(model=a.model, prefill_tp=a.prefill_tp, decode_tp=a.decode_tp,
                          policy=a.policy, policy_options=tuple(a.policy_option),
                          kv_transport=a.kv_transport, host=a.host, port=a.port,
                          api_key=a.api_key, max_inflight=a.max_inflight,
-                         reject_ttft_slo_s=a.reject_ttft_slo_s,
-                         node_args=tuple(node_args), prefill_args=layout.node_args("prefill"),
+                         reject_ttft_slo_s=a.reject_ttft_slo_s, node_timeout_s=a.node_timeout_s,
+                         router_args=router_args, node_args=tuple(node_args), prefill_args=layout.node_args("prefill"),
                          decode_args=layout.node_args("decode"), log_dir=None,
                          startup_timeout_s=a.startup_timeout_s)
 
@@ -334,7 +352,7 @@ def run_serve(a: argparse.Namespace) -> int:
         starting = False
         if stop.is_set() and code == 0:
             _say("stopping...")
-        cluster.stop()
+        cluster.stop(timeout_s=a.drain_timeout_s + 10)
         for s, handler in old.items():
             signal.signal(s, handler)
     if code == 0:

@@ -16,6 +16,8 @@
 #   DISAGG_KV_ADDRESS         where this node's ranks receive KV: tcp://THIS_HOST_IP:* (an address the
 #                             prefill machines can reach; ':*' = free ports), tcp://HOST:PORT, ipc://*
 #   DISAGG_SERVED_MODEL_NAME  the model name clients send (default: from the model)
+#   DISAGG_DRAIN_TIMEOUT_S    on SIGTERM: stop taking requests, finish those held for up to
+#                             this many seconds, deregister, exit 0 (default 30)
 #   DISAGG_LOG_LEVEL          INFO, DEBUG, ...
 #   DISAGG_PYTHON             the interpreter (default: $REPO/.venv/bin/python, else python3)
 #

@@ -15,6 +15,8 @@
 #                             prefill and decode nodes must use the same one
 #   DISAGG_KV_ADDRESS         unused by prefill nodes (only decode ranks receive KV)
 #   DISAGG_SERVED_MODEL_NAME  the model name clients send (default: from the model)
+#   DISAGG_DRAIN_TIMEOUT_S    on SIGTERM: stop taking requests, finish those held for up to
+#                             this many seconds, deregister, exit 0 (default 30)
 #   DISAGG_LOG_LEVEL          INFO, DEBUG, ...
 #   DISAGG_PYTHON             the interpreter (default: $REPO/.venv/bin/python, else python3)
 #

@@ -13,6 +13,8 @@
 #   DISAGG_POLICY             cost | local | remote | threshold (default cost)
 #   DISAGG_API_KEY            require "Authorization: Bearer KEY"
 #   DISAGG_MAX_INFLIGHT       requests in flight before 429 (default 256)
+#   DISAGG_DRAIN_TIMEOUT_S    on SIGTERM, let requests in flight finish for up to this many
+#                             seconds, then exit (default 30)
 #   DISAGG_LOG_LEVEL          INFO, DEBUG, ...
 #   DISAGG_PYTHON             the interpreter (default: $REPO/.venv/bin/python, else python3)
 #

@@ -230,9 +230,26 @@ def test_cluster_config_pins_the_nodes():
     a = p.parse_args(["--port", "0", "--max-num-seqs", "2"])
     config = cluster_config_from_args(a, plan_layout(range(8)))
     assert config.prefill_args == ("--cpus", "0-3") and config.decode_args == ("--cpus", "4-7")
-    assert config.node_args == ("--max-num-seqs", "2")
+    assert config.node_args == ("--drain-timeout-s", "30.0", "--max-num-seqs", "2")
     shared = cluster_config_from_args(a, plan_layout(range(2)))
     assert shared.prefill_args == shared.decode_args == ()
+
+
+def test_serve_passes_the_fault_flags_to_the_router_and_nodes():
+    import argparse
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    a = p.parse_args(["--node-timeout-s", "2", "--max-migrations", "1", "--migration-wait-s",
+                      "5", "--drain-timeout-s", "7"])
+    config = cluster_config_from_args(a)
+    assert config.node_timeout_s == 2.0
+    assert config.router_args == ("--max-migrations", "1", "--migration-wait-s", "5.0",
+                                  "--drain-timeout-s", "7.0")
+    assert config.node_args[:2] == ("--drain-timeout-s", "7.0")
+    for bad in (["--max-migrations", "-1"], ["--migration-wait-s", "0"],
+                ["--drain-timeout-s", "-1"], ["--node-timeout-s", "0"]):
+        with pytest.raises(ValueError):
+            cluster_config_from_args(p.parse_args(bad))
 
 
 def test_serve_help_documents_the_layout_flags():

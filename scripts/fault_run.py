@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import threading
@@ -212,6 +213,11 @@ def run_soak(a: argparse.Namespace, out: Path) -> dict:
             "left_on_nodes": left}
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so leaving ``LocalCluster`` stops the deployment."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -233,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _interrupt)
     result = run_trace(a, out) if a.what == "trace" else run_soak(a, out)
     result["command"] = " ".join(["scripts/fault_run.py", *(argv or sys.argv[1:])])
     (out / f"{a.what}.json").write_text(json.dumps(result, indent=2) + "\n")

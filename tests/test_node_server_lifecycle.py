@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import zmq
@@ -95,15 +96,16 @@ class ScriptedRouter:
         self.ctx.term()
 
 
-@pytest.fixture
-def node(tiny_llama):
-    """A decode ``NodeServer`` on a tiny engine, running in a thread against a ScriptedRouter;
-    yields ``(router, server, stop, drain, thread)``."""
+@contextmanager
+def running_node(model: str, drain_timeout_s: float = 30.0):
+    """A decode ``NodeServer`` on a tiny engine (``model``), running in a thread against a
+    ScriptedRouter that has answered its ``Register`` (as router ``router-a``); yields
+    ``(router, server, stop, drain, thread)`` and stops and closes them all on exit."""
     router = ScriptedRouter()
-    engine = LLMEngine(EngineConfig(model=tiny_llama, role="decode", block_size=4,
+    engine = LLMEngine(EngineConfig(model=model, role="decode", block_size=4,
                                     num_kv_blocks=64))
     server = NodeServer(engine, DecodeHandler, router.address, "decode-0", "m",
-                        heartbeat_s=0.1, drain_timeout_s=30.0)
+                        heartbeat_s=0.1, drain_timeout_s=drain_timeout_s)
     stop, drain = threading.Event(), threading.Event()
     thread = threading.Thread(target=server.run, args=(stop, drain), daemon=True)
     thread.start()
@@ -116,6 +118,13 @@ def node(tiny_llama):
         thread.join(30)
         server.close()
         router.close()
+
+
+@pytest.fixture
+def node(tiny_llama):
+    """:func:`running_node` with a 30 s drain grace period."""
+    with running_node(tiny_llama) as parts:
+        yield parts
 
 
 def _finished(rid):
@@ -145,17 +154,7 @@ def test_drain_finishes_held_requests_refuses_new_ones_then_deregisters(node):
 
 
 def test_drain_gives_up_after_its_grace_period(tiny_llama):
-    router = ScriptedRouter()
-    engine = LLMEngine(EngineConfig(model=tiny_llama, role="decode", block_size=4,
-                                    num_kv_blocks=64))
-    server = NodeServer(engine, DecodeHandler, router.address, "decode-0", "m",
-                        heartbeat_s=0.1, drain_timeout_s=0.5)
-    stop, drain = threading.Event(), threading.Event()
-    thread = threading.Thread(target=server.run, args=(stop, drain), daemon=True)
-    thread.start()
-    try:
-        router.recv(m.Register)
-        router.send(m.Registered("decode-0", "router-a"))
+    with running_node(tiny_llama, drain_timeout_s=0.5) as (router, server, stop, drain, thread):
         # remote KV that never comes: the request would wait for kv_load_timeout_s (30 s)
         router.send(m.Generate("r0", random_prompts(1, 256, 10, 11, seed=5)[0], LONG, True))
         router.recv(m.KVTarget)
@@ -166,12 +165,7 @@ def test_drain_gives_up_after_its_grace_period(tiny_llama):
         waited = time.monotonic() - t0
         thread.join(10)
         assert not thread.is_alive() and 0.4 < waited < 10, waited
-        assert engine.load()["num_requests"] == 1        # left to the router (Deregister)
-    finally:
-        stop.set()
-        thread.join(30)
-        server.close()
-        router.close()
+        assert server.engine.load()["num_requests"] == 1   # left to the router (Deregister)
 
 
 def test_a_second_signal_stops_a_draining_node_at_once(node):

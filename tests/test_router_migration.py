@@ -5,6 +5,7 @@ and it notices a node's connection ending at once (router.connections), on real 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import pytest
@@ -21,39 +22,24 @@ from router.metrics import RouterMetrics
 from router.migration import MigrationConfig
 from router.nodes import NodeRegistry
 from router.policy import make_policy
+from router_helpers import recording_dispatcher, register_message
 
 BLOCK = 4
 PROMPT = list(range(10, 20))
 
-
-def reg(node_id: str, role: str = "decode", pid: int = 1) -> m.Register:
-    return m.Register(node_id, role, 1, BLOCK, "m", 4096, 1000, 100, 64, "zmq",
-                      ["tcp://127.0.0.1:1"] if role == "decode" else [], pid, "h")
-
-
-def make_dispatcher(unreachable: set | None = None, **migration) -> Dispatcher:
-    """An unstarted dispatcher whose sends are recorded (``d.sent``); sends to a node in
-    ``unreachable`` fail."""
-    registry = CollectorRegistry()
-    d = Dispatcher(NodeRegistry("m"), make_policy("local"), RouterMetrics(registry),
-                   "tcp://127.0.0.1:*", MigrationConfig(**migration))
-    d.prom = registry
-    d.sent = []
-    unreachable = unreachable if unreachable is not None else set()
-
-    def send(node_id, msg, frame=None):
-        d.sent.append((node_id, msg))
-        return node_id not in unreachable
-    d.send = send
-    return d
+reg = functools.partial(register_message, block_size=BLOCK)
 
 
 @pytest.fixture
 def dispatchers():
+    """``make(*nodes, unreachable=(), **migration)``: a recording dispatcher (sends to a
+    node in ``unreachable`` fail) with ``nodes`` registered (``p*``: prefill, else decode)
+    and ``d.sent`` cleared; closed at the end."""
     made = []
 
-    def make(*nodes, **kw):
-        d = make_dispatcher(**kw)
+    def make(*nodes, unreachable=(), **migration):
+        d = recording_dispatcher(migration=MigrationConfig(**migration),
+                                 unreachable=unreachable)
         for node in nodes:
             d.handlers.handle(node, reg(node, "prefill" if node.startswith("p") else "decode"),
                               b"")

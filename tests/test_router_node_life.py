@@ -11,31 +11,18 @@ import asyncio
 import time
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from disagg.control import messages as m
 from disagg.sampling_params import SamplingParams
-from router.dispatch import Dispatcher
 from router.inflight import Inflight
-from router.metrics import RouterMetrics
-from router.nodes import NodeRegistry
-from router.policy import make_policy
-
-
-def reg(node_id: str, role: str = "decode", pid: int = 1) -> m.Register:
-    return m.Register(node_id, role, 1, 16, "m", 4096, 1000, 100, 64, "zmq",
-                      ["tcp://127.0.0.1:1"] if role == "decode" else [], pid, "h")
+from router_helpers import recording_dispatcher
+from router_helpers import register_message as reg
 
 
 @pytest.fixture
 def dispatcher():
     """A Dispatcher whose sends are recorded (``d.sent``) instead of going out."""
-    prom = CollectorRegistry()
-    d = Dispatcher(NodeRegistry("m"), make_policy("local"), RouterMetrics(prom),
-                   "tcp://127.0.0.1:*")
-    d.prom = prom
-    d.sent = []
-    d.send = lambda node_id, msg, frame=None: d.sent.append((node_id, msg)) or True
+    d = recording_dispatcher()
     try:
         yield d
     finally:
@@ -60,8 +47,7 @@ def test_registered_carries_the_router_id_and_restarts_are_counted(dispatcher):
     d.registry.remove("d0")
     d.handlers.handle("d0", reg("d0", pid=12), b"")              # back as a new process
     assert _gauge(d, "disagg_node_restarts_total", role="decode") == 2
-    other = Dispatcher(NodeRegistry("m"), make_policy("local"), RouterMetrics(
-        CollectorRegistry()), "tcp://127.0.0.1:*")
+    other = recording_dispatcher()
     asyncio.run(other.close())
     assert other.router_id != d.router_id                         # one per router process
 

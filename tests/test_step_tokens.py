@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from decode_node.handler import DecodeHandler
 from disagg.control import messages as m
@@ -17,28 +16,20 @@ from disagg.logprobs import TokenLogprobs
 from disagg.sampling_params import SamplingParams
 from router.dispatch import Dispatcher
 from router.inflight import Inflight
-from router.metrics import RouterMetrics
-from router.nodes import NodeRegistry
-from router.policy import make_policy
+from router_helpers import recording_dispatcher, register_message
 
 LP = [7, -0.25, [[7, -0.25]]]
-NODE = m.Register("decode-0", "decode", 1, 16, "m", 4096, 1000, 100, 64, "zmq",
-                  ["tcp://127.0.0.1:1"], 1, "h")
+NODE = register_message("decode-0")
 
 
 @pytest.fixture
 def dispatcher():
-    registry = CollectorRegistry()
-    d = Dispatcher(NodeRegistry("m"), make_policy("local"), RouterMetrics(registry),
-                   "tcp://127.0.0.1:*")
-    d.prom = registry
-    sent = []
-    d.send = lambda node_id, msg, frame=None: sent.append((node_id, msg)) or True
-    d.sent = sent
+    """A recording Dispatcher (``d.sent``) with decode node ``decode-0`` registered."""
+    d = recording_dispatcher()
     try:
         d.handlers.handle("decode-0", NODE, b"")
-        assert sent == [("decode-0", m.Registered("decode-0", d.router_id))]
-        sent.clear()
+        assert d.sent == [("decode-0", m.Registered("decode-0", d.router_id))]
+        d.sent.clear()
         yield d
     finally:
         asyncio.run(d.close())

@@ -1,0 +1,46 @@
+"""Helpers for the router unit tests: a real :class:`Dispatcher` whose outgoing messages
+are recorded instead of sent, and the ``Register`` message a node opens with."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry
+
+from disagg.control import messages as m
+from router.dispatch import Dispatcher
+from router.metrics import RouterMetrics
+from router.migration import MigrationConfig
+from router.nodes import NodeRegistry
+from router.policy import make_policy
+
+MODEL = "m"
+
+
+def register_message(node_id: str, role: str = "decode", pid: int = 1,
+                     block_size: int = 16) -> m.Register:
+    """The ``Register`` a ``role`` node (process ``pid``) sends for model ``MODEL``; a
+    decode node lists one (never dialled) KV address, a prefill node none."""
+    return m.Register(node_id, role, 1, block_size, MODEL, 4096, 1000, 100, 64, "zmq",
+                      ["tcp://127.0.0.1:1"] if role == "decode" else [], pid, "h")
+
+
+def recording_dispatcher(policy: str = "local", migration: MigrationConfig | None = None,
+                         unreachable: Iterable[str] = ()) -> Dispatcher:
+    """An unstarted :class:`Dispatcher` (policy ``policy``) whose sends are appended to
+    ``d.sent`` as ``(node_id, msg)`` instead of going out; a send to a node in
+    ``unreachable`` is recorded too but reports failure. Its metrics live in ``d.prom``
+    (a fresh :class:`CollectorRegistry`). The caller closes it:
+    ``asyncio.run(d.close())``."""
+    prom = CollectorRegistry()
+    d = Dispatcher(NodeRegistry(MODEL), make_policy(policy), RouterMetrics(prom),
+                   "tcp://127.0.0.1:*", migration)
+    d.prom = prom
+    d.sent = []
+    unreachable = frozenset(unreachable)
+
+    def send(node_id: str, msg, frame=None) -> bool:
+        d.sent.append((node_id, msg))
+        return node_id not in unreachable
+    d.send = send
+    return d

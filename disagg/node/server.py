@@ -195,8 +195,7 @@ class NodeServer:
         """Abort every request the engine holds and forget the role's state."""
         aborted = self.engine.abort_all()
         self.handler = type(self.handler)(self.engine, self.send)
-        if aborted:
-            log.warning("%s: aborted the %d request(s) held here", why, aborted)
+        log.warning("%s: aborted the %d request(s) held here", why, aborted)
 
     def _drain(self) -> None:
         while True:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from disagg.cluster import ClusterConfig, LocalCluster
 from disagg.cpus import format_cpus, parse_cpus, usable_cpus
 from disagg.engine_args import add_dtype_arg, add_kv_transport_arg
+from router.migration import add_migration_args
 from router.policy import add_policy_arg
 
 # Engine flags ``disagg serve`` forwards to both nodes: (attribute, node flag).
@@ -82,10 +83,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("faults")
     g.add_argument("--node-timeout-s", type=float, default=3.0,
                    help="the router drops a node silent this long (its requests move on)")
-    g.add_argument("--max-migrations", type=int, default=3,
-                   help="how often one request may move off a lost decode node (0: never)")
-    g.add_argument("--migration-wait-s", type=float, default=60.0,
-                   help="how long a moved request waits for a decode node when none is up")
+    add_migration_args(g)
     g.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM, how long the router and the nodes let requests in flight "
                         "finish (disagg serve's own stop waits for them)")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
     """The router's flags."""
+    from router.migration import add_migration_args
     from router.policy import add_policy_arg
     env = os.environ.get
     p.add_argument("--host", default=env("DISAGG_HOST", "127.0.0.1"),
@@ -48,14 +49,7 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="requests in flight before new ones get 429")
     p.add_argument("--node-timeout-s", type=float, default=3.0,
                    help="a node silent this long is dropped (its requests fall back)")
-    p.add_argument("--max-migrations", type=int, default=3,
-                   help="times one request may move off a lost decode node to another (it "
-                        "resumes with the tokens already sent); one more loss ends it with a "
-                        "502 error event; 0 = never move (default 3)")
-    p.add_argument("--migration-wait-s", type=float, default=60.0,
-                   help="how long a lost decode node's request waits for a decode node to "
-                        "come up when none is, before it ends with a 502 error event "
-                        "(default 60)")
+    add_migration_args(p)
     p.add_argument("--drain-timeout-s", type=float,
                    default=env("DISAGG_DRAIN_TIMEOUT_S", "30"),
                    help="on SIGTERM/SIGINT stop accepting connections and let requests in "

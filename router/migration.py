@@ -52,6 +52,18 @@ class MigrationConfig:
             raise ValueError(f"migration wait_s must be a number > 0, got {self.wait_s!r}")
 
 
+def add_migration_args(p) -> None:
+    """``--max-migrations`` and ``--migration-wait-s`` (the router's and ``disagg serve``'s)."""
+    p.add_argument("--max-migrations", type=int, default=MigrationConfig.max_migrations,
+                   help="times one request may move off a lost decode node to another (it "
+                        "resumes with the tokens already sent); one more loss ends it with a "
+                        "502 error event; 0 = never move (default 3)")
+    p.add_argument("--migration-wait-s", type=float, default=MigrationConfig.wait_s,
+                   help="how long a lost decode node's request waits for a decode node to "
+                        "come up when none is, before it ends with a 502 error event "
+                        "(default 60)")
+
+
 def node_lost_error(reason: str, detail: str = "") -> ProtocolError:
     """The 502 event that ends a request its decode node's loss could not be recovered from."""
     return ProtocolError(502, f"the decode node serving this request was lost ({reason}){detail}",

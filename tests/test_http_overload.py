@@ -27,8 +27,8 @@ pytestmark = [needs_smollm2, pytest.mark.slow]
 MAX_INFLIGHT = 4
 MAX_TOKENS = 12
 PROMPTS = random_prompts(4, 49152, 20, 40, seed=21)
-CLOSED_LOOP_S = 8.0
-BURST_S = 20.0
+CLOSED_LOOP_S = 6.0
+BURST_S = 12.0
 OVERLOAD = 10
 RSS_SLACK = 64 << 20
 """Resident memory a process may gain over the burst (bytes): allocator and

@@ -74,7 +74,9 @@ def test_an_idle_node_still_falls_back_when_the_kv_wait_runs_out(tiny_llama):
 
 @pytest.mark.parametrize("lease_s,timeout_s,reason", [(1.0, 5.0, "lease"), (5.0, 1.0, "HELLO")])
 def test_dead_receiver_ends_in_an_error_and_frees_blocks(tiny_llama, lease_s, timeout_s, reason):
-    """No ACK ever comes: the lease (or the handshake timeout) ends the transfer."""
+    """No ACK ever comes: the link watch (nobody answers the connection: see
+    transport/liveness.py), the lease or the handshake timeout, whichever comes first, ends
+    the transfer with an error and frees its blocks."""
     prompt = random_prompts(1, 256, 21, 22, seed=4)[0]
     with _engine(tiny_llama, "prefill", lease_s=lease_s, timeout_s=timeout_s) as pe:
         with _engine(tiny_llama, "decode") as de:
@@ -83,11 +85,11 @@ def test_dead_receiver_ends_in_an_error_and_frees_blocks(tiny_llama, lease_s, ti
         pe.add_request(prompt, PARAMS, request_id="p0", kv_target=target)
         t0 = time.monotonic()
         outs = _drain(pe)
-        assert 0.9 < time.monotonic() - t0 < 10
+        assert time.monotonic() - t0 < 10
         assert any(o.finished and o.kv_export for o in outs)
         (event,) = pe.pop_kv_events()
         assert event.request_id == "p0" and event.direction == "sent"
-        assert reason in event.error
+        assert any(why in event.error for why in (reason, "connection", "handshake")), event.error
         assert pe.scheduler.blocks.pool.num_free_blocks == BLOCKS
 
 

@@ -30,11 +30,11 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from disagg.cluster import LocalCluster
+from router.metrics import NODE_HOLDINGS
 
 log = logging.getLogger("disagg.chaos")
 
-HOLDING_GAUGES = ("disagg_node_requests", "disagg_node_kv_blocks_used",
-                  "disagg_node_pinned_requests", "disagg_node_kv_sends")
+HOLDING_GAUGES = tuple(name for _, name, _ in NODE_HOLDINGS)
 """Per-node gauges (label ``node``) that are 0 on a node holding nothing."""
 
 

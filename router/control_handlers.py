@@ -35,7 +35,7 @@ class ControlHandlers:
                        m.StepTokens: self.step_tokens, m.Rejected: self.rejected,
                        m.Drain: self.drain, m.Deregister: self.deregister}
         self._pids: dict[str, int] = {}     # node id → pid it last registered with
-        self._gauged: set[str] = set()      # node ids with per-node gauge series
+        self._gauged: dict[str, str] = {}   # node id → role, for its per-node gauge series
 
     def handle(self, node_id: str, msg, frame: bytes) -> None:
         """Dispatch one message from ``node_id`` (``frame`` is its encoding)."""
@@ -79,7 +79,7 @@ class ControlHandlers:
         self._pids[node_id] = msg.pid
         self.d.send(node_id, m.Registered(node_id, self.d.router_id))
         self.update_node_gauges()
-        self.d.resume_parked()              # requests of a lost node waiting for one
+        self.d.migrator.resume_parked()     # requests of a lost node waiting for one
 
     def drain(self, node_id: str, msg: m.Drain, frame: bytes) -> None:
         """The node is leaving: keep it (heartbeats, its requests) but route nothing new
@@ -113,11 +113,9 @@ class ControlHandlers:
         met.queue_depth.labels(**labels).set(msg.load.get("num_running", 0)
                                              + msg.load.get("num_waiting", 0))
         met.kv_usage.labels(**labels).set(float(msg.load.get("kv_usage", 0.0)))
-        for gauge, key in ((met.node_requests, "num_requests"),
-                           (met.node_kv_blocks, "num_used_blocks"),
-                           (met.node_pinned, "num_pinned"), (met.node_kv_sends, "num_kv_sends")):
+        for key, gauge in met.node_holdings.items():
             gauge.labels(**labels).set(msg.load.get(key, 0))
-        self._gauged.add(node_id)
+        self._gauged[node_id] = role
         if role == "decode":
             got = max(msg.kv_bytes_received, 0)     # a counter: a negative one is malformed
             met.kv_transfer_bytes.inc(got - node.kv_bytes_received if got >= node.kv_bytes_received
@@ -145,14 +143,9 @@ class ControlHandlers:
             met.nodes.labels(role=role, state="down").set(
                 sum(r == role for r in self.d.lost.values()))
         for node_id in [n for n in self._gauged if n not in reg.nodes]:
-            self._gauged.discard(node_id)
-            for gauge in (met.queue_depth, met.kv_usage, met.node_requests, met.node_kv_blocks,
-                          met.node_pinned, met.node_kv_sends):
-                for role in ("prefill", "decode"):
-                    try:
-                        gauge.remove(node_id, role)
-                    except KeyError:
-                        pass
+            role = self._gauged.pop(node_id)
+            for gauge in (met.queue_depth, met.kv_usage, *met.node_holdings.values()):
+                gauge.remove(node_id, role)
 
     # ---- requests --------------------------------------------------------
     def _request(self, node_id: str, rid: str):
@@ -248,7 +241,7 @@ class ControlHandlers:
         if msg.error == m.DRAINING:
             self.drain(node_id, m.Drain(node_id), b"")
             if node_id == req.decode:
-                self.d._decode_lost(req, "node_draining")
+                self.d.migrator.decode_lost(req, "node_draining")
             elif node_id == req.prefill:
                 self.d.fall_back(req, "prefill_draining")
             return

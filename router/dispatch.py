@@ -237,15 +237,7 @@ class Dispatcher:
             if req.prefill == node.node_id and req.route == "remote":
                 self.fall_back(req, "prefill_node_lost")
             elif req.decode == node.node_id:
-                self._decode_lost(req, reason)
-
-    def _decode_lost(self, req: Inflight, reason: str) -> None:
-        """``req``'s decode node is gone: it migrates (see :mod:`router.migration`)."""
-        self.migrator.decode_lost(req, reason)
-
-    def resume_parked(self) -> None:
-        """Place the requests waiting for a decode node (call after a node registered)."""
-        self.migrator.resume_parked()
+                self.migrator.decode_lost(req, reason)
 
     def unpend(self, req: Inflight, decode: bool = True) -> None:
         """The request no longer waits for prefill on its nodes (for load estimates)."""

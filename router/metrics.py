@@ -36,6 +36,19 @@ NODE_STATES = ("up", "draining", "down")
 """Node states: taking requests; registered but leaving (said ``Drain``, gets no new
 requests); dropped (silent) and not back yet."""
 
+NODE_HOLDINGS = (
+    ("num_requests", "disagg_node_requests",
+     "Requests a node's engine holds in any state (waiting, running, waiting for KV, pinned)."),
+    ("num_used_blocks", "disagg_node_kv_blocks_used",
+     "KV blocks held by requests on a node (free blocks kept for the prefix cache not counted)."),
+    ("num_pinned", "disagg_node_pinned_requests",
+     "Prefill-only requests whose KV blocks stay pinned until their send ends or is released."),
+    ("num_kv_sends", "disagg_node_kv_sends",
+     "Requests whose KV send has not ended on every rank (the transport still pins their "
+     "source blocks)."),
+)
+"""Per-node held-work gauges: (heartbeat load key, metric name, help)."""
+
 MIGRATION_FAILURES = ("max_migrations", "wait_timeout")
 """Why a lost decode node's request could not be moved (see ``router.migration``)."""
 
@@ -112,24 +125,10 @@ class RouterMetrics:
             "disagg_node_restarts_total",
             "Times a node id registered again with a new process id (it was restarted).",
             ("role",), **kw)
-        # What each node's engine still holds (its last heartbeat): all 0 on an idle
-        # node, so after quiescence anything else is a leak.
-        self.node_requests = Gauge(
-            "disagg_node_requests",
-            "Requests a node's engine holds in any state (waiting, running, waiting for KV, "
-            "pinned).", ("node", "role"), **kw)
-        self.node_kv_blocks = Gauge(
-            "disagg_node_kv_blocks_used",
-            "KV blocks held by requests on a node (free blocks kept for the prefix cache "
-            "not counted).", ("node", "role"), **kw)
-        self.node_pinned = Gauge(
-            "disagg_node_pinned_requests",
-            "Prefill-only requests whose KV blocks stay pinned until their send ends or is "
-            "released.", ("node", "role"), **kw)
-        self.node_kv_sends = Gauge(
-            "disagg_node_kv_sends",
-            "Requests whose KV send has not ended on every rank (the transport still pins "
-            "their source blocks).", ("node", "role"), **kw)
+        #: what each node's engine still holds (its last heartbeat), by the load key
+        #: that feeds it: all 0 on an idle node, so after quiescence anything else is a leak
+        self.node_holdings = {key: Gauge(name, doc, ("node", "role"), **kw)
+                              for key, name, doc in NODE_HOLDINGS}
         self.fallbacks = Counter(
             "disagg_fallbacks_total", "Remote prefills that fell back to local prefill.",
             ("reason",), **kw)

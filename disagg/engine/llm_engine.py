@@ -10,8 +10,8 @@ neither.
 from __future__ import annotations
 
 import itertools
-import time
 import sys
+import time
 from pathlib import Path
 
 import torch

@@ -50,7 +50,7 @@ class DecodeHandler(RoleHandler):
                 log.info("falling back to local prefill for %s: %s", msg.rid, msg.reason)
         elif isinstance(msg, m.Abort):
             self.engine.abort_request(msg.rid)
-            self._forget(msg.rid)
+            self.forget(msg.rid)
         else:
             log.error("a decode node does not handle %s", type(msg).__name__)
 
@@ -60,7 +60,7 @@ class DecodeHandler(RoleHandler):
             # the router presumed this node lost and moved the request back here: its
             # word is the newest, so the copy still running here goes
             log.warning("request %s came again; dropped the copy running here", msg.rid)
-            self._forget(msg.rid)
+            self.forget(msg.rid)
         try:
             # a resumed request (migrated from a lost node) with remote=True is refused
             # by the engine: it prefills its prompt + resumed output here
@@ -104,7 +104,7 @@ class DecodeHandler(RoleHandler):
                 [m.logprobs_to_wire(lp) for lp in out.prompt_logprobs]
                 if out.prompt_logprobs is not None else None))
             if out.finished:
-                self._forget(rid)
+                self.forget(rid)
         if items:
             self.send(m.StepTokens(items))
 
@@ -117,6 +117,7 @@ class DecodeHandler(RoleHandler):
             return "remote"
         return "fallback"
 
-    def _forget(self, rid: str) -> None:
+    def forget(self, rid: str) -> None:
+        """Drop the arrival time and remote state of ``rid``."""
         self._received_at.pop(rid, None)
         self._remote.pop(rid, None)

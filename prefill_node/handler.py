@@ -53,6 +53,11 @@ class PrefillHandler(RoleHandler):
                                    m.logprobs_to_wire(out.logprobs[0] if out.logprobs else None),
                                    now - started, now))
 
+    def forget(self, rid: str) -> None:
+        """Drop the timings kept for ``rid``."""
+        self._received.pop(rid, None)
+        self._first_token.pop(rid, None)
+
     def on_kv_event(self, event: KVTransferEvent) -> None:
         """Report the end of a send (an error makes the router fall back)."""
         if event.direction != "sent":

@@ -6,6 +6,7 @@
 #
 # Environment:
 #   DISAGG_ROUTER             REQUIRED (or --router): the router's control address, tcp://HOST:PORT
+#                             (several: comma-separated; a DNS name = every router it resolves to)
 #   DISAGG_NODE_ID            unique node name (default decode-HOST-PID)
 #   DISAGG_MODEL              → --model (default: embedded SmolLM2); same model as the prefill nodes
 #   DISAGG_TP                 → --tp, tensor-parallel degree (SmolLM2: 1, 3 or 9)

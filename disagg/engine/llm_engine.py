@@ -13,6 +13,7 @@ import itertools
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -189,15 +190,17 @@ class LLMEngine:
         self.outputs.forget(request_id)
         return True
 
-    def abort_all(self) -> int:
-        """Abort every request this engine holds (as :meth:`abort_request`) and drop
-        outputs not yet reported; return how many there were. A node calls it when
-        its router restarted: nobody is left to read those requests' tokens."""
-        rids = list(self.scheduler.requests)
+    def abort_all(self, match: Callable[[str], bool] | None = None) -> list[str]:
+        """Abort every request this engine holds whose id ``match`` accepts (all when
+        ``None``) as :meth:`abort_request` does, drop their outputs not yet reported,
+        and return their ids. A node calls it when a router restarted or dropped it:
+        nobody is left to read those requests' tokens."""
+        rids = [rid for rid in self.scheduler.requests if match is None or match(rid)]
         for rid in rids:
             self.abort_request(rid)
-        self._pending = []
-        return len(rids)
+        self._pending = [out for out in self._pending
+                         if not (match is None or match(out.request_id))]
+        return rids
 
     def is_idle(self) -> bool:
         """Whether the engine holds nothing: no request in any state (waiting, running,

@@ -145,6 +145,7 @@ class Scheduler:
         blocks stay pinned until their KV send ends or is released; ``num_kv_sends``:
         requests whose KV send has not ended on every rank (the transport still pins
         their source blocks until the receiver acknowledges, or the lease runs out).
+        ``num_preemptions`` is a running total (never decreases), for metrics.
         """
         queued = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
         queued += sum(r.num_tokens - r.num_computed_tokens for r in self.running
@@ -154,7 +155,8 @@ class Scheduler:
                 "num_pinned": len(self.pinned), "kv_usage": self.blocks.pool.usage,
                 "num_requests": len(self.requests),
                 "num_used_blocks": self.blocks.pool.num_used_blocks,
-                "num_kv_sends": sum(1 for rid in self.requests if self.connector.holds(rid))}
+                "num_kv_sends": sum(1 for rid in self.requests if self.connector.holds(rid)),
+                "num_preemptions": self.num_preemptions}
 
     def kv_received(self, request_id: str) -> None:
         """The connector delivered every block to every rank (ignored if it fell back meanwhile)."""

@@ -5,9 +5,11 @@ prefill_node`` / ``python -m decode_node``) all land in :func:`run_node`;
 only the role handler differs. Every address is a flag with an environment
 variable behind it, so one launch script works on any machine::
 
-    --router        DISAGG_ROUTER       the router's control address (tcp://host:port)
+    --router        DISAGG_ROUTER       the routers' control addresses (tcp://host:port[,...];
+                                        a DNS name stands for every router it resolves to)
     --kv-transport  DISAGG_KV_TRANSPORT zmq (any hosts) | shm (same host) | cuda_ipc
     --kv-address    DISAGG_KV_ADDRESS   where decode ranks receive KV (tcp://host:* → free ports)
+    --http-port     DISAGG_NODE_HTTP_PORT  /metrics, /readyz, /livez (unset: no HTTP server)
 """
 
 from __future__ import annotations
@@ -28,8 +30,15 @@ def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
     """Flags of a node of ``role`` (engine flags included)."""
     env = os.environ.get
     p.add_argument("--router", default=env("DISAGG_ROUTER"),
-                   help="the router's control address, e.g. tcp://10.0.0.5:7100 "
-                        "(env DISAGG_ROUTER)")
+                   help="the router's control address, e.g. tcp://10.0.0.5:7100, or several "
+                        "separated by commas; the node registers with each. A host that is a "
+                        "DNS name stands for every address it resolves to (a Kubernetes "
+                        "headless Service: every router replica) (env DISAGG_ROUTER)")
+    p.add_argument("--router-resolve-s", type=float,
+                   default=env("DISAGG_ROUTER_RESOLVE_S", "10"),
+                   help="look router DNS names up again this often: new routers get a "
+                        "registration, one gone from the answers for 2 minutes is forgotten "
+                        "(env DISAGG_ROUTER_RESOLVE_S; default 10)")
     p.add_argument("--node-id", default=env("DISAGG_NODE_ID"),
                    help=f"unique name (default {role}-HOST-PID; env DISAGG_NODE_ID)")
     p.add_argument("--served-model-name", default=env("DISAGG_SERVED_MODEL_NAME"),
@@ -60,6 +69,18 @@ def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
                    help="raise this node's nice value by N (0-19) at start, so a router on "
                         "the same cores gets the CPU first (env DISAGG_NODE_NICE; default 0)")
     p.add_argument("--heartbeat-s", type=float, default=0.5)
+    p.add_argument("--http-host", default=env("DISAGG_NODE_HTTP_HOST", "127.0.0.1"),
+                   help="address of the node's HTTP server (0.0.0.0 in a pod, so the "
+                        "kubelet's probes reach it) (env DISAGG_NODE_HTTP_HOST)")
+    p.add_argument("--http-port", type=int, default=env("DISAGG_NODE_HTTP_PORT"),
+                   help="serve GET /metrics (the engine's Prometheus metrics), /readyz (200 "
+                        "once registered with a router and not draining) and /livez (200 "
+                        "while the engine loop turns) on this port once the model is loaded; "
+                        "0: a free port (printed). Unset: no HTTP server "
+                        "(env DISAGG_NODE_HTTP_PORT)")
+    p.add_argument("--live-stall-s", type=float, default=env("DISAGG_NODE_LIVE_STALL_S", "60"),
+                   help="/livez fails once the engine loop has not turned for this long (one "
+                        "CPU step can take seconds) (env DISAGG_NODE_LIVE_STALL_S; default 60)")
     p.add_argument("--drain-timeout-s", type=float,
                    default=env("DISAGG_DRAIN_TIMEOUT_S", "30"),
                    help="on the first SIGTERM/SIGINT the node takes no new requests and "
@@ -72,15 +93,20 @@ def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
 def run_node(a: argparse.Namespace, role: str) -> int:
     """Serve as a ``role`` node until SIGINT/SIGTERM; returns the exit code."""
     from disagg.engine import LLMEngine
+    from disagg.node.observability import LoopWatch, NodeHTTPServer, NodeMetrics
     from disagg.node.server import NodeServer
     from transport.base import TransportConfig
 
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s {role} %(levelname)s %(message)s")
-    if not a.router:
-        raise ValueError("no router address: pass --router tcp://HOST:PORT or set DISAGG_ROUTER")
-    if not a.router.startswith(("tcp://", "ipc://")):
-        raise ValueError(f"--router must be a tcp:// or ipc:// address, got {a.router!r}")
+    from disagg.node.router_links import parse_routers
+    parse_routers(a.router)                 # a malformed address fails before the model loads
+    if not a.router_resolve_s > 0:
+        raise ValueError(f"--router-resolve-s must be > 0, got {a.router_resolve_s}")
+    if a.http_port is not None and not 0 <= a.http_port <= 65535:
+        raise ValueError(f"--http-port must be in 0..65535, got {a.http_port}")
+    if not 0 < a.live_stall_s < float("inf"):
+        raise ValueError(f"--live-stall-s must be > 0, got {a.live_stall_s}")
     if not 0 <= a.nice <= 19:
         raise ValueError(f"--nice must be in 0..19, got {a.nice}")
     if not a.drain_timeout_s >= 0:
@@ -112,15 +138,24 @@ def run_node(a: argparse.Namespace, role: str) -> int:
     print(f"[{node_id}] loading {a.model} (TP {config.tensor_parallel_size}, {role})...",
           file=sys.stderr, flush=True)
     engine = LLMEngine(config)
+    metrics = NodeMetrics(role, node_id, num_kv_blocks=engine.num_blocks)
+    watch = LoopWatch(a.live_stall_s)
     server = NodeServer(engine, handler_cls, a.router, node_id,
                         a.served_model_name or served_model_name(a.model), a.heartbeat_s,
-                        a.drain_timeout_s)
+                        a.drain_timeout_s, a.router_resolve_s, metrics, watch)
+    http = None
+    if a.http_port is not None:
+        http = NodeHTTPServer(a.http_host, a.http_port, metrics.registry, server.ready,
+                              watch.live).start()
     where = f", KV in at {', '.join(engine.kv_endpoints)}" if engine.kv_endpoints else ""
-    print(f"[{node_id}] ready: {engine.num_blocks} KV blocks, router {a.router}{where}",
+    served = f", HTTP on http://{a.http_host}:{http.port}" if http else ""
+    print(f"[{node_id}] ready: {engine.num_blocks} KV blocks, router {a.router}{where}{served}",
           file=sys.stderr, flush=True)
     try:
         server.run(stop, drain)
     finally:
+        if http is not None:
+            http.close()
         server.close()
         print(f"[{node_id}] stopped", file=sys.stderr, flush=True)
     return 0

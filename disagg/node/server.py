@@ -1,29 +1,31 @@
 """The node process loop, the same for both roles.
 
-One thread, one engine, one DEALER socket to the router::
+One thread, one engine, one DEALER socket per router (``router_links``: ``--router``
+may name several routers, or a DNS name standing for all of them)::
 
-    loop:  poll the control socket (no wait while the engine has work)
+    loop:  poll the routers' control sockets (no wait while the engine has work)
            → role handler: each message   (Generate / Prefill / FirstToken / Abort …)
            → engine.step() while it has work, timed
            → role handler: outputs and KV events → messages to the router
 
-    heartbeat thread (own socket): Heartbeat every heartbeat_s with the loop's
-    latest load, step timings and KV byte counters — so a node stays "alive"
+    heartbeat thread (own socket per router): Heartbeat every heartbeat_s with the
+    loop's latest load, step timings and KV byte counters — so a node stays "alive"
     through a long step (a CPU prefill chunk can take seconds)
 
 The role (what a message means, what an output becomes) lives in a
 :class:`RoleHandler`: ``prefill_node.handler`` and ``decode_node.handler``.
-A node registers at start, answers ``RegisterAgain`` by registering again
-(the router restarted or dropped it), and keeps serving whatever happens to
-the router: requests it no longer knows are aborted by it when their tokens
-arrive. A ``RegisterAgain`` while registered means the router dropped the node
-(it was silent too long: its requests were already moved or ended), and
-``Registered`` carries the router process's id, which changes when the router
-restarted: either way nobody waits for the requests the node holds, so it
-aborts them all (blocks and pins freed) and forgets its role state.
+A node registers with each router at start, answers ``RegisterAgain`` by registering
+again (the router restarted or dropped it), and keeps serving whatever happens to a
+router: requests it no longer knows are aborted by it when their tokens arrive. A
+``RegisterAgain`` while registered means that router dropped the node (it was silent
+too long: its requests were already moved or ended), and ``Registered`` carries the
+router process's id, which changes when the router restarted: either way nobody waits
+for the requests that router sent, so the node aborts them (blocks and pins freed) and
+forgets their role state. Each router keeps its own node table; the others' requests
+run on.
 
 Leaving (``run(stop, drain)``): once ``drain`` is set (a node's first SIGTERM)
-the node sends ``Drain``, refuses new ``Generate`` / ``Prefill`` with
+the node sends ``Drain`` (to every router), refuses new ``Generate`` / ``Prefill`` with
 ``Rejected(DRAINING)`` (the router routes them elsewhere), and serves what it
 holds (remote KV it waits for included) until its engine is idle or
 ``drain_timeout_s`` passed; then, as on ``stop``, it sends ``Deregister`` (the
@@ -45,6 +47,8 @@ from disagg.control import messages as m
 from disagg.engine import LLMEngine
 from disagg.engine.model_runner import kv_block_bytes
 from disagg.engine.outputs import KVTransferEvent, RequestOutput
+from disagg.node.observability import LoopWatch, NodeMetrics
+from disagg.node.router_links import RouterLink, RouterLinks
 
 log = logging.getLogger("disagg.node")
 
@@ -75,6 +79,10 @@ class RoleHandler(ABC):
     def on_kv_event(self, event: KVTransferEvent) -> None:
         """A KV transfer ended (no-op by default)."""
 
+    def forget(self, rid: str) -> None:
+        """Drop what this handler keeps about ``rid`` (aborted by the node; no-op by
+        default)."""
+
 
 def kv_bytes_per_token(engine: LLMEngine) -> int:
     """KV bytes one token takes over all of ``engine``'s ranks."""
@@ -83,11 +91,15 @@ def kv_bytes_per_token(engine: LLMEngine) -> int:
 
 
 class NodeServer:
-    """Runs ``handler``'s engine against the router at ``router_address`` until stopped."""
+    """Runs ``handler``'s engine for the routers ``routers`` names (``--router``: one
+    address, a comma-separated list, or DNS names re-resolved every ``resolve_s``)
+    until stopped. ``metrics`` (optional) gets every step's timing and the engine's
+    load; ``watch`` (optional) is ticked on every turn of the loop (liveness)."""
 
-    def __init__(self, engine: LLMEngine, handler_cls, router_address: str, node_id: str,
+    def __init__(self, engine: LLMEngine, handler_cls, routers: str, node_id: str,
                  served_model_name: str, heartbeat_s: float = 0.5,
-                 drain_timeout_s: float = 30.0) -> None:
+                 drain_timeout_s: float = 30.0, resolve_s: float = 10.0,
+                 metrics: NodeMetrics | None = None, watch: LoopWatch | None = None) -> None:
         if heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s!r}")
         if not drain_timeout_s >= 0:
@@ -97,17 +109,10 @@ class NodeServer:
         self.heartbeat_s = heartbeat_s
         self.drain_timeout_s = drain_timeout_s
         self.draining = False
-        #: the id of the router process this node registered with ("" before the first)
-        self.router_id = ""
+        self.metrics, self.watch = metrics, watch
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, node_id.encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(router_address)
-        self.router_address = router_address
+        self.links = RouterLinks(self.ctx, node_id, routers, resolve_s)
         self.handler: RoleHandler = handler_cls(engine, self.send)
-        self.registered = False
-        self._register_sent_at = 0.0
         self._lock = threading.Lock()        # guards the snapshot the heartbeat thread sends
         self._steps: list[list] = []
         self._snapshot = (engine.load(), 0, 0)
@@ -122,45 +127,94 @@ class NodeServer:
             kv_endpoints=list(engine.kv_endpoints), pid=os.getpid(), host=socket.gethostname(),
             **compute_report(cfg.device, cfg.tensor_parallel_size))
 
-    def send(self, msg) -> None:
-        """Queue ``msg`` to the router (never blocks; ZeroMQ buffers while it is away)."""
-        try:
-            self.sock.send(m.encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("control queue to the router is full; dropped %s", type(msg).__name__)
+    @property
+    def registered(self) -> bool:
+        """Whether a router answered this node's Register."""
+        return self.links.any_registered()
 
-    def _send_register(self) -> None:
-        self._register_sent_at = time.monotonic()
-        self.send(self._register)
+    def ready(self) -> tuple[bool, str]:
+        """The readiness probe: registered with a router and not draining."""
+        if self.draining:
+            return False, "draining: taking no new requests"
+        if not self.registered:
+            return False, "not registered with any router yet"
+        return True, ""
+
+    def send(self, msg) -> None:
+        """Queue ``msg`` (never blocks; ZeroMQ buffers while a router is away): a
+        request's messages to the router that sent the request, a ``StepTokens`` split
+        per router, the rest (``Drain``, ``Deregister``) to every router."""
+        links = self.links
+        if isinstance(msg, m.StepTokens) and len(links.links) > 1:
+            per: dict[RouterLink | None, list[m.Tokens]] = {}
+            for item in msg.items:
+                per.setdefault(links.owner(item.rid), []).append(item)
+            for link, items in per.items():
+                self._send_to(link, m.StepTokens(items), items[0].rid)
+            return
+        rid = getattr(msg, "rid", None)
+        if rid is None:
+            for link in list(links.links.values()):
+                self._send_to(link, msg, None)
+        else:
+            self._send_to(links.owner(rid), msg, rid)
+
+    def _send_to(self, link: RouterLink | None, msg, rid: str | None) -> None:
+        if link is None:
+            log.warning("no router owns request %s (gone?); dropped %s", rid,
+                        type(msg).__name__)
+        elif not link.send(m.encode(msg)):
+            log.warning("control queue to router %s is full; dropped %s", link.address,
+                        type(msg).__name__)
+
+    def _send_register(self, link: RouterLink) -> None:
+        link.register_sent_at = time.monotonic()
+        link.send(m.encode(self._register))
+
+    def _sync_links(self, poller: zmq.Poller) -> None:
+        """Apply the latest router lookup: register with new routers, forget gone ones."""
+        opened, removed = self.links.sync()
+        for link in removed:
+            poller.unregister(link.sock)
+            self._abort_owned(link, link.router_id, f"router {link.address} is gone")
+            link.close()
+        for link in opened:
+            poller.register(link.sock, zmq.POLLIN)
+            self._send_register(link)
 
     def run(self, stop: threading.Event, drain: threading.Event | None = None) -> None:
         """Serve until ``stop`` is set, or until a drain begun by setting ``drain``
         ended (see the module docstring); either way say ``Deregister`` last."""
-        self._send_register()
+        poller = zmq.Poller()
+        self._sync_links(poller)
         beats = threading.Thread(target=self._heartbeats, args=(stop,), daemon=True,
                                  name="heartbeat")
         beats.start()
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
         deadline = None
         try:
             while not stop.is_set():
+                if self.watch is not None:
+                    self.watch.tick()
                 if drain is not None and drain.is_set():
                     if deadline is None:
                         deadline = self._begin_drain()
                     if self.engine.is_idle() or time.monotonic() >= deadline:
                         self._end_drain(deadline)
                         break
-                moved = bool(poller.poll(0 if self.engine.has_unfinished() else 50))
-                if moved:
-                    self._drain()
+                self._sync_links(poller)
+                ready = dict(poller.poll(0 if self.engine.has_unfinished() else 50))
+                moved = bool(ready)
+                for link in list(self.links.links.values()):
+                    if link.sock in ready:
+                        self._drain(link)
                 if self.engine.has_unfinished():
                     self._step()
                     moved = True
                 if moved:
-                    stats = self.engine.kv_stats
-                    self._snapshot = (self.engine.load(), stats["bytes_sent"],
-                                      stats["bytes_received"])
+                    stats, load = self.engine.kv_stats, self.engine.load()
+                    self._snapshot = (load, stats["bytes_sent"], stats["bytes_received"])
+                    if self.metrics is not None:
+                        self.metrics.update(load, stats)
         finally:
             self.send(m.Deregister(self.node_id))      # the router recovers what is left
             stop.set()
@@ -184,23 +238,32 @@ class NodeServer:
             log.info("drained: nothing left, %.1f s before the grace period's end",
                      max(deadline - time.monotonic(), 0.0))
 
-    def _router_changed(self, router_id: str) -> None:
-        """A new router process registered this node: drop the old one's requests."""
-        if router_id and self.router_id and router_id != self.router_id:
-            self._abort_everything(f"the router restarted ({self.router_id} -> {router_id})")
+    def _router_changed(self, link: RouterLink, router_id: str) -> None:
+        """A new router process answered on ``link``: drop the old one's requests."""
+        if router_id and link.router_id and router_id != link.router_id:
+            self._abort_owned(link, link.router_id,
+                              f"router {link.address} restarted ({link.router_id} -> "
+                              f"{router_id})")
         if router_id:
-            self.router_id = router_id
+            link.router_id = router_id
 
-    def _abort_everything(self, why: str) -> None:
-        """Abort every request the engine holds and forget the role's state."""
-        aborted = self.engine.abort_all()
-        self.handler = type(self.handler)(self.engine, self.send)
-        log.warning("%s: aborted the %d request(s) held here", why, aborted)
+    def _abort_owned(self, link: RouterLink, router_id: str, why: str) -> None:
+        """Abort every request ``link``'s router sent while its id was ``router_id``
+        (all of them when it is the node's only router) and forget their role state."""
+        match = self.links.owned_by(link, router_id)
+        aborted = self.engine.abort_all(match)
+        if match is None:
+            self.handler = type(self.handler)(self.engine, self.send)
+        else:
+            for rid in aborted:
+                self.handler.forget(rid)
+        if aborted or match is None:
+            log.warning("%s: aborted the %d request(s) it sent here", why, len(aborted))
 
-    def _drain(self) -> None:
+    def _drain(self, link: RouterLink) -> None:
         while True:
             try:
-                frame = self.sock.recv(zmq.NOBLOCK)
+                frame = link.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -209,28 +272,30 @@ class NodeServer:
                 log.error("dropped a malformed control frame: %s", exc)
                 continue
             if isinstance(msg, m.Registered):
-                if not self.registered:
-                    log.info("registered with the router as %s", self.node_id)
+                if not link.registered:
+                    log.info("registered with router %s as %s", link.address, self.node_id)
                     if self.draining:                  # a new router: tell it too
-                        self.send(m.Drain(self.node_id))
-                self.registered = True
-                self._router_changed(msg.router_id)
+                        link.send(m.encode(m.Drain(self.node_id)))
+                link.registered = True
+                self._router_changed(link, msg.router_id)
             elif self.draining and isinstance(msg, (m.Generate, m.Prefill)):
                 log.info("refused %s: draining (the router routes it elsewhere)", msg.rid)
                 self.send(m.Rejected(msg.rid, m.DRAINING))
             elif isinstance(msg, m.Refused):
                 raise RuntimeError(f"the router refused this node: {msg.reason}")
             elif isinstance(msg, m.RegisterAgain):
-                if self.registered:
+                if link.registered:
                     # the router dropped this node (silent too long, or it restarted): it
-                    # already moved or ended every request held here, so nobody reads them
-                    self._abort_everything("the router dropped this node")
-                    self._register_sent_at = 0.0
+                    # already moved or ended every request it sent here; nobody reads them
+                    self._abort_owned(link, link.router_id,
+                                      f"router {link.address} dropped this node")
+                    link.register_sent_at = 0.0
                 # one Register per burst: heartbeats sent while we were busy each got a reply
-                if time.monotonic() - self._register_sent_at > 2 * self.heartbeat_s:
-                    log.warning("the router does not know this node; registering again")
-                    self.registered = False
-                    self._send_register()
+                if time.monotonic() - link.register_sent_at > 2 * self.heartbeat_s:
+                    log.warning("router %s does not know this node; registering again",
+                                link.address)
+                    link.registered = False
+                    self._send_register(link)
             else:
                 self.handler.on_message(msg)
 
@@ -240,6 +305,8 @@ class NodeServer:
         seconds = time.perf_counter() - t0
         prefill_tokens, decodes = self.engine.last_step_tokens
         if prefill_tokens or decodes:
+            if self.metrics is not None:
+                self.metrics.observe_step(seconds, prefill_tokens, decodes)
             with self._lock:
                 self._steps.append([prefill_tokens, decodes, seconds])
                 del self._steps[:-MAX_STEP_SAMPLES]
@@ -249,27 +316,35 @@ class NodeServer:
             self.handler.on_kv_event(event)
 
     def _heartbeats(self, stop: threading.Event) -> None:
-        """Heartbeat thread: its own DEALER (``hb:`` + node id), the loop's latest snapshot."""
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"hb:{self.node_id}".encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.router_address)
+        """Heartbeat thread: its own DEALER (``hb:`` + node id) per router address, the
+        loop's latest snapshot to each."""
+        socks: dict[str, zmq.Socket] = {}
         try:
             while not stop.wait(self.heartbeat_s):
+                wanted = set(self.links.addresses())
+                for address in set(socks) - wanted:
+                    socks.pop(address).close(0)
+                for address in sorted(wanted - set(socks)):
+                    sock = socks[address] = self.ctx.socket(zmq.DEALER)
+                    sock.setsockopt(zmq.IDENTITY, f"hb:{self.node_id}".encode())
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.connect(address)
                 with self._lock:
                     steps, self._steps = self._steps, []
                 load, sent, received = self._snapshot
-                try:
-                    sock.send(m.encode(m.Heartbeat(self.node_id, load, steps, sent, received)),
-                              zmq.NOBLOCK)
-                except zmq.Again:
-                    pass                     # the router is away; the next beat will do
+                frame = m.encode(m.Heartbeat(self.node_id, load, steps, sent, received))
+                for sock in socks.values():
+                    try:
+                        sock.send(frame, zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass                 # that router is away; the next beat will do
         finally:
-            sock.close(0)
+            for sock in socks.values():
+                sock.close(0)
 
     def close(self) -> None:
-        """Close the socket (waiting up to ``LEAVE_LINGER_MS`` for the last messages,
+        """Close the sockets (waiting up to ``LEAVE_LINGER_MS`` for the last messages,
         ``Deregister`` among them, to leave) and stop the engine (idempotent)."""
-        self.sock.close(LEAVE_LINGER_MS)
+        self.links.close(LEAVE_LINGER_MS)
         self.ctx.term()
         self.engine.shutdown()

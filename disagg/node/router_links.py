@@ -1,0 +1,241 @@
+"""A node's routers: which addresses it registers with, and one link per router.
+
+``--router`` is a comma-separated list of ``tcp://HOST:PORT`` (or ``ipc://PATH``)
+addresses. A HOST that is a DNS name stands for every address it resolves to — a
+Kubernetes headless Service names every router replica that way — and is looked up
+again every ``resolve_s`` seconds by a background thread (a lookup never blocks the
+engine loop)::
+
+    "tcp://disagg-router-control:7100"  ─resolve─▶  tcp://10.1.0.7:7100, tcp://10.1.3.2:7100
+                                                     (one RouterLink, one Register each)
+
+An address that appears gets a link; one missing from the answers for
+``FORGET_AFTER_S`` (longer than a router's HTTP drain) is dropped, and the node aborts
+the requests its router had sent. A failed lookup changes nothing. IPv4 answers are
+preferred when a name has both.
+
+Which link a message takes (:meth:`RouterLinks.owner`): node-wide messages (Register,
+Drain, Deregister) go to every link; a request's messages go to the router that sent
+it. Every router ends its request ids with ``-`` and the first 8 hex digits of its
+process id (``router/dispatch.py``), which ``Registered.router_id`` tells the node, so
+the owner is found from the id alone — no table to leak. With one link everything
+goes to it (request ids of any form).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import zmq
+
+log = logging.getLogger("disagg.node")
+
+FORGET_AFTER_S = 120.0      # an address gone from DNS this long is a router gone for good
+TAG_LEN = 8                 # request ids end with "-" + the router id's first TAG_LEN chars
+
+
+@dataclass(frozen=True)
+class RouterEntry:
+    """One entry of ``--router``: ``address`` as given; ``host`` / ``port`` set when it
+    is a tcp:// address whose host is a DNS name (resolved to every address)."""
+
+    address: str
+    host: str = ""
+    port: int = 0
+
+    @property
+    def is_name(self) -> bool:
+        """Whether this entry is resolved (a DNS name) rather than used as given."""
+        return bool(self.host)
+
+
+def parse_routers(spec: str) -> list[RouterEntry]:
+    """``--router``'s value as entries; raises ``ValueError`` on a malformed one."""
+    entries = []
+    for raw in (s.strip() for s in (spec or "").split(",")):
+        if not raw:
+            continue
+        if raw.startswith("ipc://"):
+            entries.append(RouterEntry(raw))
+            continue
+        if not raw.startswith("tcp://"):
+            raise ValueError(f"a router address must be tcp://HOST:PORT or ipc://PATH, "
+                             f"got {raw!r}")
+        try:
+            parts = urlsplit(raw)
+            host, port = parts.hostname, parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad router address {raw!r}: {exc}") from None
+        if not host or port is None or parts.path not in ("", "/"):
+            raise ValueError(f"a router address must be tcp://HOST:PORT, got {raw!r}")
+        try:
+            ipaddress.ip_address(host)
+            entries.append(RouterEntry(raw))
+        except ValueError:                       # not an IP literal: a name to resolve
+            entries.append(RouterEntry(raw, host=host, port=port))
+    if not entries:
+        raise ValueError("no router address: pass --router tcp://HOST:PORT[,...] or set "
+                         "DISAGG_ROUTER")
+    return entries
+
+
+def resolve(entry: RouterEntry) -> list[str]:
+    """The addresses ``entry`` stands for; raises ``OSError`` when the lookup fails."""
+    if not entry.is_name:
+        return [entry.address]
+    infos = socket.getaddrinfo(entry.host, entry.port, type=socket.SOCK_STREAM)
+    v4 = sorted({i[4][0] for i in infos if i[0] == socket.AF_INET})
+    v6 = sorted({i[4][0] for i in infos if i[0] == socket.AF_INET6})
+    if v4:
+        return [f"tcp://{ip}:{entry.port}" for ip in v4]
+    return [f"tcp://[{ip}]:{entry.port}" for ip in v6]
+
+
+class RouterLink:
+    """One router: a control DEALER (identity = the node id) and what it said.
+
+    ``registered``: it answered the latest Register. ``router_id``: its process id
+    (from ``Registered``; "" before). ``register_sent_at``: when Register last left.
+    """
+
+    def __init__(self, ctx: zmq.Context, node_id: str, address: str) -> None:
+        self.address = address
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, node_id.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.registered = False
+        self.router_id = ""
+        self.register_sent_at = 0.0
+
+    @property
+    def tag(self) -> str:
+        """The suffix this router's request ids end with ("" before ``Registered``)."""
+        return self.router_id[:TAG_LEN]
+
+    def send(self, frame: bytes) -> bool:
+        """Queue ``frame`` (never blocks); False when the queue to the router is full."""
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket, waiting up to ``linger_ms`` for queued messages to leave."""
+        self.sock.close(linger_ms)
+
+
+class RouterLinks:
+    """The node's links, kept equal to what ``--router`` resolves to.
+
+    The engine loop owns the links (ZeroMQ sockets belong to one thread): it calls
+    :meth:`sync` each turn, which applies the latest lookup cheaply. Other threads
+    read :meth:`addresses` (the heartbeat thread opens its own socket per address).
+    """
+
+    def __init__(self, ctx: zmq.Context, node_id: str, spec: str,
+                 resolve_s: float = 10.0) -> None:
+        if not resolve_s > 0:
+            raise ValueError(f"resolve_s must be > 0, got {resolve_s!r}")
+        self.ctx, self.node_id, self.resolve_s = ctx, node_id, resolve_s
+        self.entries = parse_routers(spec)
+        self.links: dict[str, RouterLink] = {}
+        self._lock = threading.Lock()
+        self._wanted: set[str] = set()           # the latest lookup's addresses
+        self._seen: dict[str, float] = {}        # address → when a lookup last named it
+        self._version = 0                        # bumped when _wanted changes
+        self._applied = -1
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lookup(time.monotonic())           # the first lookup before the first Register
+        if any(e.is_name for e in self.entries):
+            self._thread = threading.Thread(target=self._resolver, daemon=True,
+                                            name="router-resolver")
+            self._thread.start()
+
+    # ----------------------------------------------------------------- lookups
+    def _lookup(self, now: float) -> None:
+        found: set[str] = set()
+        for entry in self.entries:
+            try:
+                found.update(resolve(entry))
+            except OSError as exc:               # keep what the last good lookup said
+                log.warning("could not resolve router %s (%s); keeping its %d known "
+                            "address(es)", entry.address, exc,
+                            sum(1 for a in self._seen if entry.is_name))
+                found.update(a for a in self._seen if entry.is_name)
+        with self._lock:
+            for address in found:
+                self._seen[address] = now
+            keep = {a for a, t in self._seen.items() if now - t < FORGET_AFTER_S}
+            self._seen = {a: self._seen[a] for a in keep}
+            if keep != self._wanted:
+                self._wanted = keep
+                self._version += 1
+
+    def _resolver(self) -> None:
+        while not self._halt.wait(self.resolve_s):
+            self._lookup(time.monotonic())
+
+    def addresses(self) -> list[str]:
+        """The addresses the node should be registered with now (any thread)."""
+        with self._lock:
+            return sorted(self._wanted)
+
+    # ----------------------------------------------------------------- the loop's side
+    def sync(self) -> tuple[list[RouterLink], list[RouterLink]]:
+        """Open links for new addresses and take out links for forgotten ones; returns
+        ``(opened, removed)`` (the caller registers the first and cleans up after —
+        and closes — the second)."""
+        with self._lock:
+            if self._version == self._applied:
+                return [], []
+            self._applied, wanted = self._version, set(self._wanted)
+        opened = [RouterLink(self.ctx, self.node_id, a) for a in sorted(wanted - set(self.links))]
+        removed = [self.links.pop(a) for a in sorted(set(self.links) - wanted)]
+        for link in opened:
+            self.links[link.address] = link
+            log.info("router %s: connecting", link.address)
+        for link in removed:
+            log.warning("router %s is gone from %s's answers; forgetting it", link.address,
+                        ", ".join(e.address for e in self.entries if e.is_name))
+        return opened, removed
+
+    def owner(self, rid: str) -> RouterLink | None:
+        """The link of the router that sent request ``rid`` (None: no such router)."""
+        if len(self.links) == 1:
+            return next(iter(self.links.values()))
+        tag = rid.rpartition("-")[2]
+        for link in self.links.values():
+            if link.tag and link.tag == tag:
+                return link
+        return None
+
+    def owned_by(self, link: RouterLink, router_id: str):
+        """A predicate on request ids: sent by ``link``'s router while its id was
+        ``router_id`` (every id when it is the only link)."""
+        if list(self.links.values()) == [link]:
+            return None
+        tag = router_id[:TAG_LEN]
+        return lambda rid: bool(tag) and rid.rpartition("-")[2] == tag
+
+    def any_registered(self) -> bool:
+        """Whether at least one router answered this node's Register (any thread: the
+        readiness probe asks from the HTTP server's)."""
+        return any(link.registered for link in list(self.links.values()))
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Stop looking up and close every link (idempotent)."""
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        for link in self.links.values():
+            link.close(linger_ms)
+        self.links.clear()

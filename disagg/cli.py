@@ -8,6 +8,7 @@
     disagg serve                    router + prefill node + decode node on this machine
     disagg replay --trace F --base-url URL   replay a trace against any OpenAI endpoint
     disagg experiment               colocated vs disaggregated vs conditional, one report
+    disagg plan --profile F --target-rate R --max-compute N   prefill/decode nodes to deploy
     disagg router ...               the router (HTTP + control plane)
     disagg prefill-node ...         a prefill node (connects to a router)
     disagg decode-node ...          a decode node (connects to a router)
@@ -94,6 +95,11 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
     return run_experiment(a)
 
 
+def _cmd_plan(a: argparse.Namespace) -> int:
+    from disagg.planning.command import run_plan
+    return run_plan(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``disagg`` parser: one subcommand per job, each with its module's flags."""
     parser = argparse.ArgumentParser(prog="disagg", description=__doc__,
@@ -138,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                                            "serving on the same trace and cores, side by side")
     add_experiment_args(ex)
     ex.set_defaults(func=_cmd_experiment)
+    from disagg.planning.command import add_plan_args
+    pl = sub.add_parser("plan", help="how many prefill and decode nodes (and which TP) reach a "
+                                     "target rate within the SLOs at the least compute "
+                                     "(simulated from measured node rates)")
+    add_plan_args(pl)
+    pl.set_defaults(func=_cmd_plan)
 
     b = sub.add_parser("bench", help="benchmarks (print JSON)")
     bsub = b.add_subparsers(dest="bench", required=True)

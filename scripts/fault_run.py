@@ -8,11 +8,14 @@ and 2 decode nodes (``--policy threshold``, prompts of 128+ tokens prefilled rem
 
 ``trace``: the first ``--requests`` records of the Azure conversation trace
 (``traces/AzureLLMInferenceTrace_conv.csv``), shaped to this machine (``--rate``,
-``--length-scale``, caps), replayed open-loop twice: once without faults, once with a
-seeded :class:`~disagg.chaos.FaultInjector` hitting the nodes throughout (SIGKILL +
-restart under the same id, SIGSTOP past the node timeout and back). Reports failed
-requests, outputs that differ from the no-fault run (greedy), the faults, the routes,
-migrations and fallbacks, latencies of both runs, and what the nodes still hold afterwards.
+``--length-scale``, caps). First the reference: every request sent once through the same
+deployment without faults, ``--reference-concurrency`` at a time (closed loop: as fast as
+the machine serves them, so the long part of the run is the fault run); then the trace
+replayed open-loop at its arrival times with a seeded :class:`~disagg.chaos.FaultInjector`
+hitting the nodes throughout (SIGKILL + restart under the same id, SIGSTOP past the node
+timeout and back). Reports failed requests, outputs that differ from the reference
+(greedy), the faults, the routes, migrations and fallbacks, the fault run's latencies, and
+what the nodes still hold afterwards.
 
 ``soak``: a steady open-loop stream (the same trace, shaped to ``--rate``) for
 ``--duration-s`` without faults, sampling every ``--sample-s`` the RSS and open file
@@ -28,6 +31,7 @@ holding something.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import signal
 import statistics
@@ -43,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from disagg.chaos import ChaosConfig, FaultInjector, node_holdings, wait_quiescent  # noqa: E402
 from disagg.cluster import ClusterConfig, LocalCluster  # noqa: E402
-from disagg.replay.loadgen import TargetConfig, replay  # noqa: E402
+from disagg.replay.loadgen import ReplayRun, TargetConfig, replay, send_one  # noqa: E402
 from disagg.replay.report import summarize, write_jsonl  # noqa: E402
 from disagg.replay.shaping import ShapeConfig, shape  # noqa: E402
 from disagg.replay.traces import read_trace  # noqa: E402
@@ -95,15 +99,38 @@ def leaks(cluster: LocalCluster) -> dict:
             for n in nodes if any(held.get(n, {"missing": 1}).values())}
 
 
+def reference(requests, target: TargetConfig, concurrency: int) -> ReplayRun:
+    """Each request once, ``concurrency`` at a time, through the same client code as the
+    replay (request ids ``r<index>`` as there): the no-fault outputs."""
+    import httpx
+
+    async def go() -> ReplayRun:
+        run, gate, t0 = ReplayRun(), asyncio.Semaphore(concurrency), time.perf_counter()
+        async with httpx.AsyncClient(base_url=target.base_url.rstrip("/"),
+                                     timeout=httpx.Timeout(target.timeout_s, connect=30.0)) as c:
+            async def one(i: int):
+                async with gate:
+                    res = await send_one(c, f"r{i}", requests[i], target, t0)
+                    run.results.append(res)
+                    if len(run.results) % 25 == 0:
+                        print(f"[reference] {len(run.results)}/{len(requests)} done "
+                              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            await asyncio.gather(*(one(i) for i in range(len(requests))))
+        run.duration_s = time.perf_counter() - t0
+        return run
+    return asyncio.run(go())
+
+
 def run_trace(a: argparse.Namespace, out: Path) -> dict:
     requests = shaped(a, a.requests)
     with LocalCluster(cluster_config(a, out / "logs-trace")) as cluster:
         cluster.start()
         target = TargetConfig(base_url=cluster.http_url, model=MODEL, timeout_s=600)
-        print(f"no-fault run: {len(requests)} requests at {a.rate} req/s", file=sys.stderr)
-        calm = replay(requests, target, label="no faults")
+        print(f"reference: {len(requests)} requests, {a.reference_concurrency} at a time, "
+              "no faults", file=sys.stderr)
+        ref = reference(requests, target, a.reference_concurrency)
         before = counters(cluster.http_url)
-        print("fault run", file=sys.stderr)
+        print(f"fault run: {len(requests)} requests at {a.rate} req/s", file=sys.stderr)
         injector = FaultInjector(cluster, ChaosConfig(seed=a.seed, mean_gap_s=a.mean_gap_s,
                                                       stop_s=(1.0, 6.0))).start()
         try:
@@ -112,17 +139,18 @@ def run_trace(a: argparse.Namespace, out: Path) -> dict:
             faults = injector.stop(timeout_s=300)
         after = counters(cluster.http_url)
         left = leaks(cluster)
-    write_jsonl(calm.results, out / "trace-calm.jsonl")
+    write_jsonl(ref.results, out / "trace-reference.jsonl")
     write_jsonl(stormy.results, out / "trace-faults.jsonl")
-    want = {r.request_id: r.text for r in calm.results if r.status == "ok"}
+    want = {r.request_id: r.text for r in ref.results if r.status == "ok"}
     got = {r.request_id: r for r in stormy.results}
     differ = sorted(rid for rid, text in want.items()
                     if rid in got and got[rid].status == "ok" and got[rid].text != text)
     kinds = {k: sum(f.action == k for f in faults) for k in ("kill", "stop")}
     return {
         "requests": len(requests), "rate_rps": a.rate, "seed": a.seed,
-        "calm": {"failed": sum(r.status != "ok" for r in calm.results),
-                 **_latency(calm)},
+        "reference": {"failed": sum(r.status != "ok" for r in ref.results),
+                      "concurrency": a.reference_concurrency,
+                      "duration_s": round(ref.duration_s, 1)},
         "faults_run": {"failed": sum(r.status != "ok" for r in stormy.results),
                        "errors": [r.error for r in stormy.results if r.status != "ok"][:20],
                        "differing_outputs": len(differ), "differing_ids": differ[:20],
@@ -130,7 +158,7 @@ def run_trace(a: argparse.Namespace, out: Path) -> dict:
         "faults": {"count": len(faults), **kinds,
                    "list": [[round(f.at_s, 1), f.action, f.node, round(f.down_s, 1)]
                             for f in faults]},
-        "counters_calm": before, "counters_after_faults": after, "left_on_nodes": left,
+        "counters_reference": before, "counters_after_faults": after, "left_on_nodes": left,
     }
 
 
@@ -231,10 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-input-tokens", type=int, default=1024)
     p.add_argument("--max-output-tokens", type=int, default=48)
     p.add_argument("--mean-gap-s", type=float, default=8.0, help="trace: mean gap between faults")
+    p.add_argument("--reference-concurrency", type=int, default=8,
+                   help="trace: requests in flight while taking the no-fault reference")
     p.add_argument("--kv-cache-memory", default="256MiB")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    for name in ("requests", "duration_s", "sample_s", "rate", "length_scale", "mean_gap_s"):
+    for name in ("requests", "duration_s", "sample_s", "rate", "length_scale", "mean_gap_s",
+                 "reference_concurrency"):
         if not getattr(a, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     out = Path(a.out)
@@ -245,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{a.what}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     bad = result.get("failed") or result.get("faults_run", {}).get("failed") \
+        or result.get("reference", {}).get("failed") \
         or result.get("faults_run", {}).get("differing_outputs") or result["left_on_nodes"]
     return 1 if bad else 0
 

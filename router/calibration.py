@@ -217,16 +217,41 @@ class Calibration:
 
         Node ``"*"`` is the shared fit used for nodes not yet observed.
         """
-        rows: list[tuple[str, dict[str, str], float]] = []
+        return [(name, labels, value) for name, labels, value, _ in self._terms()]
+
+    def observation_counts(self, nodes: frozenset[str] | None = None
+                           ) -> list[tuple[str, dict[str, str], int]]:
+        """How many measurements back each :meth:`snapshot` row, as ``(name, labels,
+        count)`` rows with the same names and labels (the
+        ``disagg_cost_model_observations`` gauges). ``nodes``: only the rows whose
+        node label (``"*"``: a shared fit; ``""``: the link and remote overhead, which
+        have no node label) is one of these; None: every row."""
+        return [(name, labels, count) for name, labels, _, count in self._terms(nodes)]
+
+    def _terms(self, nodes: frozenset[str] | None = None
+               ) -> list[tuple[str, dict[str, str], float, int]]:
+        """``(name, labels, value, observations)`` of every exported term (of ``nodes``:
+        see :meth:`observation_counts`; looked up, so a heartbeat's few rows cost the
+        same however many nodes there are)."""
+        rows: list[tuple[str, dict[str, str], float, int]] = []
+
+        def keyed(table: KeyedEstimates) -> list[tuple[str, AffineEstimate]]:
+            if nodes is None:
+                return [("*", table.shared), *table.per_key.items()]
+            return [(k, table.shared if k == "*" else table.per_key[k]) for k in sorted(nodes)
+                    if k == "*" or k in table.per_key]
+
         for role, table in self.prefill.items():
-            for node, est in [("*", table.shared), *table.per_key.items()]:
+            for node, est in keyed(table):
                 labels = {"role": role, "node": node}
-                rows.append(("prefill_tokens_per_s", labels, 1.0 / est.slope))
-                rows.append(("prefill_overhead_s", labels, est.intercept))
-        rows.append(("link_bytes_per_s", {}, 1.0 / self.link.slope))
-        rows.append(("link_latency_s", {}, self.link.intercept))
-        rows.append(("remote_overhead_s", {}, self.remote_overhead.value))
-        for node, est in [("*", self.decode_step.shared), *self.decode_step.per_key.items()]:
-            rows.append(("decode_step_base_s", {"node": node}, est.intercept))
-            rows.append(("decode_step_per_seq_s", {"node": node}, est.slope))
+                rows.append(("prefill_tokens_per_s", labels, 1.0 / est.slope, est.count))
+                rows.append(("prefill_overhead_s", labels, est.intercept, est.count))
+        if nodes is None or "" in nodes:
+            rows.append(("link_bytes_per_s", {}, 1.0 / self.link.slope, self.link.count))
+            rows.append(("link_latency_s", {}, self.link.intercept, self.link.count))
+            rows.append(("remote_overhead_s", {}, self.remote_overhead.value,
+                         self.remote_overhead.count))
+        for node, est in keyed(self.decode_step):
+            rows.append(("decode_step_base_s", {"node": node}, est.intercept, est.count))
+            rows.append(("decode_step_per_seq_s", {"node": node}, est.slope, est.count))
         return rows

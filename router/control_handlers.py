@@ -5,11 +5,16 @@ request the router no longer knows (it ended, or the router restarted) get
 an ``Abort`` back, so the node frees its blocks.
 
 Node life as the router sees it: ``Register`` (a known node id with a new pid
-counts as a restart, ``disagg_node_restarts_total``) → heartbeats (load, the
-leak gauges ``disagg_node_requests`` etc.) → ``Drain`` (still registered, never
+counts as a restart, ``disagg_node_restarts_total``; what it reported sets
+``disagg_node_tp`` etc.) → heartbeats (load, the leak gauges
+``disagg_node_requests`` etc.) → ``Drain`` (still registered, never
 picked; a request that crossed the Drain comes back ``Rejected(DRAINING)`` and
 is routed again) → ``Deregister`` (removed; what it still held is recovered as
-for a lost node, but it is not counted "down": it left on purpose).
+for a lost node, but it is not counted "down": it left on purpose). A node no
+longer registered (left, dropped, refused) has no per-node series.
+
+Each measurement fed to the policy's calibration also updates
+``disagg_cost_model_observations`` (how many back each fit), whatever the policy.
 """
 
 from __future__ import annotations
@@ -22,6 +27,18 @@ from router.inflight import Event
 from router.errors import ProtocolError
 
 log = logging.getLogger("disagg.router")
+
+_UNKEYED = frozenset({""})
+"""The calibration rows without a node label (link, remote overhead)."""
+
+
+def _registration_figures(msg: m.Register) -> dict[str, int]:
+    """What a ``Register`` says of the node's size, by :data:`router.metrics.NODE_REGISTRATION`
+    key: ``compute_units`` is its GPUs if it reports any, else its CPU cores (0: an older
+    node that reports neither)."""
+    return {"tp": msg.tp, "compute_units": len(msg.gpus) if msg.gpus else len(msg.cpus),
+            "kv_capacity_tokens": msg.num_kv_blocks * msg.block_size,
+            "kv_bytes_per_token": msg.kv_bytes_per_token}
 
 
 class ControlHandlers:
@@ -36,6 +53,7 @@ class ControlHandlers:
                        m.Drain: self.drain, m.Deregister: self.deregister}
         self._pids: dict[str, int] = {}     # node id → pid it last registered with
         self._gauged: dict[str, str] = {}   # node id → role, for its per-node gauge series
+        self._count_observations()           # the shared fits' counts, 0 from the first scrape
 
     def handle(self, node_id: str, msg, frame: bytes) -> None:
         """Dispatch one message from ``node_id`` (``frame`` is its encoding)."""
@@ -68,6 +86,7 @@ class ControlHandlers:
         except ValueError as exc:
             log.error("refused node %s: %s", node_id, exc)
             self.d.send(node_id, m.Refused(node_id, str(exc)))
+            self.update_node_gauges()               # a replaced registration's series go
             return
         self.d.lost.pop(node_id, None)
         log.info("node %s joined: %s, TP %d, %d KV blocks, pid %d on %s", node_id, msg.role,
@@ -78,6 +97,11 @@ class ControlHandlers:
             self.d.metrics.node_restarts.labels(role=msg.role).inc()
         self._pids[node_id] = msg.pid
         self.d.send(node_id, m.Registered(node_id, self.d.router_id))
+        if self._gauged.get(node_id, msg.role) != msg.role:    # back in another role
+            self._forget_series(node_id)
+        for key, value in _registration_figures(msg).items():
+            self.d.metrics.node_registration[key].labels(node=node_id, role=msg.role).set(value)
+        self._gauged[node_id] = msg.role
         self.update_node_gauges()
         self.d.migrator.resume_parked()     # requests of a lost node waiting for one
 
@@ -130,11 +154,22 @@ class ControlHandlers:
                     policy.observe_decode_step(node_id, decodes, seconds)
         except (TypeError, ValueError) as exc:
             log.error("bad step timings from %s: %s", node_id, exc)
+        if msg.steps:
+            self._count_observations(frozenset({"*", node_id}))
+
+    def _count_observations(self, nodes: frozenset[str] | None = None) -> None:
+        """``disagg_cost_model_observations`` from the calibration's counts (only the rows
+        of ``nodes``, see :meth:`router.calibration.Calibration.observation_counts`)."""
+        gauge = self.d.metrics.calibration_observations
+        for name, labels, count in self.d.policy.calibration.observation_counts(nodes):
+            gauge.labels(name=name, role=labels.get("role", ""),
+                         node=labels.get("node", "")).set(count)
 
     def update_node_gauges(self) -> None:
         """``disagg_nodes{role,state}``: registered and taking requests (up), registered
         and leaving (draining), dropped and not back yet (down). A node no longer
-        registered loses its per-node series (queue depth, KV usage, what it holds)."""
+        registered loses its per-node series (queue depth, KV usage, what it holds, what
+        it registered with)."""
         met, reg = self.d.metrics, self.d.registry
         for role in ("prefill", "decode"):
             nodes = reg.of_role(role)
@@ -143,9 +178,14 @@ class ControlHandlers:
             met.nodes.labels(role=role, state="down").set(
                 sum(r == role for r in self.d.lost.values()))
         for node_id in [n for n in self._gauged if n not in reg.nodes]:
-            role = self._gauged.pop(node_id)
-            for gauge in (met.queue_depth, met.kv_usage, *met.node_holdings.values()):
-                gauge.remove(node_id, role)
+            self._forget_series(node_id)
+
+    def _forget_series(self, node_id: str) -> None:
+        """Remove ``node_id``'s per-node series (under the role they were set with)."""
+        met, role = self.d.metrics, self._gauged.pop(node_id)
+        for gauge in (met.queue_depth, met.kv_usage, *met.node_holdings.values(),
+                      *met.node_registration.values()):
+            gauge.remove(node_id, role)
 
     # ---- requests --------------------------------------------------------
     def _request(self, node_id: str, rid: str):
@@ -183,6 +223,7 @@ class ControlHandlers:
         if req.num_output == 0:
             self._deliver(req, [msg.token_id], [m.logprobs_from_wire(msg.logprobs)], 1, msg.sent_at)
             self.d.policy.observe_remote_overhead(max(now - req.arrival - msg.prefill_s, 0.0))
+            self._count_observations(_UNKEYED)
 
     def kv_sent(self, node_id: str, msg: m.KVSent, frame: bytes) -> None:
         """The transfer ended: calibrate the link, or fall back on an error."""
@@ -195,6 +236,7 @@ class ControlHandlers:
         req.kv_done = True
         self.d.metrics.kv_transfer_seconds.inc(msg.seconds)
         self.d.policy.observe_transfer(req.transfer_bytes, msg.seconds)
+        self._count_observations(_UNKEYED)
 
     def step_tokens(self, node_id: str, msg: m.StepTokens, frame: bytes) -> None:
         """One engine step's tokens: each item as if it had come alone (a failing item

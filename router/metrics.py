@@ -49,6 +49,18 @@ NODE_HOLDINGS = (
 )
 """Per-node held-work gauges: (heartbeat load key, metric name, help)."""
 
+NODE_REGISTRATION = (
+    ("tp", "disagg_node_tp", "Tensor-parallel degree of a node (its number of ranks)."),
+    ("compute_units", "disagg_node_compute_units",
+     "Compute units a node runs on over all its ranks: its GPUs when it reports any, else "
+     "the CPU cores it may run on (its affinity after --cpus); 0 = not reported."),
+    ("kv_capacity_tokens", "disagg_node_kv_capacity_tokens",
+     "Tokens of KV cache a node holds (its KV blocks x block size)."),
+    ("kv_bytes_per_token", "disagg_node_kv_bytes_per_token",
+     "KV cache bytes of one token on a node, over all its ranks."),
+)
+"""Per-node gauges of what a node reported in its ``Register``: (key, metric name, help)."""
+
 MIGRATION_FAILURES = ("max_migrations", "wait_timeout")
 """Why a lost decode node's request could not be moved (see ``router.migration``)."""
 
@@ -129,6 +141,9 @@ class RouterMetrics:
         #: that feeds it: all 0 on an idle node, so after quiescence anything else is a leak
         self.node_holdings = {key: Gauge(name, doc, ("node", "role"), **kw)
                               for key, name, doc in NODE_HOLDINGS}
+        #: what each registered node reported in its Register (shape, KV size)
+        self.node_registration = {key: Gauge(name, doc, ("node", "role"), **kw)
+                                  for key, name, doc in NODE_REGISTRATION}
         self.fallbacks = Counter(
             "disagg_fallbacks_total", "Remote prefills that fell back to local prefill.",
             ("reason",), **kw)
@@ -161,6 +176,10 @@ class RouterMetrics:
         self.calibration = Gauge(
             "disagg_cost_model_estimate", "The cost model's current calibrated estimates.",
             ("name", "role", "node"), **kw)
+        self.calibration_observations = Gauge(
+            "disagg_cost_model_observations",
+            "Measurements behind each disagg_cost_model_estimate term (same name, role, node); "
+            "a fit with few is still mostly its prior.", ("name", "role", "node"), **kw)
         for route in ROUTES:
             for status in REQUEST_STATUSES:
                 self.requests.labels(route=route, status=status)

@@ -17,10 +17,13 @@ import pytest
 import uvicorn
 
 from disagg.cli import main
-from disagg.planning.profile import (DecodeRates, PrefillRates, Profile, candidate_profile,
-                                     load_profile, profile_from_metrics)
+from disagg.control import messages as m
+from disagg.planning.profile import (FITS, DecodeRates, PrefillRates, Profile,
+                                     candidate_profile, load_profile, profile_from_metrics)
+from disagg.sampling_params import SamplingParams
 from disagg.planning.search import SLO, SearchConfig, plan
 from disagg.planning.simulate import Deployment, SimRequest, Workload, simulate
+from router.inflight import Inflight
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = 1e-9
@@ -220,21 +223,49 @@ class _RouterApp:
         asyncio.run(self.dispatcher.close())
 
 
+def _register(d, node_id: str, role: str, tp: int, cpus: list[int], num_kv_blocks: int = 364,
+              kv_bytes_per_token: int = 46080) -> None:
+    """A node of ``role`` registers with the router (block size 16)."""
+    from tests.router_helpers import register_message
+    msg = msgspec.structs.replace(register_message(node_id, role), tp=tp, cpus=cpus,
+                                  device="cpu", num_kv_blocks=num_kv_blocks,
+                                  kv_bytes_per_token=kv_bytes_per_token)
+    d.handlers.handle(node_id, msg, b"")
+    assert d.sent[-1][1] == m.Registered(node_id, d.router_id)
+
+
+def _measure(d, steps: int) -> None:
+    """``steps`` measurements of every fit, as the nodes and requests send them: prefill
+    node p0's and decode node d0's heartbeats (steps ``[prompt tokens, decodes,
+    seconds]``), and remote requests' KV transfers and first tokens."""
+    sizes = [200 * (i + 1) for i in range(steps)]
+    d.handlers.handle("hb:p0", m.Heartbeat("p0", {}, [[n, 0, 0.02 + n / 500] for n in sizes],
+                                           0, 0), b"")
+    d.handlers.handle("hb:d0", m.Heartbeat(
+        "d0", {}, [[n, 0, 0.03 + n / 300] for n in sizes]
+        + [[0, b, 0.04 + 0.003 * b] for b in range(1, steps + 1)], 0, 0), b"")
+    for i in range(steps):
+        rid = f"r{i}"
+        d.inflight[rid] = Inflight(rid, [1, 2, 3], SamplingParams(max_tokens=4), [],
+                                   time.monotonic(), "d0", "p0", "remote",
+                                   transfer_bytes=(i + 1) << 22)
+        d.handlers.handle("p0", m.KVSent(rid, None, 0.002 + 0.004 * (i + 1)), b"")
+        d.handlers.handle("p0", m.FirstToken(rid, 7, None, 0.0, time.monotonic()), b"")
+
+
 def test_profile_from_a_routers_metrics():
-    """The router's calibrated fits, read from its /metrics over HTTP, become the
-    profile's figures; a router that has measured nothing gets warnings."""
+    """The router's calibrated fits, its nodes' shapes, KV size and capacity, read from
+    its /metrics over HTTP, become the profile's figures; flags override them."""
     router = _RouterApp()
-    policy = router.dispatcher.policy
-    for n in (200, 400, 800):
-        policy.observe_prefill("prefill", "p0", n, 0.02 + n / 500)
-        policy.observe_prefill("decode", "d0", n, 0.03 + n / 300)
-    for b in (1, 4, 16):
-        policy.observe_decode_step("d0", b, 0.04 + 0.003 * b)
-    policy.observe_transfer(1 << 24, 0.05)
+    d = router.dispatcher
+    _register(d, "p0", "prefill", tp=2, cpus=[0, 1, 2, 3])          # tp2, 2 cores a rank
+    _register(d, "d0", "decode", tp=1, cpus=[4, 5])                  # tp1, 2 cores
+    _measure(d, 5)
     with router as url:
-        prof, warnings = profile_from_metrics(url, prefill_shape=(1, 1), decode_shape=(1, 2),
-                                              kv_bytes_per_token=46080, kv_capacity_tokens=5824)
-    cal = policy.calibration
+        prof, warnings = profile_from_metrics(url)
+        over, _ = profile_from_metrics(url, prefill_shape=(1, 1), kv_bytes_per_token=1000.0,
+                                       kv_capacity_tokens=99)
+    cal = d.policy.calibration
     (pre,), (dec,) = prof.prefill, prof.decode
     assert pre.tokens_per_s == pytest.approx(1 / cal.prefill["prefill"].shared.slope)
     assert pre.overhead_s == pytest.approx(cal.prefill["prefill"].shared.intercept)
@@ -242,11 +273,48 @@ def test_profile_from_a_routers_metrics():
     assert dec.step_base_s == pytest.approx(cal.decode_step.shared.intercept)
     assert dec.step_per_seq_s == pytest.approx(cal.decode_step.shared.slope)
     assert prof.link_bytes_per_s == pytest.approx(1 / cal.link.slope)
-    assert (dec.tp, dec.units_per_rank, dec.kv_capacity_tokens) == (1, 2, 5824)
-    assert warnings == []
-    with _RouterApp() as url:
-        _, warnings = profile_from_metrics(url, kv_bytes_per_token=1.0)
-    assert len(warnings) == 4 and all("prior" in w for w in warnings)
+    assert prof.remote_overhead_s == pytest.approx(cal.remote_overhead.value)
+    assert (pre.tp, pre.units_per_rank) == (2, 2)
+    assert (dec.tp, dec.units_per_rank, dec.kv_capacity_tokens) == (1, 2, 364 * 16)
+    assert prof.kv_bytes_per_token == 46080
+    assert warnings == []                                            # 5 measurements each
+    (pre,), (dec,) = over.prefill, over.decode
+    assert (pre.tp, pre.units_per_rank, dec.kv_capacity_tokens, over.kv_bytes_per_token) == \
+        (1, 1, 99, 1000.0)
+
+
+def test_profile_from_metrics_warns_and_refuses_what_it_cannot_know():
+    """Too few measurements and no registered node are warned about; a role's nodes of
+    different shapes, or nodes of different KV sizes, are refused unless a flag says."""
+    with _RouterApp() as url:                       # nothing registered, nothing measured
+        with pytest.raises(ValueError, match="--kv-bytes-per-token is needed.*no node"):
+            profile_from_metrics(url)
+        prof, warnings = profile_from_metrics(url, kv_bytes_per_token=1.0)
+    assert prof.decode[0].kv_capacity_tokens is None
+    assert sum("0 measurement(s), fewer than 5" in w for w in warnings) == 5
+    assert sum("is registered with the router" in w for w in warnings) == 2
+    assert len(warnings) == 7
+    router = _RouterApp()
+    d = router.dispatcher
+    _register(d, "p0", "prefill", tp=1, cpus=[0])
+    _register(d, "d0", "decode", tp=1, cpus=[1])
+    _measure(d, 3)
+    _register(d, "d1", "decode", tp=2, cpus=[2, 3], num_kv_blocks=500)
+    _register(d, "p1", "prefill", tp=1, cpus=[4], kv_bytes_per_token=23040)
+    with router as url:
+        with pytest.raises(ValueError, match=r"decode nodes of different shapes \(d0 tp1x1, "
+                                             r"d1 tp2x1\).*--metrics-decode-shape"):
+            profile_from_metrics(url, kv_bytes_per_token=1.0)
+        with pytest.raises(ValueError, match=r"different KV bytes per token \(\[23040, 46080"):
+            profile_from_metrics(url, decode_shape=(2, 1))
+        prof, warnings = profile_from_metrics(url, decode_shape=(2, 1), kv_bytes_per_token=1.0)
+    assert (prof.decode[0].tp, prof.decode[0].kv_capacity_tokens) == (2, 364 * 16)
+    assert [w for w in warnings if "measurement" in w] == [
+        f"{what} ({', '.join(terms)}): 3 measurement(s), fewer than 5, so mostly the "
+        "router's prior (send some traffic through every path first)"
+        for what, _, terms in FITS]
+    assert "decode nodes hold 5824..8000 tokens of KV: planned with the smallest, 5824" \
+        in warnings
 
 
 def _plan_args(tmp_path, *extra: str) -> list[str]:
@@ -301,7 +369,7 @@ def test_plan_command_table_and_errors(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["plan", "--from-metrics", "http://127.0.0.1:9", "--target-rate", "1",
                  "--max-compute", "2"]) == 2
-    assert "--kv-bytes-per-token" in capsys.readouterr().err
+    assert "did not answer /metrics as a disagg router" in capsys.readouterr().err
     for bad in (["plan", "--target-rate", "1", "--max-compute", "2"],             # no rates
                 _plan_args(tmp_path, "--max-compute", "2"),                       # no target
                 _plan_args(tmp_path, "--target-rate", "1", "--max-compute", "2", "--tp", "a"),

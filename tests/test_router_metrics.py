@@ -31,6 +31,10 @@ FAMILIES = {   # exposed family name -> (type, label names)
     "disagg_node_kv_blocks_used": ("gauge", ("node", "role")),
     "disagg_node_pinned_requests": ("gauge", ("node", "role")),
     "disagg_node_kv_sends": ("gauge", ("node", "role")),
+    "disagg_node_tp": ("gauge", ("node", "role")),
+    "disagg_node_compute_units": ("gauge", ("node", "role")),
+    "disagg_node_kv_capacity_tokens": ("gauge", ("node", "role")),
+    "disagg_node_kv_bytes_per_token": ("gauge", ("node", "role")),
     "disagg_fallbacks": ("counter", ("reason",)),
     "disagg_rejected": ("counter", ("reason",)),
     "disagg_migrations": ("counter", ("reason",)),
@@ -39,6 +43,7 @@ FAMILIES = {   # exposed family name -> (type, label names)
     "disagg_router_overhead_seconds": ("histogram", ("direction",)),
     "disagg_decode_prefix_cached_tokens": ("counter", ()),
     "disagg_cost_model_estimate": ("gauge", ("name", "role", "node")),
+    "disagg_cost_model_observations": ("gauge", ("name", "role", "node")),
 }
 
 

@@ -1,7 +1,7 @@
 """``disagg plan``: recommend prefill and decode nodes for a trace, target rate and SLOs.
 
     disagg plan --profile node-profile.json --target-rate 0.6 --max-compute 8
-    disagg plan --from-metrics http://127.0.0.1:8000 --kv-bytes-per-token 46080 \\
+    disagg plan --from-metrics http://127.0.0.1:8000 \\
         --target-rate 0.6 --max-compute 2 --units-per-rank 1,2 --tp-efficiency 0.7 --json
 
 The trace is windowed and length-shaped as ``disagg replay`` does (the same
@@ -68,19 +68,21 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--profile", metavar="FILE",
                      help="JSON node profile (format: disagg/planning/profile.py)")
     src.add_argument("--from-metrics", metavar="URL",
-                     help="a running disagg router: its calibrated cost-model estimates")
-    g.add_argument("--metrics-prefill-shape", type=_shape, default=(1, 1), metavar="TP[xU]",
-                   help="with --from-metrics: the TP (and units per rank) of the prefill "
-                        "node(s) it measured (default 1)")
-    g.add_argument("--metrics-decode-shape", type=_shape, default=(1, 1), metavar="TP[xU]",
-                   help="with --from-metrics: the same for the decode node(s) (default 1)")
+                     help="a running disagg router: its calibrated cost-model estimates "
+                          "and what its nodes registered with")
+    g.add_argument("--metrics-prefill-shape", type=_shape, default=None, metavar="TP[xU]",
+                   help="with --from-metrics: the TP (and units per rank) the prefill fit "
+                        "stands for (default: what the router's prefill nodes registered "
+                        "with, which must be one shape; TP 1 when none is registered)")
+    g.add_argument("--metrics-decode-shape", type=_shape, default=None, metavar="TP[xU]",
+                   help="with --from-metrics: the same for the decode fit")
     g.add_argument("--kv-bytes-per-token", type=float, default=None,
-                   help="KV bytes of one token over all ranks (needed with --from-metrics; "
-                        "SmolLM2 float32: 46080); overrides the profile's")
+                   help="KV bytes of one token over all ranks (SmolLM2 float32: 46080); "
+                        "overrides the profile's, or what the router's nodes registered with")
     g.add_argument("--kv-capacity-tokens", type=int, default=None,
-                   help="KV tokens one measured decode node holds (its KV blocks x block "
-                        "size, printed at its start); overrides the profile's; "
-                        "default unlimited")
+                   help="KV tokens one decode node holds (its KV blocks x block size); "
+                        "overrides the profile's, or the smallest the router's decode nodes "
+                        "registered with; default unlimited")
     g.add_argument("--max-num-seqs", type=int, default=None,
                    help="engine limit on sequences per step (default: profile's, else 64)")
     g.add_argument("--max-batched-tokens", type=int, default=None,
@@ -158,9 +160,6 @@ def load_node_profile(a: argparse.Namespace) -> tuple[Profile, list[str]]:
                                 ("kv_bytes_per_token", a.kv_bytes_per_token),
                                 ("unit", a.unit)) if v is not None}
     if a.from_metrics:
-        if a.kv_bytes_per_token is None:
-            raise ValueError("--from-metrics needs --kv-bytes-per-token (the router does not "
-                             "export it; SmolLM2 float32: 46080)")
         profile, warnings = profile_from_metrics(
             a.from_metrics, prefill_shape=a.metrics_prefill_shape,
             decode_shape=a.metrics_decode_shape, kv_capacity_tokens=a.kv_capacity_tokens,

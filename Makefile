@@ -53,7 +53,7 @@ demo: setup
 	$(VENV)/bin/disagg serve
 
 test: setup
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=30 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -rs -m "not slow" tests

@@ -173,7 +173,9 @@ class Dispatcher:
         self.admission.check(inp, decision.route)      # a 429 if it would miss the TTFT SLO
         self.metrics.route_decisions.labels(policy=self.policy.name, route=decision.route,
                                             reason=decision.reason).inc()
-        rid = f"r{next(self._ids)}-{self.router_id[:8]}"   # unique past a router restart
+        # unique past a router restart; a node with several routers answers the router
+        # whose id ends it (disagg/node/router_links.py): keep the "-" + 8 chars suffix
+        rid = f"r{next(self._ids)}-{self.router_id[:8]}"
         log.debug("%s → %s via %s (%s): %s", rid, decision.route, decode.node_id,
                   decision.reason, decision.detail)
         remote = decision.route == "remote"

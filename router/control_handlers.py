@@ -79,15 +79,21 @@ class ControlHandlers:
         if old is not None and old.info == msg:        # a repeated Register: just re-ack
             self.d.send(node_id, m.Registered(node_id, self.d.router_id))
             return
-        if self.d.registry.remove(node_id) is not None and old.info.pid != msg.pid:
-            self.d.node_lost(old, "restarted")
         try:
-            self.d.registry.register(msg)
+            self.d.registry.check(msg)
         except ValueError as exc:
+            # the same process sending a bad Register (a broken or hostile frame) keeps
+            # its registration; a new process under that id replaced the old one
+            if old is not None and old.info.pid != msg.pid:
+                self.d.registry.remove(node_id)
+                self.d.node_lost(old, "restarted")
+                self.update_node_gauges()
             log.error("refused node %s: %s", node_id, exc)
             self.d.send(node_id, m.Refused(node_id, str(exc)))
-            self.update_node_gauges()               # a replaced registration's series go
             return
+        if self.d.registry.remove(node_id) is not None and old.info.pid != msg.pid:
+            self.d.node_lost(old, "restarted")
+        self.d.registry.register(msg)
         self.d.lost.pop(node_id, None)
         log.info("node %s joined: %s, TP %d, %d KV blocks, pid %d on %s", node_id, msg.role,
                  msg.tp, msg.num_kv_blocks, msg.pid, msg.host)

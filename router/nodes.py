@@ -84,6 +84,14 @@ class NodeRegistry:
 
     def register(self, info: m.Register) -> Node:
         """Add (or replace) a node; ``ValueError`` if it does not fit this deployment."""
+        self.check(info)
+        node = Node(info, time.monotonic())
+        self.prefixes.add_node(info.node_id, info.num_kv_blocks)
+        self.nodes[info.node_id] = node
+        return node
+
+    def check(self, info: m.Register) -> None:
+        """``ValueError`` unless ``info`` fits this deployment (changes nothing)."""
         if info.role not in ("prefill", "decode"):
             raise ValueError(f"unknown role {info.role!r}")
         if info.model != self.served_model:
@@ -104,10 +112,6 @@ class NodeRegistry:
                      "kv_bytes_per_token"):
             if getattr(info, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(info, name)!r}")
-        node = Node(info, time.monotonic())
-        self.prefixes.add_node(info.node_id, info.num_kv_blocks)
-        self.nodes[info.node_id] = node
-        return node
 
     def heartbeat(self, beat: m.Heartbeat) -> Node | None:
         """Record a heartbeat; None if the node is not registered."""

@@ -78,9 +78,9 @@ def test_leaving_being_dropped_or_refused_removes_the_series(dispatcher):
     node = d.registry.remove("d1")                                     # dropped as silent,
     d.node_lost(node, "node_timeout")                                  # as the health loop does
     d.handlers.handle("d2", m.Register("d2", "decode", 1, 16, "other-model", 4096, 1000, 100,
-                                       64, "zmq", ["tcp://127.0.0.1:1"], 1, "h"), b"")
+                                       64, "zmq", ["tcp://127.0.0.1:1"], 2, "h"), b"")
     assert d.sent[-1][1] == m.Refused("d2", "node serves model 'other-model', this router "
-                                            "serves 'm'")             # refused: no series
+                                            "serves 'm'")   # restarted, refused: no series
     assert _shape(d, "d2", "decode") == (None,) * 4
     d.handlers.handle("p1", reg("p1", "decode"), b"")                 # same process, as decode
     for name in SHAPE:

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from msgspec.structs import replace as msgspec_replace
+
 from disagg.control import messages as m
 from disagg.sampling_params import SamplingParams
 from router.inflight import Inflight
@@ -116,3 +118,20 @@ def test_a_request_refused_for_draining_is_routed_again(dispatcher):
     d.handlers.handle("d1", m.Rejected("other", "prompt too long"), b"")
     _, event = other.events.get_nowait()
     assert event.error is not None and event.error.status == 400
+
+
+def test_a_bad_register_from_a_registered_process_keeps_it_one_from_a_new_process_replaces_it(
+        dispatcher):
+    d = dispatcher
+    d.handlers.handle("d0", reg("d0", pid=10), b"")
+    d.inflight["r1"] = Inflight("r1", [1, 2, 3], SamplingParams(max_tokens=4), [],
+                                time.monotonic(), "d0", None, "local")
+    bad = m.Register("d0", "decode", 1, 16, "m", 4096, 1000, 0, 64, "zmq",
+                     ["tcp://127.0.0.1:1"], 10, "h")                 # 0 KV blocks
+    d.handlers.handle("d0", bad, b"")                                # a broken frame, same pid
+    assert isinstance(d.sent[-1][1], m.Refused) and "num_kv_blocks" in d.sent[-1][1].reason
+    assert "d0" in d.registry.nodes and d.inflight["r1"].decode == "d0"   # untouched
+    d.handlers.handle("d0", msgspec_replace(bad, pid=11), b"")       # a new process, bad
+    assert "d0" not in d.registry.nodes                              # the old one is gone,
+    assert d.inflight["r1"].parked_until is not None                 # its request recovered
+    assert _gauge(d, "disagg_nodes", role="decode", state="up") == 0

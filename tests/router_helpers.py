@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
 
 from disagg.control import messages as m
 from router.dispatch import Dispatcher
@@ -44,3 +46,25 @@ def recording_dispatcher(policy: str = "local", migration: MigrationConfig | Non
         return node_id not in unreachable
     d.send = send
     return d
+
+
+SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+
+
+def router_exposition() -> dict[str, set[str]]:
+    """``{sample name a query may use: its label names}`` from a real ``RouterMetrics``
+    registry's exposition (every labelled family, tables of them included, gets one child
+    first, so its label names show up)."""
+    registry = CollectorRegistry()
+    wrappers = []
+    for value in vars(RouterMetrics(registry)).values():
+        wrappers += list(value.values()) if isinstance(value, dict) else [value]
+    for w in wrappers:
+        if isinstance(w, MetricWrapperBase) and w._labelnames:
+            w.labels(*("x" for _ in w._labelnames))
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        labels = {k for s in family.samples for k in s.labels}
+        for suffix in SAMPLE_SUFFIXES[family.type]:
+            out[family.name + suffix] = labels
+    return out

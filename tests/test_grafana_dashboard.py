@@ -7,17 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.parser import text_string_to_metric_families
-
-from router.metrics import RouterMetrics
+from router_helpers import router_exposition
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "disagg-dashboard.json"
 METRIC = re.compile(r"\bdisagg_[a-z0-9_]+")
 BY = re.compile(r"\bby\s*\(([^)]*)\)")
 LEGEND = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
-SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
 SCRAPE_LABELS = {"instance", "job"}      # added by Prometheus, not by the router
 
 
@@ -28,21 +23,8 @@ def dashboard() -> dict:
 
 @pytest.fixture(scope="module")
 def exported() -> dict[str, set[str]]:
-    """``{sample name a query may use: its label names}`` from a real registry's exposition.
-
-    Every labelled family gets one child first, so its label names show up.
-    """
-    registry = CollectorRegistry()
-    m = RouterMetrics(registry)
-    for metric in vars(m).values():
-        if isinstance(metric, MetricWrapperBase) and metric._labelnames:
-            metric.labels(*("x" for _ in metric._labelnames))
-    out: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
-        labels = {k for s in family.samples for k in s.labels}
-        for suffix in SUFFIXES[family.type]:
-            out[family.name + suffix] = labels
-    return out
+    """``{sample name a query may use: its label names}`` (a real registry's exposition)."""
+    return router_exposition()
 
 
 def _panels(dash: dict) -> list[dict]:

@@ -36,9 +36,6 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 from kubernetes_validate import SchemaNotFoundError, ValidationError, validate
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.parser import text_string_to_metric_families
 
 # Imported before any parser is built under a recorded environment, so that no module's
 # import-time environment read is mistaken for a parser's.
@@ -48,7 +45,8 @@ import router.policy  # noqa: F401
 from disagg.node.launch import add_node_args
 from disagg.serve import add_serve_args
 from router.launch import add_router_args
-from router.metrics import ROLES, RouterMetrics
+from router.metrics import ROLES
+from router_helpers import router_exposition
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "kubernetes"
@@ -273,21 +271,7 @@ def _served_paths(role: str) -> frozenset[str]:
 @functools.lru_cache(maxsize=None)
 def _router_metrics() -> dict[str, set[str]]:
     """``{sample name: label names}`` the router exports (a real registry's exposition)."""
-    registry = CollectorRegistry()
-    metrics = RouterMetrics(registry)
-    wrappers = []
-    for value in vars(metrics).values():
-        wrappers += list(value.values()) if isinstance(value, dict) else [value]
-    for w in wrappers:
-        if isinstance(w, MetricWrapperBase) and w._labelnames:
-            w.labels(*("x" for _ in w._labelnames))
-    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
-    out: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
-        labels = {k for s in family.samples for k in s.labels}
-        for suffix in suffixes[family.type]:
-            out[family.name + suffix] = labels
-    return out
+    return router_exposition()
 
 
 @functools.lru_cache(maxsize=None)

@@ -117,8 +117,18 @@ class Dispatcher:
 
     async def _health_loop(self) -> None:
         period = self.registry.node_timeout_s / 4
+        last = time.monotonic()
         while True:
             await asyncio.sleep(period)
+            now = time.monotonic()
+            stalled, last = now - last - period, now
+            if stalled > self.registry.node_timeout_s / 2:
+                # the router itself did not run (SIGSTOP, a paused VM, a blocked loop): it
+                # heard nobody meanwhile, which says nothing of the nodes; their queued
+                # heartbeats arrive now
+                log.warning("the router did not run for %.1f s; not counting that against "
+                            "the nodes' heartbeats", stalled)
+                self.registry.excuse(stalled)
             for node in self.registry.expire(time.monotonic()):
                 log.warning("node %s (%s) stopped answering; dropped", node.node_id, node.info.role)
                 self.node_lost(node, "node_timeout")

@@ -121,6 +121,12 @@ class NodeRegistry:
             node.load = beat.load
         return node
 
+    def excuse(self, seconds: float) -> None:
+        """Count the last ``seconds`` as heard from every node: the router was not running
+        to hear them (each node's silence restarts from where it stood)."""
+        for node in self.nodes.values():
+            node.last_seen += seconds
+
     def expire(self, now: float) -> list[Node]:
         """Drop and return the nodes silent for longer than ``node_timeout_s``."""
         dead = [n for n in self.nodes.values() if now - n.last_seen > self.node_timeout_s]

@@ -153,6 +153,16 @@ def test_heartbeat_and_expire():
     assert r.remove("b") is b and r.remove("b") is None
 
 
+def test_a_router_that_did_not_run_excuses_the_nodes_silence():
+    r = NodeRegistry(MODEL, node_timeout_s=1.0)
+    a, b = r.register(reg("a")), r.register(reg("b"))
+    now = time.monotonic()
+    a.last_seen, b.last_seen = now - 5.0, now - 0.2    # silent 5 s while the router was stopped
+    r.excuse(4.5)
+    assert r.expire(now) == []                          # 0.5 s and -4.3 s of silence left
+    assert r.expire(now + 0.6) == [a]                   # then the usual timeout applies
+
+
 # ---------------------------------------------------------------- load and picking
 
 def test_queued_tokens_and_as_load():

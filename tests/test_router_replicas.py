@@ -6,7 +6,8 @@ first, so their ``/readyz`` says 503 until a router answers; then requests go th
 both routers (the same greedy text whichever router and route), each router counts only
 its own, the nodes' ``/metrics`` (parsed by prometheus_client) show the steps and KV
 bytes; a decode TP rank stopped mid-request makes ``/livez`` 503 while the node keeps
-heartbeating; one router SIGKILLed, the other serves on and nothing is left held.
+heartbeating; a router stopped past its node timeout drops nobody when it resumes; one
+router SIGKILLed, the other serves on and nothing is left held.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def deployment(tmp_path_factory, smollm2_dir):
         for url in urls:
             _wait(lambda: set(httpx.get(url + "/health", timeout=5).json().get("nodes", {}))
                   == {"prefill-0", "decode-0"}, 60, procs.values())
-        yield {"routers": urls, "nodes": nodes, "procs": procs}
+        yield {"routers": urls, "nodes": nodes, "procs": procs, "tmp": tmp}
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -178,6 +179,15 @@ def test_a_stuck_rank_fails_liveness_and_a_lost_router_leaves_the_other_serving(
         text = pending.result(timeout=120)
     _wait(lambda: _get(nodes["decode"] + "/livez").status_code == 200, 30)
     assert text == _complete(a, prompt)        # the stalled request finished exactly
+
+    # a router that does not run (SIGSTOP, a paused VM) past its node timeout (5 s) hears
+    # no heartbeat meanwhile; resumed, it must not take that for the nodes' deaths
+    procs["router-a"].send_signal(signal.SIGSTOP)
+    time.sleep(7)
+    procs["router-a"].send_signal(signal.SIGCONT)
+    assert _complete(a, prompt) == text
+    log = (deployment["tmp"] / "router-a.log").read_text()
+    assert "did not run for" in log and "stopped answering" not in log
 
     procs["router-a"].kill()
     procs["router-a"].wait(10)

@@ -18,8 +18,9 @@ import uvicorn
 
 from disagg.cli import main
 from disagg.control import messages as m
-from disagg.planning.profile import (FITS, DecodeRates, PrefillRates, Profile,
-                                     candidate_profile, load_profile, profile_from_metrics)
+from disagg.planning.profile import (DecodeRates, PrefillRates, Profile, candidate_profile,
+                                     load_profile)
+from disagg.planning.router_metrics import FITS, profile_from_metrics
 from disagg.sampling_params import SamplingParams
 from disagg.planning.search import SLO, SearchConfig, plan
 from disagg.planning.simulate import Deployment, SimRequest, Workload, simulate

@@ -9,7 +9,8 @@ import pytest
 from disagg.cli import build_parser
 from disagg.cpus import parse_cpus, pin_to_cpus, usable_cpus
 from disagg.replay.commands import offered_rate, parse_rates, shape_runs, slo_bounds
-from disagg.replay.experiment import DEFAULT_TRACE, mode_config, split_cpus
+from disagg.replay.commands import DEFAULT_TRACE
+from disagg.replay.experiment import mode_config, split_cpus
 from disagg.replay.shaping import ShapedRequest
 
 

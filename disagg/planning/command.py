@@ -26,15 +26,14 @@ from pathlib import Path
 import msgspec
 from tqdm import tqdm
 
-from disagg.planning.profile import (Profile, candidate_profile, load_profile,
-                                     profile_from_metrics)
+from disagg.planning.profile import Profile, candidate_profile, load_profile
+from disagg.planning.router_metrics import profile_from_metrics
 from disagg.planning.search import SLO, Plan, PlanRow, SearchConfig, plan
 from disagg.planning.simulate import Workload
-from disagg.replay.commands import parse_rates
+from disagg.replay.commands import EXPERIMENT_SHAPING, parse_rates
 from disagg.replay.shaping import ShapeConfig, select_window, send_times, shape_lengths
 from disagg.replay.traces import READERS, read_trace
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "traces" / "AzureLLMInferenceTrace_conv.csv"
 
 
 def _int_list(text: str) -> list[int]:
@@ -117,19 +116,20 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
 
     t = p.add_argument_group("trace and shaping (as disagg replay; defaults: disagg experiment's)")
-    t.add_argument("--trace", default=str(DEFAULT_TRACE), help="Mooncake JSONL or Azure CSV")
+    d = EXPERIMENT_SHAPING
+    t.add_argument("--trace", default=d["trace"], help="Mooncake JSONL or Azure CSV")
     t.add_argument("--format", default="auto", choices=["auto", *READERS])
-    t.add_argument("--start-s", type=float, default=600.0, help="window start, trace seconds")
+    t.add_argument("--start-s", type=float, default=d["start_s"], help="window start, trace seconds")
     t.add_argument("--duration-s", type=float, default=None, help="window length, trace seconds")
-    t.add_argument("--max-requests", type=int, default=40)
-    t.add_argument("--length-scale", type=float, default=0.25)
-    t.add_argument("--max-input-tokens", type=int, default=512)
-    t.add_argument("--max-output-tokens", type=int, default=64)
+    t.add_argument("--max-requests", type=int, default=d["max_requests"])
+    t.add_argument("--length-scale", type=float, default=d["length_scale"])
+    t.add_argument("--max-input-tokens", type=int, default=d["max_input_tokens"])
+    t.add_argument("--max-output-tokens", type=int, default=d["max_output_tokens"])
     t.add_argument("--max-model-len", type=int, default=None, help="prompt + output must fit")
 
     o = p.add_argument_group("SLO and output")
-    o.add_argument("--ttft-slo-ms", type=float, default=2000.0)
-    o.add_argument("--tpot-slo-ms", type=float, default=200.0)
+    o.add_argument("--ttft-slo-ms", type=float, default=d["ttft_slo_ms"])
+    o.add_argument("--tpot-slo-ms", type=float, default=d["tpot_slo_ms"])
     o.add_argument("--attainment-target", type=float, default=0.9,
                    help="share of requests that must meet both SLOs")
     o.add_argument("--json", action="store_true", help="print one JSON object, no table")

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -38,6 +39,17 @@ def parse_rates(text: str | None) -> list[float] | None:
     if not rates or any(not r > 0 for r in rates) or len(set(rates)) != len(rates):
         raise ValueError(f"--rates needs distinct positive rates, got {text!r}")
     return sorted(rates)
+
+
+DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "traces" / "AzureLLMInferenceTrace_conv.csv"
+"""The Azure conversation trace shipped in ``traces/``."""
+
+EXPERIMENT_SHAPING = {
+    "trace": str(DEFAULT_TRACE), "start_s": 600.0, "max_requests": 40,
+    "length_scale": 0.25, "max_input_tokens": 512, "max_output_tokens": 64,
+    "rates": "0.2,0.4,0.6,0.8", "ttft_slo_ms": 2000.0, "tpot_slo_ms": 200.0}
+"""``disagg experiment``'s trace window, shaping and SLO defaults (``disagg plan``'s too,
+so a plan and an experiment run with defaults describe the same workload)."""
 
 
 def add_shaping_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:

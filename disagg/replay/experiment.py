@@ -32,7 +32,7 @@ from disagg.cluster import ClusterConfig, LocalCluster
 from disagg.config import resolve_dtype
 from disagg.cpus import parse_cpus, usable_cpus
 from disagg.engine_args import add_dtype_arg, add_kv_transport_arg
-from disagg.replay.commands import (add_shaping_args, offered_rate, run_one, served_model,
+from disagg.replay.commands import (EXPERIMENT_SHAPING, add_shaping_args, offered_rate, run_one, served_model,
                                     shape_runs, slo_bounds)
 from disagg.replay.loadgen import TargetConfig, replay
 from disagg.replay.peer import PEER_MODE, PeerConfig, add_peer_args, running_peer, series_plan
@@ -41,7 +41,6 @@ from disagg.replay.shaping import ShapedRequest
 from transport.base import KINDS
 
 MODES = ("colocated", "disaggregated", "conditional")
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "traces" / "AzureLLMInferenceTrace_conv.csv"
 
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
@@ -68,10 +67,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-s", type=float, default=600.0, help="per request")
     p.add_argument("--out", default="results/experiment", help="report folder")
     add_peer_args(p)
-    add_shaping_args(p, defaults={
-        "trace": str(DEFAULT_TRACE), "start_s": 600.0, "max_requests": 40,
-        "length_scale": 0.25, "max_input_tokens": 512, "max_output_tokens": 64,
-        "rates": "0.2,0.4,0.6,0.8", "ttft_slo_ms": 2000.0, "tpot_slo_ms": 200.0})
+    add_shaping_args(p, defaults=EXPERIMENT_SHAPING)
 
 
 def split_cpus(cpus: list[int]) -> tuple[list[int], list[int]]:

@@ -211,8 +211,7 @@ def create_app(dispatcher: Dispatcher, registry: CollectorRegistry, tokenizer, m
 
     @app.get("/metrics")
     async def prometheus():
-        snapshot = getattr(dispatcher.policy, "snapshot", None)
-        for name, labels, value in (snapshot() if snapshot else []):
+        for name, labels, value in dispatcher.policy.snapshot():
             metrics.calibration.labels(name=name, role=labels.get("role", ""),
                                        node=labels.get("node", "")).set(value)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -93,8 +93,10 @@ class CostBreakdown:
 
     ``remote_contention_s`` / ``remote_interference_s``: what the remote path
     pays because the prefill node shares compute with the decode node (0 when
-    disjoint): the decode node's running requests slowing the prefill, and the
-    weighted stall the prefill inflicts on them (see :mod:`router.policy`).
+    disjoint): the decode node's running requests and queued prefill slowing the
+    prefill, and the weighted stall the prefill inflicts on the running requests;
+    ``local_contention_s`` (part of ``local_ttft_s``): the prefill node's queued
+    prefill slowing a local one the same way (see :mod:`router.policy`).
     """
 
     local_ttft_s: float
@@ -104,6 +106,7 @@ class CostBreakdown:
     remote_overhead_s: float | None
     remote_contention_s: float = 0.0
     remote_interference_s: float = 0.0
+    local_contention_s: float = 0.0
 
     @property
     def local_cost_s(self) -> float:
@@ -127,8 +130,8 @@ class CostBreakdown:
 
     @property
     def shared_compute_s(self) -> float:
-        """The part of the remote cost due to shared compute."""
-        return self.remote_contention_s + self.remote_interference_s
+        """What shared compute adds to the remote cost beyond what it adds to the local one."""
+        return self.remote_contention_s + self.remote_interference_s - self.local_contention_s
 
 
 class Calibration:
@@ -185,12 +188,18 @@ class Calibration:
         stall = self.config.interference_weight * num_running * fit.slope * uncached_decode
         if prefill_node is None:
             return CostBreakdown(ttft, stall, None, None, None)
+        p_fit = self.prefill["prefill"].get(prefill_node)
         remote_tokens = prefill_queue + uncached_prefill
-        prefill_s = self.prefill["prefill"].get(prefill_node).predict(remote_tokens)
-        contention = shared * self._ride_along(decode_node, remote_tokens, num_running)
+        prefill_s = p_fit.predict(remote_tokens)
+        # On shared compute the other node's queued prefill runs on the same cores:
+        # moving a prompt from one queue to the other does not skip that work.
+        local_contention = shared * p_fit.slope * prefill_queue
+        contention = shared * (self._ride_along(decode_node, remote_tokens, num_running)
+                               + fit.slope * decode_queue)
         remote_stall = shared * self.config.interference_weight * num_running * fit.slope * uncached_prefill
-        return CostBreakdown(ttft, stall, prefill_s, self.link.predict(transfer_bytes),
-                             self.remote_overhead.value, contention, remote_stall)
+        return CostBreakdown(ttft + local_contention, stall, prefill_s,
+                             self.link.predict(transfer_bytes), self.remote_overhead.value,
+                             contention, remote_stall, local_contention)
 
     def _ride_along(self, decode_node: str, tokens: int, num_running: int) -> float:
         """Seconds the decode node's running requests add to a prefill of ``tokens``

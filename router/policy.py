@@ -10,9 +10,10 @@ no I/O, no clocks, deterministic, meant for one asyncio loop.
 The default :class:`CostModel` predicts both paths' time to first token::
 
     local  = prefill_d(q_d + u_d) + ride(q_d + u_d)                 (TTFT)
+           + σ · q_p · s_per_token_p                                (contention)
            + w · running · u_d · s_per_token_d                      (interference)
     remote = prefill_p(q_p + u_p) + link(bytes lacking on decode) + hop overhead
-           + σ · ride(q_p + u_p)                                    (contention)
+           + σ · (ride(q_p + u_p) + q_d · s_per_token_d)            (contention)
            + σ · w · running · u_p · s_per_token_d                  (interference)
 
     ride(n) = steps(n) · per_seq_d · running, steps(n) = ceil(n / (chunk - running))
@@ -36,13 +37,18 @@ that are the decode node's too; 0 on disjoint or unknown compute): a remote
 prefill on the decode node's cores slows its running decodes as much as a
 local prefill of those tokens would, and they slow it just as they slow a
 local chunk step, so the remote path pays the local path's two load terms
-(scaled by σ) on top of the transfer and the hops. With σ = 1 and equal
-calibrated rates, remote wins only when the decode node's prefill queue
-exceeds the prefill node's by more than the transfer and hop cost, i.e. when
-the decode node is saturated and the prefill node is not; on a machine too
-small to split the nodes the router so learns to prefill locally (the rates
-stay online-calibrated per node, contention included). A decision that the
-shared-compute terms flipped to local has reason "shared_compute_local_faster".
+(scaled by σ) on top of the transfer and the hops. Queues are shared the
+same way: the decode node's queued prefill runs on those cores too, so a
+remote prefill waits for it as much as a local one would (and a local one
+for the prefill node's queue). Moving a prompt to the other node's queue
+skips no work there; measured on 2 cores (``disagg bench serve``), routing
+around a long local queue onto the same cores lost throughput to running
+two engines' threads at once. With σ = 1 and equal calibrated rates, remote
+so wins only when the prefill node holds more of the prompt in its prefix
+cache than the transfer and hops cost; on a machine too small to split the
+nodes the router learns to prefill locally (the rates stay online-calibrated
+per node, contention included). A decision that the shared-compute terms
+flipped to local has reason "shared_compute_local_faster".
 ``kv_usage``, ``num_waiting`` and ``tp`` are not model inputs: rates are
 learned per node, which absorbs TP and hardware differences.
 
@@ -106,6 +112,10 @@ class RoutingPolicy(ABC):
         """A remote request's measured TTFT minus its prefill and transfer
         seconds (the extra hops' cost): calibrates the remote path's fixed overhead."""
         self.calibration.observe_remote_overhead(seconds)
+
+    def snapshot(self) -> list[tuple[str, dict[str, str], float]]:
+        """The calibrated estimates, for /metrics gauges (every policy calibrates)."""
+        return self.calibration.snapshot()
 
     def predict(self, inp: RouteInput) -> CostBreakdown:
         """Both paths' predicted terms for ``inp`` under the current calibration."""
@@ -225,14 +235,11 @@ class CostModel(RoutingPolicy):
                             *args)
         return Decision("remote", "cost_remote_faster", *args)
 
-    def snapshot(self) -> list[tuple[str, dict[str, str], float]]:
-        """The calibrated estimates, for /metrics gauges."""
-        return self.calibration.snapshot()
-
     def _detail(self, inp: RouteInput, b: CostBreakdown) -> str:
         return (f"local={b.local_cost_s:.3f}s (ttft {b.local_ttft_s:.3f}s + interference "
                 f"{b.local_interference_s:.3f}s, {inp.decode.num_running} running, "
-                f"queue {inp.decode.queued_prefill_tokens}, uncached {inp.uncached_decode}) "
+                f"queue {inp.decode.queued_prefill_tokens}, uncached {inp.uncached_decode}, "
+                f"contention {b.local_contention_s:.3f}s) "
                 f"remote={b.remote_ttft_s:.3f}s (prefill {b.remote_prefill_s:.3f}s queue "
                 f"{inp.prefill.queued_prefill_tokens} uncached {inp.uncached_prefill}, transfer "
                 f"{b.remote_transfer_s:.3f}s {inp.transfer_bytes / 1e6:.1f}MB, overhead "

@@ -174,6 +174,17 @@ def test_slow_link_sends_long_prompts_local():
     assert 0.8e6 < bw < 1.3e6
 
 
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_every_policy_exports_what_it_calibrated(name):
+    """Static policies calibrate too (TTFT predictions, `disagg plan --from-metrics`)."""
+    pol = make_policy(name)
+    pol.observe_transfer(46_000_000, 46.0)
+    rows = {(n, lab.get("role", "")): v for n, lab, v in pol.snapshot()}
+    assert {("prefill_tokens_per_s", "prefill"), ("prefill_tokens_per_s", "decode"),
+            ("decode_step_base_s", ""), ("remote_overhead_s", "")} <= set(rows)
+    assert rows[("link_bytes_per_s", "")] < 1e8          # moved by the observation
+
+
 def test_slow_decode_prefill_goes_remote_sooner():
     pol = CostModel()
     before = crossover(pol, running=2, q_p=4096)
@@ -325,10 +336,24 @@ def test_shared_compute_remote_pays_the_local_load_terms():
     assert (idle.route, idle.reason) == ("local", "cost_local_faster")
 
 
-def test_shared_compute_goes_remote_only_when_the_decode_node_is_saturated():
+def test_shared_compute_a_backed_up_decode_queue_is_not_skipped_on_the_same_cores():
     pol = CostModel()
-    d = pol.decide(placed(2048, {0, 1}, running=16, q_d=8192))     # decode queue backed up
-    assert (d.route, d.reason) == ("remote", "cost_remote_faster"), d.detail
+    apart = pol.decide(placed(2048, {2, 3}, q_d=8192))             # decode queue backed up
+    assert (apart.route, apart.reason) == ("remote", "cost_remote_faster"), apart.detail
+    same = pol.decide(placed(2048, {0, 1}, q_d=8192))              # ... on the prefill's cores
+    assert (same.route, same.reason) == ("local", "shared_compute_local_faster"), same.detail
+    b = pol.predict(placed(2048, {0, 1}, q_d=8192))
+    # the decode queue's prefill delays the remote path as much as the local one
+    assert b.remote_contention_s == pytest.approx(
+        b.local_ttft_s - pol.predict(placed(2048, {0, 1})).local_ttft_s)
+    half = pol.predict(placed(2048, {1, 2}, q_d=8192))              # half the prefill's cores
+    assert half.remote_contention_s == pytest.approx(b.remote_contention_s / 2)
+    # the prefill node's queue delays a local prefill on shared cores the same way
+    q = pol.predict(placed(2048, {0, 1}, q_p=8192))
+    assert q.local_contention_s > 0
+    assert q.local_ttft_s - q.local_contention_s == pytest.approx(
+        pol.predict(placed(2048, {0, 1})).local_ttft_s)
+    assert pol.predict(placed(2048, {2, 3}, q_p=8192)).local_contention_s == 0.0
     d = pol.decide(placed(2048, {0, 1}, running=16, q_d=8192, q_p=8192))
     assert d.route == "local", d.detail                             # both backed up alike
 

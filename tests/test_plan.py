@@ -149,6 +149,23 @@ def test_shapes_are_extrapolated_only_with_an_explicit_efficiency():
     assert borrowed.decode[0].prefill_tokens_per_s == 1000.0
 
 
+def test_shapes_no_deployment_can_afford_are_not_asked_for():
+    """2 units in all: a 2-unit prefill node leaves none for a decode node, so a
+    profile without that shape still plans (colocated on 2 units needs the 2-unit decode)."""
+    two = DecodeRates(tp=1, units_per_rank=2, step_base_s=0.005, step_per_seq_s=0.0,
+                      prefill_tokens_per_s=200.0)
+    prof = profile(decode=(DEC, two))
+    with pytest.raises(ValueError, match="prefill shapes tp1x2"):
+        candidate_profile(prof, tps=[1], units_per_rank=[1, 2])
+    out = candidate_profile(prof, tps=[1], units_per_rank=[1, 2], max_units=2)
+    assert [p.shape for p in out.prefill] == [(1, 1)]
+    assert sorted(d.shape for d in out.decode) == [(1, 1), (1, 2)]
+    one = candidate_profile(prof, tps=[1], units_per_rank=[1, 2], max_units=1)
+    assert [d.shape for d in one.decode] == [(1, 1)] and one.prefill == ()
+    with pytest.raises(ValueError, match="decode shapes tp1x3"):     # 3 units fit: asked for
+        candidate_profile(prof, tps=[1], units_per_rank=[1, 3], max_units=3)
+
+
 @pytest.mark.parametrize("text, match", [
     ('{"decode": []}', "kv_bytes_per_token|at least one decode"),
     ('{"decode": [{"tp": 1, "step_base_s": 0.01, "step_per_seq_s": 0.0, "speed": 1}], '

@@ -175,7 +175,8 @@ def load_node_profile(a: argparse.Namespace) -> tuple[Profile, list[str]]:
                 for d in profile.decode))
     if a.save_profile:
         Path(a.save_profile).write_bytes(profile.to_json())
-    return candidate_profile(profile, a.tp, a.units_per_rank, a.tp_efficiency), warnings
+    return candidate_profile(profile, a.tp, a.units_per_rank, a.tp_efficiency,
+                             a.max_compute), warnings
 
 
 def _ms(seconds: float | None) -> str:

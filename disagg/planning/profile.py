@@ -246,18 +246,21 @@ def _scaled(entry, factor: float, kv_factor: float, tp: int, units_per_rank: int
 
 
 def _candidates(role: str, measured: tuple, tps: list[int] | None, uprs: list[int] | None,
-                efficiency: float | None) -> tuple:
-    """The role's candidate shapes: measured ones as they are, others extrapolated."""
+                efficiency: float | None, budget: int | None = None) -> tuple:
+    """The role's candidate shapes of at most ``budget`` units (None: any): measured
+    ones as they are, others extrapolated."""
     if not measured:
         return ()
     if tps is None and uprs is None:
-        return measured
+        return tuple(m for m in measured if budget is None or m.units <= budget)
     tps = tps or sorted({m.tp for m in measured})
     uprs = uprs or sorted({m.units_per_rank for m in measured})
     by_shape = {m.shape: m for m in measured}
     base = min(measured, key=lambda m: (m.units, m.tp))
     out, missing = [], []
     for tp, upr in itertools.product(tps, uprs):
+        if budget is not None and tp * upr > budget:
+            continue                       # fits no deployment: neither needed nor measured
         if (tp, upr) in by_shape:
             out.append(by_shape[(tp, upr)])
         elif efficiency is None:
@@ -274,11 +277,14 @@ def _candidates(role: str, measured: tuple, tps: list[int] | None, uprs: list[in
 
 def candidate_profile(profile: Profile, tps: list[int] | None = None,
                       units_per_rank: list[int] | None = None,
-                      efficiency: float | None = None) -> Profile:
+                      efficiency: float | None = None, max_units: int | None = None) -> Profile:
     """``profile`` with exactly the candidate shapes of each role: every ``tps`` ×
     ``units_per_rank`` combination (None: the values measured for that role), measured
     where the profile has it, else extrapolated with ``efficiency`` (module docstring);
-    without ``efficiency`` a missing shape is a ValueError."""
+    without ``efficiency`` a missing shape is a ValueError. ``max_units``: the most
+    compute a deployment may take; shapes no deployment within it can use (a decode
+    shape above it, a prefill shape that leaves no room for the smallest decode
+    candidate) are left out rather than asked for."""
     for name, values in (("tp", tps), ("units_per_rank", units_per_rank)):
         if values is not None:
             if not values:
@@ -289,8 +295,12 @@ def candidate_profile(profile: Profile, tps: list[int] | None = None,
         _number("tp efficiency", efficiency, strict=True)
         if efficiency > 1:
             raise ValueError(f"tp efficiency must be in (0, 1], got {efficiency!r}")
+    if max_units is not None:
+        _count("max units", max_units)
     profile = profile.resolved()
+    decode = _candidates("decode", profile.decode, tps, units_per_rank, efficiency, max_units)
+    smallest = min((d.units for d in decode), default=0)
     return msgspec.structs.replace(
-        profile,
-        prefill=_candidates("prefill", profile.prefill, tps, units_per_rank, efficiency),
-        decode=_candidates("decode", profile.decode, tps, units_per_rank, efficiency))
+        profile, decode=decode,
+        prefill=_candidates("prefill", profile.prefill, tps, units_per_rank, efficiency,
+                            None if max_units is None else max_units - smallest))

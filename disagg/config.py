@@ -43,6 +43,39 @@ def resolve_dtype(dtype: str, device: str) -> str:
     from disagg.cpus import has_native_bf16
     return "bfloat16" if has_native_bf16() else "float32"
 
+AUTO_KV_SHARE = 8
+"""``kv_cache_memory="auto"`` takes 1/AUTO_KV_SHARE of the device's memory per rank."""
+
+AUTO_KV_CPU_CAP = 4 << 30
+"""... and at most this much on a CPU, whose RAM also holds the weights and every other
+process (vLLM's CPU build is run here with a 4 GiB KV cache)."""
+
+
+def resolve_kv_cache_memory(value: str | int, device: str) -> int:
+    """Bytes of KV cache per rank for ``value``: a size (``parse_size``) or "auto".
+
+    "auto" is ``$DISAGG_KV_CACHE_MEMORY`` when set; otherwise on a CPU 1/8 of the
+    host's memory limit (RAM, or a container's cgroup limit) up to 4 GiB, on CUDA
+    1/8 of the GPU's memory. Every rank takes its own budget, so a host running
+    several ranks (TP, a prefill and a decode node) gives each its share.
+    """
+    if value != "auto":
+        return parse_size(value)
+    env = os.environ.get("DISAGG_KV_CACHE_MEMORY", "").strip()
+    if env:
+        try:
+            return parse_size(env)
+        except ValueError:
+            raise ValueError(f"DISAGG_KV_CACHE_MEMORY: cannot parse size {env!r}; use e.g. "
+                             "512MiB or 2GiB") from None
+    if device.startswith("cuda"):
+        import torch
+        index = int(device.partition(":")[2] or 0)
+        return torch.cuda.get_device_properties(index).total_memory // AUTO_KV_SHARE
+    from disagg.cpus import host_memory_limit
+    return min(AUTO_KV_CPU_CAP, host_memory_limit() // AUTO_KV_SHARE)
+
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
 
@@ -66,8 +99,9 @@ class EngineConfig:
         Face directory, or a hub id (fetched only when named; fails offline).
     dtype: weights, activations and KV cache; "auto" is resolved when the
         config is made (:func:`resolve_dtype`), so ``config.dtype`` is always concrete.
-    kv_cache_memory: bytes of KV cache per rank; the block count follows from
-        it unless ``num_kv_blocks`` is given explicitly.
+    kv_cache_memory: bytes of KV cache per rank (or a size such as "2GiB"); the
+        block count follows from it unless ``num_kv_blocks`` is given explicitly.
+        "auto" is resolved when the config is made (:func:`resolve_kv_cache_memory`).
     max_num_batched_tokens: the per-step token budget shared by decodes and
         prefill chunks (continuous batching with chunked prefill).
     max_prefill_chunk: cap on the tokens one request may prefill in one step
@@ -95,7 +129,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "cpu"
     block_size: int = 16
-    kv_cache_memory: int = 256 << 20
+    kv_cache_memory: int | str = "auto"
     num_kv_blocks: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -113,7 +147,10 @@ class EngineConfig:
     cpu_kernels: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kv_cache_memory", parse_size(self.kv_cache_memory))
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        object.__setattr__(self, "kv_cache_memory",
+                           resolve_kv_cache_memory(self.kv_cache_memory, self.device))
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("block_size", self.block_size)
         _positive("max_num_seqs", self.max_num_seqs)
@@ -128,8 +165,6 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))

@@ -95,6 +95,20 @@ def has_native_bf16(flags: set[str] | None = None) -> bool:
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
+def host_memory_limit() -> int:
+    """Bytes of memory this process's host offers it: physical RAM, or less where a
+    cgroup (a container's memory limit, v2 or v1) caps it."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():                        # "max" (v2) = no limit
+            limit = min(limit, int(text))
+    return limit
+
+
 def boot_id() -> str:
     """This kernel's boot id: one per machine and boot, the same in every container
     of the machine ("" where unknown)."""

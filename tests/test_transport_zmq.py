@@ -215,3 +215,61 @@ def test_curve_encrypted_transfer_in_process():
     check_blocks([rx], 2, 1, [7, 8], [2, 3], untouched=[0, 1, 4])
     tx.close()
     rx.close()
+
+
+def test_kv_that_comes_before_its_announcement_waits_for_it():
+    """A decode node answers with a KV target while its ranks run a step and announces the
+    blocks to them only at the next step: blocks that arrive in between are kept (not
+    rejected) until ``expect``; never announced, they are rejected after the grace period;
+    for a request cancelled here they are rejected at once."""
+    import threading
+
+    from transport.pending import EarlyMessages
+    cfg = TransportConfig(timeout_s=5)
+    rx = ZmqKVReceiver(cfg, [torch.zeros(N, 2, 2, B, D) for _ in range(L)])
+    rx._early = EarlyMessages(grace_s=0.3)
+    tx = ZmqKVSender(cfg, rank_pool(2, 1, 0), ReshardPlan(2, 1, 1))
+    t = threading.Thread(target=rx.poll, args=(5.0,))
+    t.start()
+    tx.connect(0, rx.endpoint)
+    t.join()
+
+    def finished(timeout_s):
+        deadline, got = time.monotonic() + timeout_s, []
+        while time.monotonic() < deadline and not got:
+            rx.poll(0.01)
+            tx.poll(0.01)
+            got = tx.finished()
+        return got
+
+    early = tx.send("early", 0, [7, 8], [2, 3], [1, 1])
+    assert finished(0.1) == [] and len(rx._early) == 1        # kept, not answered
+    rx.expect("early", [2, 3], [1, 1])                        # the next step announces it
+    assert [(tid, err) for tid, _, err in finished(2)] == [(early, None)]
+    assert rx.pop_ready() == {"early"}
+    check_blocks([rx], 2, 1, [7, 8], [2, 3], untouched=[0, 1, 4])
+
+    t0 = time.monotonic()
+    never = tx.send("never", 0, [5], [6], [1])
+    ((tid, _, err),) = finished(3)
+    assert tid == never and "unknown_request" in err and time.monotonic() - t0 >= 0.3
+
+    rx.expect("gone", [9], [1])
+    rx.cancel("gone")
+    t0 = time.monotonic()
+    gone = tx.send("gone", 0, [5], [9], [1])
+    ((tid, _, err),) = finished(3)
+    assert tid == gone and "unknown_request" in err and time.monotonic() - t0 < 0.3
+    assert len(rx._early) == 0 and not rx.kv_caches[0][[6, 9]].any()
+    tx.close()
+    rx.close()
+
+
+def test_early_messages_are_bounded():
+    from transport.pending import EarlyMessages
+    early = EarlyMessages(grace_s=10, max_messages=3, max_bytes=100)
+    assert early.park("a", 1, 40) and early.park("b", 2, 40)
+    assert not early.park("a", 3, 40)                         # 120 bytes > 100
+    assert early.park("a", 4, 10) and not early.park("c", 5, 1)   # 3 messages kept
+    assert early.take("a") == [1, 4] and len(early) == 1
+    assert early.expired(time.monotonic() + 11) == [2] and len(early) == 0

@@ -6,11 +6,19 @@ prefill ranks (p > d re-sharding) is ready only when every head came::
 
     arrived[request] : bool (num_layers, num_blocks_expected, num_kv_heads_local)
     ready  ⇔  arrived.all()          layer l ready ⇔ arrived[l].all()
+
+KV can come before its announcement: a decode node reserves blocks and answers
+with their target while its ranks run a step, and announces them to the ranks
+(``expect``) only at the next step. :class:`EarlyMessages` keeps such messages
+(bounded in count, bytes and time) until then; a request that was ready,
+cancelled or timed out here is not "early" (``PendingLoads.may_come``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +41,21 @@ class PendingLoads:
         self.num_kv_heads = num_kv_heads
         self._reqs: dict[str, _Pending] = {}
         self._ready: set[str] = set()
+        self._gone: OrderedDict[str, None] = OrderedDict()   # the newest GONE_KEPT ids
+
+    GONE_KEPT = 4096
+
+    def may_come(self, request_id: str) -> bool:
+        """Whether a message for ``request_id`` may be early: it is not expected now and
+        was not ready, cancelled or forgotten here lately."""
+        return request_id not in self._reqs and request_id not in self._gone
+
+    def _forget(self, request_id: str) -> None:
+        self._reqs.pop(request_id, None)
+        self._gone[request_id] = None
+        self._gone.move_to_end(request_id)
+        while len(self._gone) > self.GONE_KEPT:
+            self._gone.popitem(last=False)
 
     def expect(self, request_id: str, block_ids: list[int], epochs: list[int]) -> None:
         """Announce a request's destination blocks and their current epochs."""
@@ -93,14 +116,59 @@ class PendingLoads:
         """Ready request ids since the last call; their state is dropped."""
         done, self._ready = self._ready, set()
         for r in done:
-            self._reqs.pop(r, None)
+            self._forget(r)
         return done
 
     def cancel(self, request_id: str) -> None:
-        """Forget a request (no error if unknown)."""
-        self._reqs.pop(request_id, None)
+        """Forget a request (no error if unknown); its late messages are not early."""
+        self._forget(request_id)
         self._ready.discard(request_id)
 
     def request_ids(self) -> set[str]:
         """Requests still tracked."""
         return set(self._reqs)
+
+
+@dataclass
+class EarlyMessages:
+    """Messages for requests not announced yet, kept per request in arrival order.
+
+    At most ``max_messages`` messages and ``max_bytes`` bytes are kept, each for
+    ``grace_s`` seconds; :meth:`park` refuses what does not fit (the caller then
+    rejects it as for an unknown request).
+    """
+
+    grace_s: float = 5.0
+    max_messages: int = 4096
+    max_bytes: int = 256 << 20
+    _items: dict[str, list[tuple[float, int, object]]] = field(default_factory=dict)
+    _count: int = 0
+    _bytes: int = 0
+
+    def park(self, request_id: str, item, nbytes: int) -> bool:
+        """Keep ``item`` (``nbytes`` long) for ``request_id``; False if it does not fit."""
+        if self._count >= self.max_messages or self._bytes + nbytes > self.max_bytes:
+            return False
+        self._items.setdefault(request_id, []).append(
+            (time.monotonic() + self.grace_s, nbytes, item))
+        self._count += 1
+        self._bytes += nbytes
+        return True
+
+    def take(self, request_id: str) -> list:
+        """The items kept for ``request_id``, oldest first, no longer kept."""
+        kept = self._items.pop(request_id, [])
+        self._count -= len(kept)
+        self._bytes -= sum(n for _, n, _ in kept)
+        return [item for _, _, item in kept]
+
+    def expired(self, now: float | None = None) -> list:
+        """Items whose grace period ended (no longer kept), oldest request first."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for rid in [r for r, kept in self._items.items() if kept[0][0] <= now]:
+            out += self.take(rid)
+        return out
+
+    def __len__(self) -> int:
+        return self._count

@@ -26,7 +26,7 @@ import zmq
 
 from .base import KVReceiver, TransportConfig, TransportError, TransportTimeout, pool_geometry
 from .liveness import set_keepalive
-from .pending import PendingLoads
+from .pending import EarlyMessages, PendingLoads
 from .resharding import scatter_heads
 from .messages import Ack, Error, ErrorCode, Hello, KVBlocks, WireError
 from .wire import DTYPES, WireLimits, decode_header, encode, header_ids, validate_kv_header
@@ -47,6 +47,8 @@ class ZmqKVReceiver(KVReceiver):
         self.hello = Hello(tp_rank, tp_size, len(kv_caches), n, h, b, d, dt)
         self.limits = WireLimits.for_pool(self.hello, config.max_message_bytes)
         self._pending = PendingLoads(len(kv_caches), h)
+        # KV that came before its expect(): kept a while (at least two messages' worth)
+        self._early = EarlyMessages(max_bytes=max(256 << 20, 2 * config.max_message_bytes))
         self.bytes_received = 0
         self.messages_rejected = 0
         self._sock = (ctx or zmq.Context.instance()).socket(zmq.ROUTER)
@@ -66,9 +68,14 @@ class ZmqKVReceiver(KVReceiver):
         if bad:
             raise ValueError(f"block ids {bad} outside this pool (0..{self.limits.num_blocks - 1})")
         self._pending.expect(request_id, list(block_ids), list(epochs))
+        for frames in self._early.take(request_id):
+            self._handle(frames, park=False)
 
     def poll(self, timeout_s: float = 0.0) -> int:
         handled = 0
+        if self._early:
+            for frames in self._early.expired():
+                self._handle(frames, park=False)     # still not announced: rejected now
         if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             while handled < 1000:
                 try:
@@ -111,8 +118,12 @@ class ZmqKVReceiver(KVReceiver):
         self._sock.close(linger=0)
 
     # ------------------------------------------------------------- internals
-    def _handle(self, frames: list) -> None:
-        """Answer one message; never raises (a bad message gets an ERROR reply)."""
+    def _handle(self, frames: list, park: bool = True) -> None:
+        """Answer one message; never raises (a bad message gets an ERROR reply).
+
+        A valid message for a request not announced yet (and not gone) is kept
+        unanswered until :meth:`expect` announces it (``park``; see
+        ``transport.pending.EarlyMessages``)."""
         ident, body = frames[0], frames[1:]
         header = body[0].buffer if body else b""
         try:
@@ -123,6 +134,9 @@ class ZmqKVReceiver(KVReceiver):
                 reply = self._on_hello(msg)
             else:
                 validate_kv_header(msg, body[1:], self.limits)
+                if park and self._pending.may_come(msg.request_id) and self._early.park(
+                        msg.request_id, frames, sum(len(f.buffer) for f in body)):
+                    return
                 self._pending.check(msg)
                 nbytes = self._write(msg, body[1:])
                 self.bytes_received += nbytes

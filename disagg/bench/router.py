@@ -17,10 +17,11 @@ The client (httpx on uvloop, in this process) stamps each chunk the moment
 its bytes arrive, before parsing. Both sides include what a one-host
 deployment really pays: ZeroMQ hops, msgpack, the router's detokenizing and
 SSE, uvicorn, loopback TCP, and waiting for CPU. Ingress also includes the
-time a Generate waits in the node's socket while its engine finishes the
-step it is in (the node reads messages between steps); ``node_step_ms``
-(the gap between a request's consecutive token sends on the node, about one
-engine step) is reported beside it for that reason. To split egress between
+time a Generate waits in the node's socket for the node's loop to turn (the
+node receives while its model runs, but not while it schedules or samples);
+``node_step_ms`` (the gap between a request's consecutive token sends on the
+node, about one engine step) is reported beside it. A request admitted during
+a step is still computed from the next step on. To split egress between
 the router and the client, ``egress_router_side_ms_mean`` is the router's own
 ``disagg_router_overhead_seconds{direction="egress"}`` mean over the level
 (node sent → bytes handed to the socket, from ``/metrics``). The same run

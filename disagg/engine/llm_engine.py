@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -83,6 +84,8 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []   # finished outside step(), reported by it
         #: the last step's (prefill tokens, decode sequences), for nodes' step timings
         self.last_step_tokens: tuple[int, int] = (0, 0)
+        self._model_thread: ThreadPoolExecutor | None = None   # step(overlap=...) only
+        self._model_running = False
 
     # ---- requests ---------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -185,6 +188,7 @@ class LLMEngine:
         req = self.scheduler.requests.get(request_id)
         if req is None:
             return False
+        self._not_while_model_runs("abort_request")
         if not self.scheduler.connector.holds(request_id):
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         self.outputs.forget(request_id)
@@ -216,6 +220,7 @@ class LLMEngine:
         aborted, already notified, or fell back to local prefill after
         ``kv_load_timeout_s``).
         """
+        self._not_while_model_runs("notify_kv_ready")
         req = self.scheduler.first_token_ready(request_id, first_token_id)
         if self.outputs.finish_if_stopped(req):       # e.g. max_tokens=1, or EOS first
             self._pending.append(self.outputs.build(req, [first_token_id]))
@@ -223,6 +228,7 @@ class LLMEngine:
     def release_kv(self, request_id: str) -> bool:
         """Hook 1: unpin a finished prefill-only request's blocks; False if not pinned
         or a KV transfer still reads them (it releases them when it ends)."""
+        self._not_while_model_runs("release_kv")
         req = self.scheduler.pinned.get(request_id)
         if req is None or self.scheduler.connector.holds(request_id):
             return False
@@ -232,6 +238,7 @@ class LLMEngine:
     def fall_back_to_local(self, request_id: str) -> bool:
         """Stop waiting for a LOAD_REMOTE request's KV and prefill it here (the remote
         prefill failed or its node died); False if the request is not waiting."""
+        self._not_while_model_runs("fall_back_to_local")
         return self.scheduler.fall_back(request_id)
 
     def reserve_kv_loads(self) -> list[RequestOutput]:
@@ -239,9 +246,12 @@ class LLMEngine:
         carry the :class:`KVLoadTarget` (``kv_load``), so the remote prefill can start
         without waiting for the next step to admit them.
 
-        Call between steps. The next ``step()`` tells the ranks to expect the KV
-        before any of it is received (they poll their links only inside a step).
-        Requests that do not fit beside the running ones wait for a step as before.
+        Call between steps, or from a step's ``overlap`` while the model runs (the
+        blocks kept for the running requests' next chunk count the tokens that step
+        is computing). The next ``step()`` tells the ranks to expect the KV; a rank
+        keeps blocks that arrive before that for a grace period instead of
+        rejecting them (``transport.pending``). Requests that do not fit beside the
+        running ones wait for a step as before.
         """
         return [self._kv_load_output(req, target) for req, target in self.scheduler.reserve_loads()]
 
@@ -281,9 +291,23 @@ class LLMEngine:
             raise RuntimeError("KV tensors live in the TP worker processes when TP > 1")
         return self.runner.kv_caches
 
+    def _not_while_model_runs(self, what: str) -> None:
+        """Refuse a call that may free blocks while a step's model run reads them."""
+        if self._model_running:
+            raise RuntimeError(f"{what} may free KV blocks the model is computing on; call it "
+                               f"between steps, not from a step's overlap")
+
     # ---- the step ---------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample, and report every request that moved."""
+    def step(self, overlap: Callable[[Future], None] | None = None) -> list[RequestOutput]:
+        """Schedule, run the model, sample, and report every request that moved.
+
+        ``overlap`` (a node's control loop): when the step runs the model, the
+        model runs on the engine's model thread and ``overlap(future)`` is called
+        on this thread meanwhile; it must return once ``future`` is done. While
+        it runs, only admissions are allowed (:meth:`add_request`,
+        :meth:`reserve_kv_loads`): what frees blocks (abort, fall back, release,
+        a first token) raises ``RuntimeError`` and waits for the step's end.
+        """
         sched = self.scheduler.schedule()
         decodes = sum(1 for req, n in sched.scheduled
                       if n == 1 and req.has_output and req.num_computed_tokens + 1 == req.num_tokens)
@@ -302,7 +326,10 @@ class LLMEngine:
                     if req.num_computed_tokens + n == req.num_tokens]
         step.return_argmax = all(r.params.greedy and r.params.logprobs is None
                                  and not r.params.has_penalties for r in sampling)
-        logits, plp, reports = self._execute(step)
+        if overlap is None:
+            logits, plp, reports = self._execute(step)
+        else:
+            logits, plp, reports = self._execute_overlapped(step, overlap)
         prompt_logprobs.record(sched.scheduled, plp)
         sampled, logprobs = {}, {}
         if sampling:
@@ -330,6 +357,21 @@ class LLMEngine:
             return self.workers.execute(step)
         logits, plp = self.runner.execute(step)
         return logits, plp, [self.runner.kv_report(step.poll_timeout_s)]
+
+    def _execute_overlapped(self, step, overlap: Callable[[Future], None]):
+        """:meth:`_execute` on the model thread while ``overlap`` runs here."""
+        if self._model_thread is None:
+            self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._model_running = True
+        try:
+            future = self._model_thread.submit(self._execute, step)
+            try:
+                overlap(future)
+            finally:
+                result = future.result()       # the model's own error wins over overlap's
+        finally:
+            self._model_running = False
+        return result
 
     def _apply_kv_reports(self, reports: list[dict]) -> None:
         """Start requests whose KV arrived; release blocks whose send ended."""
@@ -378,6 +420,9 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the TP worker processes and close KV links (idempotent)."""
+        if self._model_thread is not None:
+            self._model_thread.shutdown(wait=True)
+            self._model_thread = None
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None

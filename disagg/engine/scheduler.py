@@ -64,6 +64,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.kv_load_timeout_s = kv_load_timeout_s
         self.pin_lease_s = pin_lease_s
+        #: rid → tokens the step now running computes for it (empty between steps)
+        self.in_flight: dict[str, int] = {}
         self.num_preemptions = 0            # totals, for stats and tests
         self.num_kv_load_timeouts = 0
         self.num_pin_expiries = 0
@@ -213,6 +215,7 @@ class Scheduler:
             budget = self._admit(budget, scheduled, out)
         scheduled.sort(key=lambda rn: rn[1] != 1)        # decodes (1 token) first, stable
         out.scheduled = scheduled
+        self.in_flight = {req.request_id: n for req, n in scheduled}
         return out
 
     def _admit(self, budget: int, scheduled: list, out: SchedulerOutput) -> int:
@@ -250,17 +253,22 @@ class Scheduler:
 
     def reserve_loads(self) -> list[tuple[Request, KVLoadTarget]]:
         """Reserve blocks now for the remote-KV requests first in line (called between
-        steps, so their remote prefill need not wait for a step's admission).
+        steps or while one runs, so their remote prefill need not wait for a step's
+        admission).
 
         Only in arrival order, while ``max_num_seqs`` allows and the blocks fit
-        beside those the running requests need for their next chunk, so no
-        running request is preempted for them; the rest wait for ``schedule``.
+        beside those the running requests need for their next chunk (counted past
+        the tokens a step now running computes: ``in_flight``), so no running
+        request is preempted for them; the rest wait for ``schedule``.
         """
         loads: list[tuple[Request, KVLoadTarget]] = []
         blocks = self.blocks
-        growth = sum(max(0, blocks.blocks_needed(min(r.num_tokens, r.num_computed_tokens
-                                                     + self.chunk)) - len(r.blocks))
-                     for r in self.running)
+        growth = 0
+        for r in self.running:
+            computed = r.num_computed_tokens + self.in_flight.get(r.request_id, 0)
+            tokens = r.num_tokens + (computed == r.num_tokens)   # the step samples one more
+            growth += max(0, blocks.blocks_needed(min(tokens, computed + self.chunk))
+                          - len(r.blocks))
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.kv_mode is not KVMode.LOAD_REMOTE:
@@ -304,6 +312,7 @@ class Scheduler:
     def postprocess(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance scheduled requests; append sampled tokens; return those that got one."""
         got_token = []
+        self.in_flight = {}
         for req, n in out.scheduled:
             if req.status is not RequestStatus.RUNNING:
                 continue

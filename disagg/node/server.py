@@ -5,7 +5,10 @@ may name several routers, or a DNS name standing for all of them)::
 
     loop:  poll the routers' control sockets (no wait while the engine has work)
            → role handler: each message   (Generate / Prefill / FirstToken / Abort …)
-           → engine.step() while it has work, timed
+           → engine.step() while it has work, timed; while its model runs (on the
+             engine's model thread) this thread keeps receiving: a new request's
+             Generate / Prefill is admitted at once (a remote one's KVTarget leaves
+             then), anything that may free blocks waits for the step's end, in order
            → role handler: outputs and KV events → messages to the router
 
     heartbeat thread (own socket per router): Heartbeat every heartbeat_s with the
@@ -113,6 +116,9 @@ class NodeServer:
         self.ctx = zmq.Context()
         self.links = RouterLinks(self.ctx, node_id, routers, resolve_s)
         self.handler: RoleHandler = handler_cls(engine, self.send)
+        self._deferred: list[tuple[RouterLink, object]] = []   # received during a step
+        self._wake_r, self._wake_w = os.pipe()   # the model thread's "step done" signal
+        os.set_blocking(self._wake_r, False)
         self._lock = threading.Lock()        # guards the snapshot the heartbeat thread sends
         self._steps: list[list] = []
         self._snapshot = (engine.load(), 0, 0)
@@ -185,7 +191,7 @@ class NodeServer:
     def run(self, stop: threading.Event, drain: threading.Event | None = None) -> None:
         """Serve until ``stop`` is set, or until a drain begun by setting ``drain``
         ended (see the module docstring); either way say ``Deregister`` last."""
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         self._sync_links(poller)
         beats = threading.Thread(target=self._heartbeats, args=(stop,), daemon=True,
                                  name="heartbeat")
@@ -202,11 +208,14 @@ class NodeServer:
                         self._end_drain(deadline)
                         break
                 self._sync_links(poller)
+                moved = bool(self._deferred)
+                self._handle_deferred()
                 ready = dict(poller.poll(0 if self.engine.has_unfinished() else 50))
-                moved = bool(ready)
+                moved = moved or bool(ready)
                 for link in list(self.links.links.values()):
                     if link.sock in ready:
-                        self._drain(link)
+                        for msg in self._receive(link):
+                            self._dispatch(link, msg)
                 if self.engine.has_unfinished():
                     self._step()
                     moved = True
@@ -260,48 +269,92 @@ class NodeServer:
         if aborted or match is None:
             log.warning("%s: aborted the %d request(s) it sent here", why, len(aborted))
 
-    def _drain(self, link: RouterLink) -> None:
+    @staticmethod
+    def _receive(link: RouterLink):
+        """Every message waiting on ``link``'s socket, decoded (malformed ones dropped)."""
         while True:
             try:
                 frame = link.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
-                msg = m.decode(frame)
+                yield m.decode(frame)
             except m.ControlError as exc:
                 log.error("dropped a malformed control frame: %s", exc)
-                continue
-            if isinstance(msg, m.Registered):
-                if not link.registered:
-                    log.info("registered with router %s as %s", link.address, self.node_id)
-                    if self.draining:                  # a new router: tell it too
-                        link.send(m.encode(m.Drain(self.node_id)))
-                link.registered = True
-                self._router_changed(link, msg.router_id)
-            elif self.draining and isinstance(msg, (m.Generate, m.Prefill)):
-                log.info("refused %s: draining (the router routes it elsewhere)", msg.rid)
-                self.send(m.Rejected(msg.rid, m.DRAINING))
-            elif isinstance(msg, m.Refused):
-                raise RuntimeError(f"the router refused this node: {msg.reason}")
-            elif isinstance(msg, m.RegisterAgain):
-                if link.registered:
-                    # the router dropped this node (silent too long, or it restarted): it
-                    # already moved or ended every request it sent here; nobody reads them
-                    self._abort_owned(link, link.router_id,
-                                      f"router {link.address} dropped this node")
-                    link.register_sent_at = 0.0
-                # one Register per burst: heartbeats sent while we were busy each got a reply
-                if time.monotonic() - link.register_sent_at > 2 * self.heartbeat_s:
-                    log.warning("router %s does not know this node; registering again",
-                                link.address)
-                    link.registered = False
-                    self._send_register(link)
-            else:
-                self.handler.on_message(msg)
+
+    def _admits_during_step(self, msg) -> bool:
+        """Whether ``msg`` can be handled while the model runs: a request new to the
+        engine (admitting frees no block; a re-sent one replaces its copy, which does)."""
+        return isinstance(msg, (m.Generate, m.Prefill)) \
+            and msg.rid not in self.engine.scheduler.requests
+
+    def _overlap(self, future) -> None:
+        """While a step's model runs: receive, admit new requests at once, keep the rest
+        (and everything after the first kept message, so order holds) for the step's
+        end. Returns when the model is done."""
+        future.add_done_callback(lambda _: os.write(self._wake_w, b"x"))
+        poller = self._poller
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll(1000))
+                for link in list(self.links.links.values()):
+                    if link.sock in ready:
+                        for msg in self._receive(link):
+                            if not self._deferred and self._admits_during_step(msg):
+                                self._dispatch(link, msg)
+                            else:
+                                self._deferred.append((link, msg))
+                if self._wake_r in ready or future.done():
+                    try:
+                        os.read(self._wake_r, 64)
+                    except BlockingIOError:
+                        pass
+                    if future.done():
+                        return
+        finally:
+            poller.unregister(self._wake_r)
+
+    def _handle_deferred(self) -> None:
+        """Handle, in arrival order, what came during the last step and had to wait."""
+        deferred, self._deferred = self._deferred, []
+        for link, msg in deferred:
+            if self.links.links.get(link.address) is link:     # its router is still known
+                self._dispatch(link, msg)
+
+    def _dispatch(self, link: RouterLink, msg) -> None:
+        """Act on one message from ``link``'s router."""
+        if isinstance(msg, m.Registered):
+            if not link.registered:
+                log.info("registered with router %s as %s", link.address, self.node_id)
+                if self.draining:                  # a new router: tell it too
+                    link.send(m.encode(m.Drain(self.node_id)))
+            link.registered = True
+            self._router_changed(link, msg.router_id)
+        elif self.draining and isinstance(msg, (m.Generate, m.Prefill)):
+            log.info("refused %s: draining (the router routes it elsewhere)", msg.rid)
+            self.send(m.Rejected(msg.rid, m.DRAINING))
+        elif isinstance(msg, m.Refused):
+            raise RuntimeError(f"the router refused this node: {msg.reason}")
+        elif isinstance(msg, m.RegisterAgain):
+            if link.registered:
+                # the router dropped this node (silent too long, or it restarted): it
+                # already moved or ended every request it sent here; nobody reads them
+                self._abort_owned(link, link.router_id,
+                                  f"router {link.address} dropped this node")
+                link.register_sent_at = 0.0
+            # one Register per burst: heartbeats sent while we were busy each got a reply
+            if time.monotonic() - link.register_sent_at > 2 * self.heartbeat_s:
+                log.warning("router %s does not know this node; registering again",
+                            link.address)
+                link.registered = False
+                self._send_register(link)
+        else:
+            self.handler.on_message(msg)
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        outputs = self.engine.step()
+        outputs = self.engine.step(overlap=self._overlap)
         seconds = time.perf_counter() - t0
         prefill_tokens, decodes = self.engine.last_step_tokens
         if prefill_tokens or decodes:
@@ -348,3 +401,8 @@ class NodeServer:
         self.links.close(LEAVE_LINGER_MS)
         self.ctx.term()
         self.engine.shutdown()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass                          # closed already (close() called twice)

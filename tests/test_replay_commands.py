@@ -73,6 +73,10 @@ def test_mode_deployments_use_the_same_cores(tmp_path):
     cond = mode_config("conditional", a, [0, 1], tmp_path)
     assert (cond.policy, cond.policy_options) == ("cost", ("interference_weight=2",))
     assert cond.log_dir == str(tmp_path / "conditional")
+    # laid out as disagg serve does: 2 cores are too few to split, so both nodes share them
+    assert (cond.prefill_args, cond.decode_args) == (("--cpus", "0,1"), ("--cpus", "0,1"))
+    cond = mode_config("conditional", a, list(range(8)), tmp_path)
+    assert (cond.prefill_args, cond.decode_args) == (("--cpus", "0,1,2,3"), ("--cpus", "4,5,6,7"))
 
 
 def test_bad_flags_are_refused_before_anything_starts():

@@ -23,8 +23,8 @@ import pytest
 
 from conftest import needs_smollm2
 from disagg.cpus import format_cpus, usable_cpus
-from disagg.serve import (
-    Layout, RestartBackoff, add_serve_args, cluster_config_from_args, plan_layout)
+from disagg.layout import Layout, plan_layout
+from disagg.serve import RestartBackoff, add_serve_args, cluster_config_from_args
 from serving_helpers import SERVE, Serve, metric, wait_metric
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,10 @@ stopped before the next mode starts::
     colocated       decode node alone (policy local), pinned to every core
     disaggregated   prefill node on half the cores, decode node on the other
                     half, policy remote: every prompt is prefilled remotely
-    conditional     the same two nodes, the cost-model router decides per request
+    conditional     the default deployment (``disagg serve``'s): both nodes laid
+                    out by ``disagg.layout`` (split when each gets >= 2 cores per
+                    rank, else sharing every core), the cost-model router decides
+                    per request
     vllm            not a default: the peer series, vllm serve on every core (or
                     any server at --peer-url); see ``peer``
 
@@ -31,6 +34,7 @@ from pathlib import Path
 from disagg.cluster import ClusterConfig, LocalCluster
 from disagg.config import resolve_dtype
 from disagg.cpus import parse_cpus, usable_cpus
+from disagg.layout import plan_layout
 from disagg.engine_args import add_dtype_arg, add_kv_transport_arg
 from disagg.replay.commands import (EXPERIMENT_SHAPING, add_shaping_args, offered_rate, run_one,
                                     served_model, shape_runs, slo_bounds)
@@ -52,7 +56,8 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     add_dtype_arg(p)
     p.add_argument("--cpus", default=None,
                    help="cores to use in total, e.g. 0-3 (default: all this process may use); "
-                        "disaggregated modes give the prefill node the first half")
+                        "the disaggregated mode gives the prefill node the first half, the "
+                        "conditional mode lays them out as disagg serve does")
     p.add_argument("--prefill-tp", type=int, default=1)
     p.add_argument("--decode-tp", type=int, default=1)
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
@@ -96,10 +101,14 @@ def mode_config(mode: str, a: argparse.Namespace, cpus: list[int], log_dir: Path
     if mode == "colocated":
         return ClusterConfig(num_prefill=0, policy="local", **common,
                              decode_args=("--cpus", _cpu_list(cpus)))
+    if mode == "conditional":
+        layout = plan_layout(cpus, a.prefill_tp, a.decode_tp)
+        pre, dec = layout.cores("prefill"), layout.cores("decode")   # unpinned: all of cpus
+        return ClusterConfig(num_prefill=1, policy="cost", policy_options=tuple(a.policy_option),
+                             prefill_args=("--cpus", _cpu_list(pre)),
+                             decode_args=("--cpus", _cpu_list(dec)), **common)
     pre, dec = split_cpus(cpus)
-    return ClusterConfig(num_prefill=1, policy="remote" if mode == "disaggregated" else "cost",
-                         policy_options=tuple(a.policy_option) if mode == "conditional" else (),
-                         prefill_args=("--cpus", _cpu_list(pre)),
+    return ClusterConfig(num_prefill=1, policy="remote", prefill_args=("--cpus", _cpu_list(pre)),
                          decode_args=("--cpus", _cpu_list(dec)), **common)
 
 

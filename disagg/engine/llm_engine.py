@@ -59,14 +59,25 @@ class LLMEngine:
         sched_half, worker_factory = make_connector(config, self.model_config)
         self.workers: TPWorkers | None = None
         self.runner: ModelRunner | None = None
+        # The model thread: with TP 1 every step's compute (the model, sampling) and the
+        # runner's start-up run on it, so one thread owns the process's OpenMP team (a
+        # second team on the same cores makes every step ~1.5x slower); with TP > 1 it
+        # only waits on the ranks' pipes, and only for step(overlap=...).
+        self._model_thread: ThreadPoolExecutor | None = None
+        self._model_running = False
         if config.tensor_parallel_size > 1:
             self.workers = TPWorkers(config, self.model_config, self.model_dir, self.num_blocks,
                                      worker_factory)
             infos = self.workers.wait_ready()
         else:
-            torch.set_num_threads(threads_per_rank(config))
-            self.runner = ModelRunner(config, self.model_config, self.model_dir, self.num_blocks,
-                                      worker_factory() if worker_factory else None)
+            self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+
+            def start_runner() -> ModelRunner:
+                torch.set_num_threads(threads_per_rank(config))
+                return ModelRunner(config, self.model_config, self.model_dir, self.num_blocks,
+                                   worker_factory() if worker_factory else None)
+
+            self.runner = self._model_thread.submit(start_runner).result()
             infos = [self.runner.handshake_info()]
         #: where each rank receives KV (decode role with a transport), else empty
         self.kv_endpoints: list[str] = [i["endpoint"] for i in infos if "endpoint" in i]
@@ -84,8 +95,6 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []   # finished outside step(), reported by it
         #: the last step's (prefill tokens, decode sequences), for nodes' step timings
         self.last_step_tokens: tuple[int, int] = (0, 0)
-        self._model_thread: ThreadPoolExecutor | None = None   # step(overlap=...) only
-        self._model_running = False
 
     # ---- requests ---------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -326,23 +335,17 @@ class LLMEngine:
                     if req.num_computed_tokens + n == req.num_tokens]
         step.return_argmax = all(r.params.greedy and r.params.logprobs is None
                                  and not r.params.has_penalties for r in sampling)
-        if overlap is None:
-            logits, plp, reports = self._execute(step)
+        if overlap is not None:
+            plp, reports, token_ids, lps = self._run_overlapped(step, sampling, overlap)
+        elif self.runner is not None:                       # TP 1: on the model thread
+            plp, reports, token_ids, lps = self._model_thread.submit(
+                self._run_model, step, sampling).result()
         else:
-            logits, plp, reports = self._execute_overlapped(step, overlap)
+            plp, reports, token_ids, lps = self._run_model(step, sampling)
         prompt_logprobs.record(sched.scheduled, plp)
         sampled, logprobs = {}, {}
-        if sampling:
-            if step.return_argmax and self.workers is not None:
-                token_ids, lps = logits.tolist(), [None] * len(sampling)
-            else:
-                histories = [TokenHistory(r.token_ids, r.num_prompt_tokens)
-                             if r.params.has_penalties else None for r in sampling]
-                out = self.sampler(logits, [r.params for r in sampling],
-                                   [r.generator for r in sampling], histories)
-                token_ids, lps = out.token_ids, out.logprobs
-            for req, tok, lp in zip(sampling, token_ids, lps):
-                sampled[req.request_id], logprobs[req.request_id] = tok, lp
+        for req, tok, lp in zip(sampling, token_ids, lps):
+            sampled[req.request_id], logprobs[req.request_id] = tok, lp
         for req in self.scheduler.postprocess(sched, sampled):
             lp = logprobs[req.request_id]
             self.outputs.finish_if_stopped(req)
@@ -358,13 +361,28 @@ class LLMEngine:
         logits, plp = self.runner.execute(step)
         return logits, plp, [self.runner.kv_report(step.poll_timeout_s)]
 
-    def _execute_overlapped(self, step, overlap: Callable[[Future], None]):
-        """:meth:`_execute` on the model thread while ``overlap`` runs here."""
+    def _run_model(self, step, sampling: list[Request]):
+        """The compute of a step: run the model, then sample the next token of each
+        request in ``sampling``. Returns (prompt logprobs, KV reports, token ids,
+        logprobs), the last two in ``sampling``'s order."""
+        logits, plp, reports = self._execute(step)
+        if not sampling:
+            return plp, reports, [], []
+        if step.return_argmax and self.workers is not None:
+            return plp, reports, logits.tolist(), [None] * len(sampling)
+        histories = [TokenHistory(r.token_ids, r.num_prompt_tokens)
+                     if r.params.has_penalties else None for r in sampling]
+        out = self.sampler(logits, [r.params for r in sampling],
+                           [r.generator for r in sampling], histories)
+        return plp, reports, out.token_ids, out.logprobs
+
+    def _run_overlapped(self, step, sampling: list[Request], overlap: Callable[[Future], None]):
+        """:meth:`_run_model` on the model thread while ``overlap`` runs here."""
         if self._model_thread is None:
             self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._model_running = True
         try:
-            future = self._model_thread.submit(self._execute, step)
+            future = self._model_thread.submit(self._run_model, step, sampling)
             try:
                 overlap(future)
             finally:
@@ -420,13 +438,15 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the TP worker processes and close KV links (idempotent)."""
-        if self._model_thread is not None:
-            self._model_thread.shutdown(wait=True)
-            self._model_thread = None
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None
-        if self.runner is not None:
+        if self._model_thread is not None:
+            if self.runner is not None:
+                self._model_thread.submit(self.runner.close).result()
+            self._model_thread.shutdown(wait=True)
+            self._model_thread = None
+        elif self.runner is not None:
             self.runner.close()
 
     def __enter__(self) -> "LLMEngine":

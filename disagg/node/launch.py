@@ -25,8 +25,6 @@ import threading
 from disagg.engine_args import add_engine_args, add_kv_transport_arg, engine_config_from_args
 from disagg.model.resolve import served_model_name
 
-SWITCH_INTERVAL_S = 0.0005    # the node process's GIL switch interval (Python's default: 5 ms)
-
 
 def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
     """Flags of a node of ``role`` (engine flags included)."""
@@ -140,10 +138,6 @@ def run_node(a: argparse.Namespace, role: str) -> int:
     print(f"[{node_id}] loading {a.model} (TP {config.tensor_parallel_size}, {role})...",
           file=sys.stderr, flush=True)
     engine = LLMEngine(config)
-    # The loop thread receives while the model thread runs the model; the model thread
-    # drops the GIL in every torch op, and by default the loop thread may then keep it
-    # for 5 ms: a short switch interval keeps the model from waiting behind admissions.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     metrics = NodeMetrics(role, node_id, num_kv_blocks=engine.num_blocks)
     watch = LoopWatch(a.live_stall_s)
     server = NodeServer(engine, handler_cls, a.router, node_id,

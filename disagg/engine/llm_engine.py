@@ -62,16 +62,16 @@ class LLMEngine:
         # The model thread: with TP 1 every step's compute (the model, sampling) and the
         # runner's start-up run on it, so one thread owns the process's OpenMP team (a
         # second team on the same cores makes every step ~1.5x slower); with TP > 1 it
-        # only waits on the ranks' pipes, and only for step(overlap=...).
-        self._model_thread: ThreadPoolExecutor | None = None
+        # only waits on the ranks' pipes, and only for step(overlap=...). Its thread
+        # starts on first use.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._model_running = False
+        self._shut_down = False
         if config.tensor_parallel_size > 1:
             self.workers = TPWorkers(config, self.model_config, self.model_dir, self.num_blocks,
                                      worker_factory)
             infos = self.workers.wait_ready()
         else:
-            self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
-
             def start_runner() -> ModelRunner:
                 torch.set_num_threads(threads_per_rank(config))
                 return ModelRunner(config, self.model_config, self.model_dir, self.num_blocks,
@@ -378,8 +378,6 @@ class LLMEngine:
 
     def _run_overlapped(self, step, sampling: list[Request], overlap: Callable[[Future], None]):
         """:meth:`_run_model` on the model thread while ``overlap`` runs here."""
-        if self._model_thread is None:
-            self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._model_running = True
         try:
             future = self._model_thread.submit(self._run_model, step, sampling)
@@ -441,13 +439,10 @@ class LLMEngine:
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None
-        if self._model_thread is not None:
-            if self.runner is not None:
-                self._model_thread.submit(self.runner.close).result()
-            self._model_thread.shutdown(wait=True)
-            self._model_thread = None
-        elif self.runner is not None:
-            self.runner.close()
+        if self.runner is not None and not self._shut_down:
+            self._model_thread.submit(self.runner.close).result()
+        self._model_thread.shutdown(wait=True)
+        self._shut_down = True
 
     def __enter__(self) -> "LLMEngine":
         return self

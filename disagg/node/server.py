@@ -212,10 +212,8 @@ class NodeServer:
                 self._handle_deferred()
                 ready = dict(poller.poll(0 if self.engine.has_unfinished() else 50))
                 moved = moved or bool(ready)
-                for link in list(self.links.links.values()):
-                    if link.sock in ready:
-                        for msg in self._receive(link):
-                            self._dispatch(link, msg)
+                for link, msg in self._received(ready):
+                    self._dispatch(link, msg)
                 if self.engine.has_unfinished():
                     self._step()
                     moved = True
@@ -269,18 +267,19 @@ class NodeServer:
         if aborted or match is None:
             log.warning("%s: aborted the %d request(s) it sent here", why, len(aborted))
 
-    @staticmethod
-    def _receive(link: RouterLink):
-        """Every message waiting on ``link``'s socket, decoded (malformed ones dropped)."""
-        while True:
-            try:
-                frame = link.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                yield m.decode(frame)
-            except m.ControlError as exc:
-                log.error("dropped a malformed control frame: %s", exc)
+    def _received(self, ready: dict):
+        """``(link, message)`` for every message waiting on the links ``ready`` (a
+        poll's result) names, decoded (malformed ones dropped)."""
+        for link in list(self.links.links.values()):
+            while link.sock in ready:
+                try:
+                    frame = link.sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    yield link, m.decode(frame)
+                except m.ControlError as exc:
+                    log.error("dropped a malformed control frame: %s", exc)
 
     def _admits_during_step(self, msg) -> bool:
         """Whether ``msg`` can be handled while the model runs: a request new to the
@@ -296,22 +295,15 @@ class NodeServer:
         poller = self._poller
         poller.register(self._wake_r, zmq.POLLIN)
         try:
-            while True:
+            while not future.done():
                 ready = dict(poller.poll(1000))
-                for link in list(self.links.links.values()):
-                    if link.sock in ready:
-                        for msg in self._receive(link):
-                            if not self._deferred and self._admits_during_step(msg):
-                                self._dispatch(link, msg)
-                            else:
-                                self._deferred.append((link, msg))
-                if self._wake_r in ready or future.done():
-                    try:
-                        os.read(self._wake_r, 64)
-                    except BlockingIOError:
-                        pass
-                    if future.done():
-                        return
+                for link, msg in self._received(ready):
+                    if not self._deferred and self._admits_during_step(msg):
+                        self._dispatch(link, msg)
+                    else:
+                        self._deferred.append((link, msg))
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 64)
         finally:
             poller.unregister(self._wake_r)
 

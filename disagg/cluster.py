@@ -45,7 +45,11 @@ class ClusterConfig:
     cut the router-only overhead p50 from 3.3 to 1.8 ms at 1 stream and from 9.8 to
     8.1 ms at 32, tokens/s unchanged (the nodes still get every idle cycle).
 
-    ``reject_ttft_slo_s``: the router's ``--reject-ttft-slo-s`` (None: off)."""
+    ``reject_ttft_slo_s``: the router's ``--reject-ttft-slo-s`` (None: off).
+
+    ``compute_turns``: the nodes share cores, so they take turns at compute
+    (``--compute-turns``, a lock in this cluster's temporary directory; see
+    :mod:`disagg.engine.compute_turns`)."""
 
     model: str = "default"
     prefill_tp: int = 1
@@ -68,6 +72,7 @@ class ClusterConfig:
     router_args: tuple[str, ...] = ()
     log_dir: str | None = None
     startup_timeout_s: float = 180.0
+    compute_turns: bool = False
 
     def __post_init__(self) -> None:
         for name in ("prefill_tp", "decode_tp", "num_decode", "max_inflight"):
@@ -181,12 +186,14 @@ class LocalCluster:
 
     def _spawn_node(self, name: str, wait: bool) -> None:
         role, tp = self._nodes[name]
+        turns = ["--compute-turns", str(Path(self._tmp.name) / "compute-turns")] \
+            if self.config.compute_turns else []
         proc = self._spawn(name, [
             f"{role}_node", "--router", self.control_address, "--node-id", name,
             "--model", self.config.model, "--tp", str(tp),
             "--kv-transport", self.config.kv_transport,
             "--kv-address", f"tcp://{self.config.host}:*",
-            "--nice", str(self.config.node_nice), *self.config.node_args,
+            "--nice", str(self.config.node_nice), *turns, *self.config.node_args,
             *(self.config.prefill_args if role == "prefill" else self.config.decode_args)])
         deadline = time.monotonic() + self.config.startup_timeout_s
         while wait and self.health().get("nodes", {}).get(name, {}).get("pid") != proc.pid:

@@ -121,6 +121,10 @@ class EngineConfig:
         decode attention, norms, RoPE, SiLU) in the C++ kernels of
         ``disagg/kernels`` (built on first use); False = the PyTorch reference
         path throughout. A failed build falls back to the reference with a warning.
+    compute_turns: path prefix of a turn lock (``disagg.engine.compute_turns``)
+        shared with the other engines on these cores: each step's compute waits
+        for its turn, so the engines' thread teams never run at once (``None``:
+        no turns; for engines on cores of their own).
     """
 
     model: str = "default"
@@ -145,6 +149,7 @@ class EngineConfig:
     kv_transfer: "TransportConfig | None" = None
     kv_layerwise: bool = True
     cpu_kernels: bool = True
+    compute_turns: str | None = None
 
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -163,6 +168,10 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.compute_turns is not None and (not isinstance(self.compute_turns, str)
+                                               or not self.compute_turns.strip()):
+            raise ValueError(f"compute_turns must be None or a file path prefix, got "
+                             f"{self.compute_turns!r}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.dtype not in DTYPE_CHOICES:

@@ -13,6 +13,7 @@ attention backends in :mod:`disagg.attention`, transport kinds in
 from __future__ import annotations
 
 import argparse
+import os
 
 from disagg.attention import BACKENDS
 from disagg.config import DTYPE_CHOICES, LOAD_FORMATS, EngineConfig
@@ -69,6 +70,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads per rank (default: this process's usable cores / TP)")
     p.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS,
                    help="'dummy' = random weights at the model's real shapes (speed tests only)")
+    p.add_argument("--compute-turns", default=os.environ.get("DISAGG_COMPUTE_TURNS"),
+                   metavar="PATH",
+                   help="take turns at compute with the other engines on these cores that "
+                        "name the same PATH (lock files PATH.door and PATH.turn): one step's "
+                        "forward pass at a time, alternating when both are busy. disagg "
+                        "serve sets it when its nodes share cores (env DISAGG_COMPUTE_TURNS; "
+                        "default: no turns)")
 
 
 def engine_config_from_args(a: argparse.Namespace, **overrides) -> EngineConfig:
@@ -80,6 +88,7 @@ def engine_config_from_args(a: argparse.Namespace, **overrides) -> EngineConfig:
               max_prefill_chunk=a.max_prefill_chunk, max_model_len=a.max_model_len,
               enable_prefix_caching=not a.no_prefix_caching,
               attention_backend=a.attention_backend, load_format=a.load_format,
-              torch_threads=a.torch_threads, cpu_kernels=not a.no_cpu_kernels)
+              torch_threads=a.torch_threads, cpu_kernels=not a.no_cpu_kernels,
+              compute_turns=a.compute_turns)
     kw.update(overrides)
     return EngineConfig(**kw)

@@ -5,9 +5,10 @@ The router is never pinned. The usable cores are split between the nodes, in
 proportion to their TP degrees (prefill gets the lower cores, rounded down,
 decode the rest), when that leaves each node at least ``MIN_CORES_PER_RANK``
 cores per TP rank; on a smaller machine (2 cores) the nodes are not pinned and
-share every core. Either way the nodes report their CPU sets at registration,
-so the router's cost model knows when a remote prefill competes with the
-decode node for its cores.
+share every core, taking turns at compute (``disagg.engine.compute_turns``).
+Either way the nodes report their CPU sets at registration, so the router's
+cost model knows when a remote prefill competes with the decode node for its
+cores.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ class Layout:
                          f"{'' if pinned else ' (not pinned)'}")
         shared = self.shared()
         if shared:
-            lines.append(f"nodes share cores {format_cpus(shared)}: the router's cost model knows "
-                         "(a remote prefill there pays the decode node's load and queue: mostly local)")
+            lines.append(f"nodes share cores {format_cpus(shared)}: they take turns at compute, "
+                         "and the router's cost model knows (a remote prefill there pays the "
+                         "decode node's load and queue: mostly local)")
         else:
             lines.append("nodes on disjoint cores: a remote prefill does not slow the decode node")
         return lines

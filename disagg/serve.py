@@ -126,7 +126,8 @@ def cluster_config_from_args(a: argparse.Namespace, layout: Layout | None = None
                          reject_ttft_slo_s=a.reject_ttft_slo_s, node_timeout_s=a.node_timeout_s,
                          router_args=router_args, node_args=tuple(node_args), prefill_args=layout.node_args("prefill"),
                          decode_args=layout.node_args("decode"), log_dir=None,
-                         startup_timeout_s=a.startup_timeout_s)
+                         startup_timeout_s=a.startup_timeout_s,
+                         compute_turns=bool(layout.shared()))
 
 
 def _say(msg: str) -> None:

@@ -75,8 +75,10 @@ def test_mode_deployments_use_the_same_cores(tmp_path):
     assert cond.log_dir == str(tmp_path / "conditional")
     # laid out as disagg serve does: 2 cores are too few to split, so both nodes share them
     assert (cond.prefill_args, cond.decode_args) == (("--cpus", "0,1"), ("--cpus", "0,1"))
+    assert cond.compute_turns and not dis.compute_turns and not colo.compute_turns
     cond = mode_config("conditional", a, list(range(8)), tmp_path)
     assert (cond.prefill_args, cond.decode_args) == (("--cpus", "0,1,2,3"), ("--cpus", "4,5,6,7"))
+    assert not cond.compute_turns
 
 
 def test_bad_flags_are_refused_before_anything_starts():

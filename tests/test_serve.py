@@ -31,6 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [REPO / "scripts" / f"launch_{role}.sh" for role in ("router", "prefill", "decode")]
 
 
+def _flag(pid: int, flag: str) -> str | None:
+    """The value of ``flag`` on process ``pid``'s command line (None: not given)."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return args[args.index(flag) + 1] if flag in args else None
+
+
 def gone(pid: int) -> bool:
     """Whether ``pid`` no longer exists."""
     try:
@@ -49,6 +55,10 @@ def test_serve_completes_then_ctrl_c_stops_everything():
         url, model, pids = m.group(1), m.group(2), [int(p) for p in m.groups()[2:]]
         assert url.startswith("http://127.0.0.1:") and not url.endswith(":8000/v1")
         assert "curl " + url + "/chat/completions" in serve.output
+        if plan_layout(usable_cpus()).shared():     # too few cores to split: the nodes take turns
+            turns = [_flag(pid, "--compute-turns") for pid in pids[1:]]
+            assert turns[0] is not None and turns[0] == turns[1], turns
+            assert os.path.exists(turns[0] + ".turn")
         r = httpx.post(url + "/completions", timeout=120, json={
             "model": model, "prompt": "The capital of France is", "max_tokens": 8,
             "temperature": 0})
@@ -184,7 +194,8 @@ def test_layout_rule(n, prefill, decode):
     assert lines[0] == f"router    cores 0-{n - 1} (not pinned)"
     if prefill is None:
         assert lines[1:3] == ["prefill-0 cores 0-1 (not pinned)", "decode-0  cores 0-1 (not pinned)"]
-        assert lines[3].startswith("nodes share cores 0-1: the router's cost model knows")
+        assert lines[3].startswith("nodes share cores 0-1: they take turns at compute, and the "
+                                   "router's cost model knows")
         assert layout.node_args("prefill") == layout.node_args("decode") == ()
     else:
         assert lines[1:3] == [f"prefill-0 cores {format_cpus(prefill)}",
@@ -231,8 +242,13 @@ def test_cluster_config_pins_the_nodes():
     config = cluster_config_from_args(a, plan_layout(range(8)))
     assert config.prefill_args == ("--cpus", "0-3") and config.decode_args == ("--cpus", "4-7")
     assert config.node_args == ("--drain-timeout-s", "30.0", "--max-num-seqs", "2")
+    assert not config.compute_turns                     # disjoint cores: no turns
     shared = cluster_config_from_args(a, plan_layout(range(2)))
     assert shared.prefill_args == shared.decode_args == ()
+    assert shared.compute_turns                         # shared cores: the nodes take turns
+    overlap = cluster_config_from_args(a, plan_layout(range(8), prefill_cpus="0-4",
+                                                      decode_cpus="4-7"))
+    assert overlap.compute_turns
 
 
 def test_serve_passes_the_fault_flags_to_the_router_and_nodes():

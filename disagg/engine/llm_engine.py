@@ -23,6 +23,7 @@ from disagg.connector.factory import make_connector
 from disagg.connector.transfer_scheduler import check_kv_target
 from disagg.engine import prompt_logprobs
 from disagg.engine.block_manager import BlockManager
+from disagg.engine.compute_turns import ComputeTurns
 from disagg.engine.model_runner import ModelRunner, kv_block_bytes
 from disagg.engine.output_processor import OutputProcessor
 from disagg.engine.outputs import KVLoadTarget, KVTransferEvent, RequestOutput
@@ -67,6 +68,8 @@ class LLMEngine:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._model_running = False
         self._shut_down = False
+        #: the turn lock shared with engines on the same cores (None: no turns)
+        self.compute_turns = ComputeTurns(config.compute_turns) if config.compute_turns else None
         if config.tensor_parallel_size > 1:
             self.workers = TPWorkers(config, self.model_config, self.model_dir, self.num_blocks,
                                      worker_factory)
@@ -364,7 +367,16 @@ class LLMEngine:
     def _run_model(self, step, sampling: list[Request]):
         """The compute of a step: run the model, then sample the next token of each
         request in ``sampling``. Returns (prompt logprobs, KV reports, token ids,
-        logprobs), the last two in ``sampling``'s order."""
+        logprobs), the last two in ``sampling``'s order. With ``compute_turns``, a
+        step with tokens to compute waits for its turn first (one that only polls
+        KV transfers computes nothing and does not)."""
+        if self.compute_turns is None or not step.token_ids:
+            return self._compute(step, sampling)
+        with self.compute_turns:
+            return self._compute(step, sampling)
+
+    def _compute(self, step, sampling: list[Request]):
+        """:meth:`_run_model` without the turn."""
         logits, plp, reports = self._execute(step)
         if not sampling:
             return plp, reports, [], []
@@ -442,6 +454,8 @@ class LLMEngine:
         if self.runner is not None and not self._shut_down:
             self._model_thread.submit(self.runner.close).result()
         self._model_thread.shutdown(wait=True)
+        if self.compute_turns is not None:
+            self.compute_turns.close()
         self._shut_down = True
 
     def __enter__(self) -> "LLMEngine":

@@ -221,7 +221,8 @@ class NodeServer:
                     stats, load = self.engine.kv_stats, self.engine.load()
                     self._snapshot = (load, stats["bytes_sent"], stats["bytes_received"])
                     if self.metrics is not None:
-                        self.metrics.update(load, stats)
+                        turns = self.engine.compute_turns
+                        self.metrics.update(load, stats, turns.waited_s if turns else 0.0)
         finally:
             self.send(m.Deregister(self.node_id))      # the router recovers what is left
             stop.set()

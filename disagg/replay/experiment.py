@@ -106,7 +106,8 @@ def mode_config(mode: str, a: argparse.Namespace, cpus: list[int], log_dir: Path
         pre, dec = layout.cores("prefill"), layout.cores("decode")   # unpinned: all of cpus
         return ClusterConfig(num_prefill=1, policy="cost", policy_options=tuple(a.policy_option),
                              prefill_args=("--cpus", _cpu_list(pre)),
-                             decode_args=("--cpus", _cpu_list(dec)), **common)
+                             decode_args=("--cpus", _cpu_list(dec)),
+                             compute_turns=bool(layout.shared()), **common)
     pre, dec = split_cpus(cpus)
     return ClusterConfig(num_prefill=1, policy="remote", prefill_args=("--cpus", _cpu_list(pre)),
                          decode_args=("--cpus", _cpu_list(dec)), **common)

@@ -168,6 +168,9 @@ def test_vllm_client_against_disagg_serve_end_to_end(tmp_path, capsys):
         assert got["completed"] == 4 and got["failed"] == 0, got
         assert got["request_throughput"] > 0 and got["ttft_p50_ms"] > 0 and got["itl_p50_ms"] > 0
         assert "--policy local" in report["servers"]["disagg-local"]["command"]
+        # the router's own count of what it served during the run, warm-ups included
+        assert sum(got["server"]["routes"].values()) >= 4, got["server"]
+    assert set(report["results"]["disagg-local"]["4"]["server"]["routes"]) == {"local"}
     assert report["ratios"]["4"]["disagg/disagg-local"]["request_throughput"] > 0
     runs = Path(report["runs_dir"])
     assert (runs / "disagg-rate4-r0.json").exists() and (runs / "disagg-r0-server.log").exists()

@@ -31,8 +31,14 @@ and server log in ``<out stem>-runs/``)::
      "run_order": ["vllm", "disagg", ...], "ok": true,
      "results": {name: {"2": {request_throughput, output_throughput, ttft_p50_ms,
                               ttft_p99_ms, tpot_p50_ms, itl_p50_ms, e2el_p50_ms,
-                              completed, failed, duration_s}}},
+                              completed, failed, duration_s,
+                              server: {routes, fallbacks, kv_bytes, ...}}}},
      "ratios": {"2": {"disagg/vllm": {request_throughput, ..., itl_p50_ms}}}}
+
+``server`` (disagg sides only) is what the router's ``/metrics`` counted during
+that client run, its two warm-up requests included
+(:func:`disagg.replay.server_metrics.server_delta`): how many requests the
+default routed local and remote, fall-backs, KV bytes moved.
 
 A ratio is side / reference: above 1 is better for the throughputs, below 1
 for the latencies. Every disagg side is compared with vllm, and ``disagg`` with
@@ -56,6 +62,7 @@ from pathlib import Path
 import disagg
 from disagg.bench.args import parse_names
 from disagg.bench.server_process import Server, free_port, healthy, log_tail
+from disagg.replay.server_metrics import scrape, server_delta
 
 SERVERS = ("vllm", "disagg", "disagg-local", "disagg-remote")
 DISAGG_POLICY = {"disagg": None, "disagg-local": "local", "disagg-remote": "remote"}
@@ -291,8 +298,14 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
         for rate in a.rates:
             tag = f"{side}-rate{rate_key(rate)}-r{round_}"
             _say(f"client run {tag}: {a.num_prompts} prompts at {rate_key(rate)} req/s, {base}")
+            before = scrape(base)              # None for a server that is not disagg
             got = _run_client(vllm_python, client_args(a, model_dir, name, rate), base,
                               run_dir, tag, a.client_timeout_s)
+            delta = server_delta(before, scrape(base))
+            if delta is not None and "error" not in got:
+                got["server"] = delta
+                _say(f"client run {tag}: routes {delta['routes']}, "
+                     f"fall-backs {delta['fallbacks']}")
             if "error" in got:
                 failures.append(f"{tag}: {got['error']}")
             else:

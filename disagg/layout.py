@@ -50,8 +50,9 @@ class Layout:
         pinned = self.prefill if role == "prefill" else self.decode
         return () if pinned is None else ("--cpus", format_cpus(pinned))
 
-    def describe(self) -> list[str]:
-        """One line per process with its cores, then what the nodes share."""
+    def describe(self, turns: bool = True) -> list[str]:
+        """One line per process with its cores, then what the nodes share (and, with
+        ``turns``, that nodes sharing cores take turns at compute, as on CPUs)."""
         lines = []
         for role, name in (("router", "router"), ("prefill", "prefill-0"), ("decode", "decode-0")):
             pinned = role != "router" and getattr(self, role) is not None
@@ -59,9 +60,10 @@ class Layout:
                          f"{'' if pinned else ' (not pinned)'}")
         shared = self.shared()
         if shared:
-            lines.append(f"nodes share cores {format_cpus(shared)}: they take turns at compute, "
-                         "and the router's cost model knows (a remote prefill there pays the "
-                         "decode node's load and queue: mostly local)")
+            lines.append(f"nodes share cores {format_cpus(shared)}: "
+                         f"{'they take turns at compute, and ' if turns else ''}the router's "
+                         "cost model knows (a remote prefill there pays the decode node's load "
+                         "and queue: mostly local)")
         else:
             lines.append("nodes on disjoint cores: a remote prefill does not slow the decode node")
         return lines

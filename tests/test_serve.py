@@ -249,6 +249,10 @@ def test_cluster_config_pins_the_nodes():
     overlap = cluster_config_from_args(a, plan_layout(range(8), prefill_cpus="0-4",
                                                       decode_cpus="4-7"))
     assert overlap.compute_turns
+    gpu = cluster_config_from_args(p.parse_args(["--port", "0", "--device", "cuda"]),
+                                   plan_layout(range(2)))
+    assert not gpu.compute_turns                        # GPU compute: no turns on the cores
+    assert "take turns" not in plan_layout(range(2)).describe(turns=False)[3]
 
 
 def test_serve_passes_the_fault_flags_to_the_router_and_nodes():

@@ -24,14 +24,16 @@ from disagg.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A process that takes `n` turns of `hold_s` each on the lock at `path`, and prints
-# one JSON line per turn: [start, end] (time.time, comparable across processes).
+# A process that takes `n` turns of `hold_s` each on the lock at `path`: it says
+# "ready" once it has the lock open, starts on a line on stdin, and prints one
+# JSON line per turn: [start, end] (time.time, comparable across processes).
 WORKER = """
 import json, sys, time
 from disagg.engine.compute_turns import ComputeTurns
-path, n, hold_s, go_at = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+path, n, hold_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 turns = ComputeTurns(path)
-time.sleep(max(0.0, go_at - time.time()))
+print("ready", flush=True)
+sys.stdin.readline()
 for _ in range(n):
     with turns:
         start = time.time()
@@ -42,10 +44,14 @@ for _ in range(n):
 
 
 def _workers(path: str, count: int, n: int, hold_s: float) -> list[list[list[float]]]:
-    go_at = time.time() + 2.0          # every process starts asking at once
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, path, str(n), str(hold_s),
-                               repr(go_at)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-             for _ in range(count)]
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, path, str(n), str(hold_s)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT) for _ in range(count)]
+    for p in procs:                    # every process has imported and opened the lock
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:                    # then all start asking at once
+        p.stdin.write("go\n")
+        p.stdin.flush()
     out = []
     for p in procs:
         stdout, _ = p.communicate(timeout=120)
@@ -84,10 +90,12 @@ def test_a_killed_holder_does_not_block_the_others(tmp_path):
             with turns:
                 got.set()
 
-        threading.Thread(target=take, daemon=True).start()
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
         assert not got.wait(0.5), "took the turn while another process held it"
         holder.send_signal(signal.SIGKILL)
         assert got.wait(10), "a dead process's turn was never freed"
+        taker.join(10)                 # it has ended its turn: the files may close
         turns.close()
     finally:
         holder.kill()
@@ -124,7 +132,7 @@ def test_an_engine_steps_only_in_its_turn_and_tokens_are_unchanged(tiny_llama, t
                              daemon=True).start()
             assert not done.wait(1.0), "the engine computed while the other held the turn"
         assert done.wait(30)
-        assert engine.compute_turns.waited_s >= 0.9
+        assert engine.compute_turns.waited_s >= 0.5
         while engine.has_unfinished():
             collect(engine.step())
     other.close()

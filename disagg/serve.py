@@ -119,7 +119,6 @@ def cluster_config_from_args(a: argparse.Namespace, layout: Layout | None = None
     router_args = ("--max-migrations", str(a.max_migrations), "--migration-wait-s",
                    repr(a.migration_wait_s), "--drain-timeout-s", repr(a.drain_timeout_s))
     layout = layout or Layout((), None, None)
-    on_cuda = (a.device or "").startswith("cuda")  # GPU compute: the shared cores only feed it
     return ClusterConfig(model=a.model, prefill_tp=a.prefill_tp, decode_tp=a.decode_tp,
                          policy=a.policy, policy_options=tuple(a.policy_option),
                          kv_transport=a.kv_transport, host=a.host, port=a.port,
@@ -128,7 +127,12 @@ def cluster_config_from_args(a: argparse.Namespace, layout: Layout | None = None
                          router_args=router_args, node_args=tuple(node_args), prefill_args=layout.node_args("prefill"),
                          decode_args=layout.node_args("decode"), log_dir=None,
                          startup_timeout_s=a.startup_timeout_s,
-                         compute_turns=bool(layout.shared()) and not on_cuda)
+                         compute_turns=bool(layout.shared()) and not _on_cuda(a))
+
+
+def _on_cuda(a: argparse.Namespace) -> bool:
+    """Whether the nodes compute on GPUs (the cores then only feed them: no turns)."""
+    return (a.device or "").startswith("cuda")
 
 
 def _say(msg: str) -> None:
@@ -221,7 +225,7 @@ def run_serve(a: argparse.Namespace) -> int:
     _say(f"layout on {len(layout.usable)} usable cores:")
     for line in layout.describe(turns=config.compute_turns):
         _say(f"  {line}")
-    if (a.device or "").startswith("cuda"):
+    if _on_cuda(a):
         _say(f"  both nodes compute on {a.device} (a TP > 1 node on cuda:0..TP-1): where their "
              "GPUs overlap they share them, and report so to the router's cost model")
     cluster = _ServeCluster(config)

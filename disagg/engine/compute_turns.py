@@ -41,7 +41,11 @@ class ComputeTurns:
             raise ValueError(f"compute turns {path!r}: directory {parent} does not exist")
         self.path = path
         self._door = os.open(path + ".door", os.O_RDWR | os.O_CREAT, 0o600)
-        self._turn = os.open(path + ".turn", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._turn = os.open(path + ".turn", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            os.close(self._door)
+            raise
         self.waited_s = 0.0
 
     def __enter__(self) -> "ComputeTurns":

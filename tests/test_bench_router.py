@@ -22,6 +22,9 @@ def test_flags_and_their_checks():
     a = _args()
     assert (a.model, a.kv_cache_memory, a.concurrency, a.max_tokens) == \
         ("default", "64MiB", "1,32", 16)
+    assert a.client == "stamped" and _args("--client", "httpx").client == "httpx"
+    with pytest.raises(SystemExit):
+        _args("--client", "aiohttp")
     sub = build_parser().parse_args(["bench", "router", "--concurrency", "2", "--json"])
     assert sub.concurrency == "2" and sub.json and sub.func.__name__ == "_cmd_bench_router"
     for bad, match in ((("--concurrency", "0"), "--concurrency"),
@@ -44,7 +47,8 @@ def test_tiny_run_reports_every_level():
     assert out["policy"] == "local" and "decode node" in out["path"]
     assert out["target_p50_ms"] == TARGET_P50_MS and out["device"].startswith("cpu, ")
     assert out["command"].startswith("disagg bench router ")
-    assert "--concurrency 1,4" in out["command"]
+    assert "--concurrency 1,4" in out["command"] and "--client stamped" in out["command"]
+    assert out["client"] == "stamped"
     _finite_positive(out["http_baseline"]["health_rtt_ms"], ("p50", "p99"))
     assert set(out["results"]) == {"1", "4"}
     for level, row in out["results"].items():

@@ -13,8 +13,12 @@ processes on this host, so comparable)::
     overhead = ingress + median egress of the request   (per request; the issue's measure)
     router-only overhead = dispatch + median egress   (without the node's step wait)
 
-The client (httpx on uvloop, in this process) stamps each chunk the moment
-its bytes arrive, before parsing. Both sides include what a one-host
+The client runs in this process on uvloop. By default (``--client stamped``)
+each stream has its own keep-alive connection (:mod:`disagg.bench.stamped_http`)
+that stamps a read in the event loop's first callback for the socket, before
+any parsing; ``--client httpx`` reads through httpx, whose per-chunk parsing
+(~0.3-0.4 ms of CPU each on 2 cores) delays every later stream's stamp in the
+same loop turn and so lands in the egress figure. Both sides include what a one-host
 deployment really pays: ZeroMQ hops, msgpack, the router's detokenizing and
 SSE, uvicorn, loopback TCP, and waiting for CPU. Ingress also includes the
 time a Generate waits in the node's socket for the node's loop to turn (the
@@ -25,7 +29,7 @@ a step is still computed from the next step on. To split egress between
 the router and the client, ``egress_router_side_ms_mean`` is the router's own
 ``disagg_router_overhead_seconds{direction="egress"}`` mean over the level
 (node sent → bytes handed to the socket, from ``/metrics``). The same run
-measures a bare HTTP round trip (``GET /health``) over the same client as a
+measures a bare HTTP round trip (``GET /health``) through the same client as a
 floor.
 """
 
@@ -33,16 +37,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import shlex
 import shutil
 import sys
 import tempfile
 import time
+import urllib.parse
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from disagg.bench.stamped_http import Connection
 from disagg.cpus import usable_cpus
 
 TARGET_P50_MS = 5.0
@@ -62,6 +69,10 @@ def add_router_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=4, help="untimed requests before measuring")
     p.add_argument("--health-probes", type=int, default=200,
                    help="GET /health round trips for the bare-HTTP baseline")
+    p.add_argument("--client", choices=("stamped", "httpx"), default="stamped",
+                   help="stamped: a lean HTTP/1.1 connection per stream that stamps each read "
+                        "on arrival (disagg/bench/stamped_http.py); httpx: the general client, "
+                        "whose own parsing of every stream's chunks delays the stamps")
     p.add_argument("--json", action="store_true", help="print compact JSON")
 
 
@@ -95,27 +106,34 @@ def _command(a: argparse.Namespace) -> str:
     return shlex.join(["disagg", "bench", "router", "--model", a.model, "--kv-cache-memory",
                        a.kv_cache_memory, "--concurrency", a.concurrency, "--requests",
                        str(a.requests), "--max-tokens", str(a.max_tokens), "--warmup",
-                       str(a.warmup), "--health-probes", str(a.health_probes)]
+                       str(a.warmup), "--health-probes", str(a.health_probes),
+                       "--client", a.client]
                       + (["--json"] if a.json else []))
 
 
-async def _request(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed completion; its ingress, per-chunk egress, TTFT and token count."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-            "temperature": 0.0, "ignore_eos": True, "stream_options": {"include_usage": True}}
-    out = {"ingress": None, "dispatch": None, "egress": [], "sent": [], "ttft": None, "tokens": 0}
-    start, buf, done = time.monotonic(), b"", False
+async def _httpx_reads(client, url: str, body: dict, headers: dict):
+    """The response body's reads through httpx, each stamped when httpx hands it over."""
     async with client.stream("POST", url + "/v1/completions", json=body,
-                             headers={"x-disagg-timing": "1"}) as resp:
+                             headers=headers) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"the router answered {resp.status_code}: "
                                f"{(await resp.aread()).decode(errors='replace')[:300]}")
         async for data in resp.aiter_raw():
-            now = time.monotonic()                  # stamped before any parsing
-            buf += data
-            while b"\n\n" in buf and not done:
-                event, buf = buf.split(b"\n\n", 1)
-                done = _on_event(event, now, start, out)
+            yield time.monotonic(), data            # stamped before any parsing
+
+
+async def _request(reads, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion, read through ``reads(body, headers)`` (an async iterator
+    of ``(stamp, bytes)``); its ingress, per-chunk egress, TTFT and token count."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "temperature": 0.0, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    out = {"ingress": None, "dispatch": None, "egress": [], "sent": [], "ttft": None, "tokens": 0}
+    start, buf, done = time.monotonic(), b"", False
+    async for now, data in reads(body, {"x-disagg-timing": "1"}):
+        buf += data
+        while b"\n\n" in buf and not done:
+            event, buf = buf.split(b"\n\n", 1)
+            done = _on_event(event, now, start, out)
     if not done or out["ingress"] is None or not out["egress"]:
         raise RuntimeError(f"a stream ended without [DONE] or timing fields: {out}")
     return out
@@ -146,12 +164,14 @@ def _on_event(event: bytes, now: float, start: float, out: dict) -> bool:
     return False
 
 
-async def _level(client, url: str, model: str, streams: int, per_stream: int,
-                 max_tokens: int) -> dict:
-    """``streams`` concurrent streams of ``per_stream`` sequential requests each."""
+async def _level(streams_reads: list, model: str, per_stream: int, max_tokens: int) -> dict:
+    """``len(streams_reads)`` concurrent streams of ``per_stream`` sequential requests each,
+    stream ``s`` reading its responses through ``streams_reads[s]``."""
+    streams = len(streams_reads)
+
     async def stream(s: int) -> list[dict]:
-        return [await _request(client, url, model, PROMPTS[(s + i) % len(PROMPTS)], max_tokens)
-                for i in range(per_stream)]
+        return [await _request(streams_reads[s], model, PROMPTS[(s + i) % len(PROMPTS)],
+                               max_tokens) for i in range(per_stream)]
 
     t0 = time.monotonic()
     runs = [r for rs in await asyncio.gather(*(stream(s) for s in range(streams))) for r in rs]
@@ -185,39 +205,75 @@ async def _router_egress(client, url: str) -> tuple[float, float]:
             found.get("disagg_router_overhead_seconds_count", 0.0))
 
 
-async def _health_rtt(client, url: str, probes: int) -> dict:
-    times = []
-    for _ in range(probes):
-        t0 = time.monotonic()
-        resp = await client.get(url + "/health")
-        await resp.aread()
-        times.append(time.monotonic() - t0)
-    return {"probes": probes, **_ms(times, 50, 99)}
+class _Client:
+    """The benchmark's HTTP client: ``stamped`` (one :class:`Connection` per stream, reads
+    stamped on arrival) or ``httpx`` (one pooled httpx client; reads stamped when httpx
+    hands them over, after its parsing). Untimed calls (models, metrics) use httpx."""
+
+    def __init__(self, kind: str, url: str, http) -> None:
+        self.kind, self.url, self.http = kind, url, http
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port
+        self.conns: list[Connection] = []
+
+    def readers(self, n: int) -> list:
+        """``n`` stream readers: each ``(body, headers) -> async iterator of (stamp, bytes)``."""
+        if self.kind == "httpx":
+            return [functools.partial(_httpx_reads, self.http, self.url)] * n
+        while len(self.conns) < n:
+            self.conns.append(Connection(self.host, self.port))
+        return [functools.partial(c.request, "POST", "/v1/completions") for c in self.conns[:n]]
+
+    async def health_rtt(self, probes: int) -> dict:
+        """``probes`` sequential ``GET /health`` round trips through this client."""
+        times, conn = [], Connection(self.host, self.port)
+        try:
+            for _ in range(probes):
+                t0 = time.monotonic()
+                if self.kind == "httpx":
+                    await (await self.http.get(self.url + "/health")).aread()
+                else:
+                    async for _ in conn.request("GET", "/health"):
+                        pass
+                times.append(time.monotonic() - t0)
+        finally:
+            conn.close()
+        return {"probes": probes, **_ms(times, 50, 99)}
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
 
 
 async def _drive(url: str, a: argparse.Namespace, levels: list[int]) -> dict:
     import httpx
     conns = max(levels) + 4
     limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120.0)) as client:
-        model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
-        _log(f"warming up ({a.warmup} requests)")
-        for i in range(a.warmup):
-            await _request(client, url, model, PROMPTS[i % len(PROMPTS)], a.max_tokens)
-        baseline = await _health_rtt(client, url, a.health_probes)
-        _log(f"bare HTTP round trip (GET /health): p50 {baseline['p50']} ms")
-        results = {}
-        for streams in levels:
-            _log(f"concurrency {streams}: {streams * a.requests} requests...")
-            before = await _router_egress(client, url)
-            row = await _level(client, url, model, streams, a.requests, a.max_tokens)
-            (s0, n0), (s1, n1) = before, await _router_egress(client, url)
-            row["egress_router_side_ms_mean"] = round((s1 - s0) / (n1 - n0) * 1e3, 3) \
-                if n1 > n0 else None
-            results[str(streams)] = row
-            _log(f"concurrency {streams}: overhead p50 {row['router_overhead_ms']['p50']} ms, "
-                 f"p99 {row['router_overhead_ms']['p99']} ms ({row['wall_s']} s)")
-    return {"http_baseline": {"health_rtt_ms": baseline}, "results": results}
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120.0)) as http:
+        client = _Client(a.client, url, http)
+        try:
+            model = (await http.get(url + "/v1/models")).json()["data"][0]["id"]
+            _log(f"warming up ({a.warmup} requests, {a.client} client)")
+            reader = client.readers(1)[0]
+            for i in range(a.warmup):
+                await _request(reader, model, PROMPTS[i % len(PROMPTS)], a.max_tokens)
+            baseline = await client.health_rtt(a.health_probes)
+            _log(f"bare HTTP round trip (GET /health): p50 {baseline['p50']} ms")
+            results = {}
+            for streams in levels:
+                _log(f"concurrency {streams}: {streams * a.requests} requests...")
+                before = await _router_egress(http, url)
+                row = await _level(client.readers(streams), model, a.requests, a.max_tokens)
+                (s0, n0), (s1, n1) = before, await _router_egress(http, url)
+                row["egress_router_side_ms_mean"] = round((s1 - s0) / (n1 - n0) * 1e3, 3) \
+                    if n1 > n0 else None
+                results[str(streams)] = row
+                _log(f"concurrency {streams}: overhead p50 {row['router_overhead_ms']['p50']} "
+                     f"ms, router-only p50 {row['router_only_overhead_ms']['p50']} ms "
+                     f"({row['wall_s']} s)")
+        finally:
+            client.close()
+    return {"client": a.client, "http_baseline": {"health_rtt_ms": baseline}, "results": results}
 
 
 def _log(text: str) -> None:

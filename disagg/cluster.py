@@ -11,6 +11,12 @@ deployments through :class:`LocalCluster`::
         c.restart_node("prefill-0")    # or the same one again (same name and node id)
         c.kill("router"); c.restart_router()   # a new router on the same control address
 
+With ``router_workers`` > 1 the router is that many processes sharing the HTTP
+port (``router --reuse-port``; named ``router``, ``router-1``, ...), each with
+its own control address, and every node is given all of them; ``http_url`` is
+the shared port, ``router_urls`` each worker's own listener (its ``/health``
+and ``/metrics``).
+
 Each child's output goes to ``log_dir/NAME.log`` (or is inherited when
 ``log_dir`` is None, as ``disagg serve`` does). Ports are chosen by the OS.
 """
@@ -49,7 +55,10 @@ class ClusterConfig:
 
     ``compute_turns``: the nodes share cores, so they take turns at compute
     (``--compute-turns``, a lock in this cluster's temporary directory; see
-    :mod:`disagg.engine.compute_turns`)."""
+    :mod:`disagg.engine.compute_turns`).
+
+    ``router_workers``: router processes sharing the HTTP port (see the module
+    docstring); more than one spreads the router's per-stream work over cores."""
 
     model: str = "default"
     prefill_tp: int = 1
@@ -73,9 +82,10 @@ class ClusterConfig:
     log_dir: str | None = None
     startup_timeout_s: float = 180.0
     compute_turns: bool = False
+    router_workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("prefill_tp", "decode_tp", "num_decode", "max_inflight"):
+        for name in ("prefill_tp", "decode_tp", "num_decode", "max_inflight", "router_workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not isinstance(self.num_prefill, int) or self.num_prefill < 0:
@@ -98,7 +108,9 @@ class LocalCluster:
     config: ClusterConfig = field(default_factory=ClusterConfig)
     procs: dict = field(default_factory=dict)       # name → subprocess.Popen
     http_url: str = ""
-    control_address: str = ""
+    control_address: str = ""                       # the first router worker's
+    router_urls: list = field(default_factory=list)       # each worker's own HTTP listener
+    router_controls: list = field(default_factory=list)   # each worker's control address
     _counts: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     _nodes: dict = field(default_factory=dict)      # node name → (role, tp)
     _tmp: tempfile.TemporaryDirectory | None = None
@@ -121,7 +133,10 @@ class LocalCluster:
         c = self.config
         self._tmp = tempfile.TemporaryDirectory(prefix="disagg-cluster-")
         deadline = time.monotonic() + c.startup_timeout_s
-        self._start_router(f"tcp://{c.host}:*", c.port, deadline)
+        port = c.port
+        for i in range(c.router_workers):
+            self._start_router(i, f"tcp://{c.host}:*", port, deadline)
+            port = int(self.http_url.rsplit(":", 1)[1])     # the others share the first's
         for _ in range(c.num_prefill):
             self.start_node("prefill", c.prefill_tp, wait=False)
         for _ in range(c.num_decode):
@@ -129,14 +144,24 @@ class LocalCluster:
         self.wait_nodes(c.num_prefill, c.num_decode, deadline)
         return self
 
-    def _start_router(self, control_address: str, port: int, deadline: float) -> None:
-        """Spawn the router on ``control_address`` and HTTP ``port``; wait for its ready file."""
+    @staticmethod
+    def router_name(worker: int) -> str:
+        """The process name of router worker ``worker`` (``router`` for the first)."""
+        return "router" if worker == 0 else f"router-{worker}"
+
+    def _start_router(self, worker: int, control_address: str, port: int,
+                      deadline: float) -> None:
+        """Spawn router worker ``worker`` on ``control_address`` and HTTP ``port``; wait for
+        its ready file."""
         c = self.config
-        ready = Path(self._tmp.name) / f"router-{time.monotonic_ns()}.json"
+        name = self.router_name(worker)
+        ready = Path(self._tmp.name) / f"{name}-{time.monotonic_ns()}.json"
         args = ["router", "--host", c.host, "--port", str(port), "--model", c.model,
                 "--control-address", control_address, "--policy", c.policy,
                 "--max-inflight", str(c.max_inflight), "--node-timeout-s", str(c.node_timeout_s),
                 "--ready-file", str(ready)]
+        if c.router_workers > 1:
+            args += ["--reuse-port", "--own-port", "0"]
         for opt in c.policy_options:
             args += ["--policy-option", opt]
         if c.api_key:
@@ -144,24 +169,32 @@ class LocalCluster:
         if c.reject_ttft_slo_s is not None:
             args += ["--reject-ttft-slo-s", repr(c.reject_ttft_slo_s)]
         args += list(c.router_args)
-        router = self._spawn("router", args)
+        router = self._spawn(name, args)
         while not ready.exists():
-            self._check_alive(router, "router", deadline)
+            self._check_alive(router, name, deadline)
             time.sleep(0.05)
         info = json.loads(ready.read_text())
-        self.http_url, self.control_address = info["http"], info["control"]
+        if worker == 0:
+            self.http_url, self.control_address = info["http"], info["control"]
+        del self.router_urls[worker:], self.router_controls[worker:]
+        self.router_urls.append(info["own_http"])
+        self.router_controls.append(info["control"])
 
     def restart_router(self, wait_nodes: bool = True) -> None:
         """Start a new router process on the addresses of the old one (the control
         address the nodes were given, the same HTTP port), after the old one exited
         (``RuntimeError`` if it still runs). With ``wait_nodes``, return once every
-        node still running registered with it again (they do so by themselves)."""
+        node still running registered with it again (they do so by themselves).
+        With several router workers this restarts the first (``router``)."""
         old = self.procs.get("router")
         if old is not None and old.poll() is None:
             raise RuntimeError("the router is still running; kill or stop it first")
         deadline = time.monotonic() + self.config.startup_timeout_s
         port = int(self.http_url.rsplit(":", 1)[1])
-        self._start_router(self.control_address, port, deadline)
+        urls, controls = self.router_urls[1:], self.router_controls[1:]
+        self._start_router(0, self.control_address, port, deadline)
+        self.router_urls += urls
+        self.router_controls += controls
         if wait_nodes:
             alive = [r for n, (r, _) in self._nodes.items()
                      if n in self.procs and self.procs[n].poll() is None]
@@ -189,34 +222,39 @@ class LocalCluster:
         turns = ["--compute-turns", str(Path(self._tmp.name) / "compute-turns")] \
             if self.config.compute_turns else []
         proc = self._spawn(name, [
-            f"{role}_node", "--router", self.control_address, "--node-id", name,
+            f"{role}_node", "--router", ",".join(self.router_controls), "--node-id", name,
             "--model", self.config.model, "--tp", str(tp),
             "--kv-transport", self.config.kv_transport,
             "--kv-address", f"tcp://{self.config.host}:*",
             "--nice", str(self.config.node_nice), *turns, *self.config.node_args,
             *(self.config.prefill_args if role == "prefill" else self.config.decode_args)])
         deadline = time.monotonic() + self.config.startup_timeout_s
-        while wait and self.health().get("nodes", {}).get(name, {}).get("pid") != proc.pid:
-            self._check_alive(proc, name, deadline)    # registered as this very process
-            time.sleep(0.1)
+        for url in self.router_urls if wait else ():
+            while self.health(url).get("nodes", {}).get(name, {}).get("pid") != proc.pid:
+                self._check_alive(proc, name, deadline)    # registered as this very process
+                time.sleep(0.1)
 
-    def health(self) -> dict:
-        """The router's ``/health`` body (whatever its status code)."""
+    def health(self, url: str | None = None) -> dict:
+        """The router's ``/health`` body (whatever its status code); ``url``: one worker's
+        own listener (default: the first worker's)."""
         try:
-            with urllib.request.urlopen(self.http_url + "/health", timeout=5) as r:
+            with urllib.request.urlopen((url or self.router_urls[0]) + "/health",
+                                        timeout=5) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as exc:
             return json.loads(exc.read())
 
     def wait_nodes(self, num_prefill: int, num_decode: int, deadline: float) -> None:
-        """Block until at least these many nodes are registered (``RuntimeError`` on timeout
-        or when a child exits)."""
-        while True:
+        """Block until every router worker has at least these many nodes registered
+        (``RuntimeError`` on timeout or when a child exits)."""
+        waiting = list(self.router_urls)
+        while waiting:
             for name, proc in self.procs.items():
                 self._check_alive(proc, name, deadline)
-            h = self.health()
+            h = self.health(waiting[0])
             if h.get("prefill_nodes", 0) >= num_prefill and h.get("decode_nodes", 0) >= num_decode:
-                return
+                waiting.pop(0)
+                continue
             time.sleep(0.1)
 
     def _check_alive(self, proc: subprocess.Popen, name: str, deadline: float) -> None:
@@ -235,7 +273,7 @@ class LocalCluster:
     def stop(self, timeout_s: float = 20.0) -> dict[str, int]:
         """SIGTERM every child (nodes first), SIGKILL those still up after ``timeout_s``;
         return their exit codes."""
-        order = sorted(self.procs, key=lambda n: n == "router")
+        order = sorted(self.procs, key=lambda n: n.startswith("router"))
         for name in order:
             if self.procs[name].poll() is None:
                 self.procs[name].send_signal(signal.SIGTERM)

@@ -74,6 +74,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reject-ttft-slo-s", type=float, default=None, metavar="S",
                    help="refuse at once (429) requests whose predicted time to first token "
                         "exceeds S seconds, once the cost model has measured a few (default: off)")
+    p.add_argument("--router-workers", type=int, default=1,
+                   help="router processes sharing the HTTP port (SO_REUSEPORT), each with its "
+                        "own node table, calibration and /metrics (read at the address each "
+                        "prints); more than one spreads the per-stream work of many "
+                        "concurrent streams over cores (default 1)")
     p.add_argument("--startup-timeout-s", type=float, default=180.0,
                    help="give up if the nodes have not registered by then")
     g = p.add_argument_group("faults")
@@ -103,6 +108,8 @@ def cluster_config_from_args(a: argparse.Namespace, layout: Layout | None = None
     core ``layout`` (default: no pinning); ``ValueError`` if bad."""
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {a.port}")
+    if a.router_workers < 1:
+        raise ValueError(f"--router-workers must be >= 1, got {a.router_workers}")
     if a.reject_ttft_slo_s is not None and not 0 < a.reject_ttft_slo_s < float("inf"):
         raise ValueError(f"--reject-ttft-slo-s must be a number of seconds > 0, got "
                          f"{a.reject_ttft_slo_s}")
@@ -127,6 +134,7 @@ def cluster_config_from_args(a: argparse.Namespace, layout: Layout | None = None
                          router_args=router_args, node_args=tuple(node_args), prefill_args=layout.node_args("prefill"),
                          decode_args=layout.node_args("decode"), log_dir=None,
                          startup_timeout_s=a.startup_timeout_s,
+                         router_workers=a.router_workers,
                          compute_turns=bool(layout.shared()) and not _on_cuda(a))
 
 
@@ -187,16 +195,17 @@ def _supervise(cluster: LocalCluster, stop: threading.Event,
     backoff = backoff or RestartBackoff()
     started = {name: time.monotonic() for name in cluster.procs}
     due: dict[str, float] = {}                  # node name → when to restart it
+    routers = {LocalCluster.router_name(i) for i in range(cluster.config.router_workers)}
     while not stop.wait(0.2):
-        router = cluster.procs["router"]
         dead = [(n, p) for n, p in cluster.procs.items()
                 if n not in due and p.poll() is not None]
         if dead and stop.wait(0.5):    # a terminal Ctrl-C reaches the children first, sometimes
             return 0
-        if router.poll() is not None:
-            _say(f"router (pid {router.pid}) exited unexpectedly with code "
-                 f"{router.returncode}; stopping the nodes")
-            return 1
+        for name, proc in dead:
+            if name in routers:
+                _say(f"{name} (pid {proc.pid}) exited unexpectedly with code "
+                     f"{proc.returncode}; stopping the nodes")
+                return 1
         now = time.monotonic()
         for name, proc in dead:
             up = now - started[name]
@@ -252,6 +261,12 @@ def run_serve(a: argparse.Namespace) -> int:
         print(f"disagg serve ready: {base}  (model {name}; router pid {procs['router'].pid}, "
               f"prefill pid {procs['prefill-0'].pid}, decode pid {procs['decode-0'].pid})",
               file=sys.stderr, flush=True)
+        if config.router_workers > 1:
+            own = ", ".join(f"{LocalCluster.router_name(i)} (pid "
+                            f"{procs[LocalCluster.router_name(i)].pid}) {url}/metrics"
+                            for i, url in enumerate(cluster.router_urls))
+            print(f"  {config.router_workers} router workers share the port; each one's "
+                  f"metrics: {own}", file=sys.stderr, flush=True)
         print(f"  try: {curl_example(base, name, bool(config.api_key))}", file=sys.stderr, flush=True)
         print("  Ctrl-C stops all three; a node that dies is started again.", file=sys.stderr,
               flush=True)

@@ -1,8 +1,17 @@
 """Start the router: flags (with environment fall-backs), then uvicorn on uvloop.
 
 ``disagg router`` (or ``python -m router``). Prints where it listens once it
-does; ``--ready-file PATH`` also writes ``{"http": URL, "control": ADDRESS}``
-there (how ``disagg serve`` and the tests learn ports chosen with ``0`` / ``*``).
+does; ``--ready-file PATH`` also writes ``{"http": URL, "own_http": URL,
+"control": ADDRESS}`` there (how ``disagg serve`` and the tests learn ports
+chosen with ``0`` / ``*``).
+
+Router workers: several router processes started with ``--reuse-port`` on the
+same ``--port`` share that HTTP port (SO_REUSEPORT: the kernel hands each new
+connection to one of them), each with its own control address, and every node
+is given all of them (``--router A,B,...``) — the router replicas of
+``README.md``, on one host. Each worker keeps its own node table, calibration
+and metrics; ``--own-port`` gives it a second listener of its own (``own_http``)
+through which its ``/health`` and ``/metrics`` can be read.
 
 SIGTERM / SIGINT drain the HTTP side: no new connections, requests in flight
 (streams too) run to their end for up to ``--drain-timeout-s``, then the rest
@@ -19,6 +28,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -32,6 +42,12 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="HTTP interface (env DISAGG_HOST; 0.0.0.0 to serve other machines)")
     p.add_argument("--port", type=int, default=int(env("DISAGG_PORT", "8000")),
                    help="HTTP port, 0 = any free one (env DISAGG_PORT)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="bind --port with SO_REUSEPORT, so that several router processes "
+                        "(workers) share it; the kernel spreads connections among them")
+    p.add_argument("--own-port", type=int, default=None,
+                   help="also listen on this port (0: a free one) for this process alone: "
+                        "with --reuse-port, where this worker's /health and /metrics are read")
     p.add_argument("--control-address", default=env("DISAGG_CONTROL_ADDRESS", "tcp://127.0.0.1:*"),
                    help="where nodes connect: tcp://HOST:PORT, ':*' = a free port "
                         "(env DISAGG_CONTROL_ADDRESS)")
@@ -75,6 +91,23 @@ def _policy_options(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _listener(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``SO_REUSEPORT`` with ``reuse_port``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def _server_class():
@@ -129,21 +162,33 @@ async def serve_router(a: argparse.Namespace) -> None:
     server = _server_class()(uvicorn.Config(app, host=a.host, port=a.port, loop="none",
                                            log_level="warning", lifespan="on",
                                            timeout_graceful_shutdown=a.drain_timeout_s))
-    task = asyncio.create_task(server.serve())
+    sockets = None
+    if a.reuse_port or a.own_port is not None:
+        sockets = [_listener(a.host, a.port, a.reuse_port)]
+        if a.own_port is not None:
+            sockets.append(_listener(a.host, a.own_port, False))
+    task = asyncio.create_task(server.serve(sockets=sockets))
     while not server.started:
         if task.done():
             await task                  # startup failed (port in use, ...): re-raise
             raise RuntimeError("the HTTP server stopped during start-up")
         await asyncio.sleep(0.02)
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
-    http = f"http://{host}:{port}"
-    print(f"router ready: {http}/v1 (model {name}, policy {policy.name}); nodes connect to "
-          f"{dispatcher.address}", file=sys.stderr, flush=True)
+    http, own = (_url(srv.sockets[0]) for srv in (server.servers[0], server.servers[-1]))
+    shared = " (port shared with other router workers; this one alone at " \
+        f"{own})" if a.reuse_port else (f" and {own}" if own != http else "")
+    print(f"router ready: {http}/v1{shared} (model {name}, policy {policy.name}); nodes "
+          f"connect to {dispatcher.address}", file=sys.stderr, flush=True)
     if a.ready_file:
         tmp = Path(a.ready_file + ".tmp")
-        tmp.write_text(json.dumps({"http": http, "control": dispatcher.address}))
+        tmp.write_text(json.dumps({"http": http, "own_http": own,
+                                   "control": dispatcher.address}))
         tmp.replace(a.ready_file)
     await task
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def run_router(a: argparse.Namespace) -> int:

@@ -80,6 +80,7 @@ def test_bad_lists_are_refused_by_the_parser(flag, value, capsys):
     (("--peer-url", "127.0.0.1:8000"), "http"),
     (("--disagg-serve-args", "--port 9000"), "--port"),
     (("--disagg-serve-args", "--policy=local"), "disagg-local"),
+    (("--disagg-serve-args", "--router-workers 2"), "one worker's"),
     (("--vllm-serve-args", "--model x"), "--model"),
     (("--vllm-serve-args", "--dtype bfloat16"), "--dtype")])
 def test_bad_flags_are_refused_before_anything_starts(argv, match):

@@ -77,19 +77,30 @@ def test_serve_completes_then_ctrl_c_stops_everything():
 
 @needs_smollm2
 @pytest.mark.slow
-def test_serve_restarts_a_dead_node_and_exits_1_when_the_router_dies():
-    serve = Serve("--policy", "local")
+def test_serve_restarts_a_dead_node_and_exits_1_when_a_router_worker_dies():
+    serve = Serve("--policy", "local", "--router-workers", "2")
     try:
         m = serve.wait_ready()
         url, model = m.group(1), m.group(2)
         base = url.removesuffix("/v1")
         router, prefill, decode = (int(p) for p in m.groups()[2:])
+        workers = re.search(r"2 router workers share the port; each one's metrics: router "
+                            r"\(pid (\d+)\) (\S+)/metrics, router-1 \(pid (\d+)\) (\S+)/metrics",
+                            serve.output)
+        assert workers and int(workers.group(1)) == router, serve.output
+        own, second = [workers.group(2), workers.group(4)], int(workers.group(3))
         body = {"model": model, "prompt": "The capital of France is", "max_tokens": 4,
                 "temperature": 0}
+        # the shared port spreads connections over both workers; every answer is the same
+        texts = {httpx.post(url + "/completions", json=dict(body, max_tokens=1),
+                            timeout=120).json()["choices"][0]["text"] for _ in range(16)}
+        assert len(texts) == 1
+        served = [metric(u, "disagg_requests_total", route="local", status="ok") for u in own]
+        assert sum(served) == 16 and min(served) >= 1, served
         os.kill(decode, signal.SIGKILL)
         # while it is away: 503 with Retry-After (no decode node), then answers again
         deadline = time.monotonic() + 60
-        while httpx.get(base + "/health", timeout=30).json()["decode_nodes"]:
+        while any(httpx.get(u + "/health", timeout=30).json()["decode_nodes"] for u in own):
             assert time.monotonic() < deadline, serve.output
             time.sleep(0.05)
         r = httpx.post(url + "/completions", json=body, timeout=120)
@@ -103,15 +114,16 @@ def test_serve_restarts_a_dead_node_and_exits_1_when_the_router_dies():
                          r"\d+ s; restarting it in 1 s", serve.output), serve.output
         new = int(re.search(r"decode-0 restarted \(pid (\d+)\)", serve.output).group(1))
         assert new != decode and not gone(new)
-        assert wait_metric(base, "disagg_node_restarts_total", lambda v: v == 1,
-                           role="decode") == 1
-        assert metric(base, "disagg_node_restarts_total", role="prefill") == 0
-        # only the router's death ends serve: exit 1, every node stopped
-        os.kill(router, signal.SIGKILL)
+        for u in own:                       # each worker saw the node come back
+            assert wait_metric(u, "disagg_node_restarts_total", lambda v: v == 1,
+                               role="decode") == 1
+            assert metric(u, "disagg_node_restarts_total", role="prefill") == 0
+        # only a router worker's death ends serve: exit 1, every node stopped
+        os.kill(second, signal.SIGKILL)
         assert serve.wait_exit(60) == 1, serve.output
-        assert re.search(rf"router \(pid {router}\) exited unexpectedly with code -9; stopping "
-                         "the nodes", serve.output), serve.output
-        assert gone(prefill) and gone(new)
+        assert re.search(rf"router-1 \(pid {second}\) exited unexpectedly with code -9; "
+                         "stopping the nodes", serve.output), serve.output
+        assert gone(prefill) and gone(new) and gone(router)
         assert not serve.group_alive()
     finally:
         serve.kill_all()

@@ -69,6 +69,8 @@ def add_router_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=4, help="untimed requests before measuring")
     p.add_argument("--health-probes", type=int, default=200,
                    help="GET /health round trips for the bare-HTTP baseline")
+    p.add_argument("--router-workers", type=int, default=1,
+                   help="router processes sharing the HTTP port (disagg serve --router-workers)")
     p.add_argument("--client", choices=("stamped", "httpx"), default="stamped",
                    help="stamped: a lean HTTP/1.1 connection per stream that stamps each read "
                         "on arrival (disagg/bench/stamped_http.py); httpx: the general client, "
@@ -88,7 +90,7 @@ def _concurrencies(text: str) -> list[int]:
 
 def _check(a: argparse.Namespace) -> list[int]:
     levels = _concurrencies(a.concurrency)
-    for name in ("requests", "max_tokens", "health_probes"):
+    for name in ("requests", "max_tokens", "health_probes", "router_workers"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.warmup < 0:
@@ -107,7 +109,7 @@ def _command(a: argparse.Namespace) -> str:
                        a.kv_cache_memory, "--concurrency", a.concurrency, "--requests",
                        str(a.requests), "--max-tokens", str(a.max_tokens), "--warmup",
                        str(a.warmup), "--health-probes", str(a.health_probes),
-                       "--client", a.client]
+                       "--router-workers", str(a.router_workers), "--client", a.client]
                       + (["--json"] if a.json else []))
 
 
@@ -195,14 +197,18 @@ async def _level(streams_reads: list, model: str, per_stream: int, max_tokens: i
     return row
 
 
-async def _router_egress(client, url: str) -> tuple[float, float]:
-    """The router's own egress histogram (node sent → bytes handed to the socket): sum, count."""
-    text = (await client.get(url + "/metrics")).text
-    found = {s.name: s.value for family in text_string_to_metric_families(text)
-             if family.name == "disagg_router_overhead_seconds"
-             for s in family.samples if s.labels.get("direction") == "egress"}
-    return (found.get("disagg_router_overhead_seconds_sum", 0.0),
-            found.get("disagg_router_overhead_seconds_count", 0.0))
+async def _router_egress(client, urls: list[str]) -> tuple[float, float]:
+    """The routers' own egress histogram (node sent → bytes handed to the socket), summed
+    over every router worker's own address: sum, count."""
+    total, count = 0.0, 0.0
+    for url in urls:
+        text = (await client.get(url + "/metrics")).text
+        found = {s.name: s.value for family in text_string_to_metric_families(text)
+                 if family.name == "disagg_router_overhead_seconds"
+                 for s in family.samples if s.labels.get("direction") == "egress"}
+        total += found.get("disagg_router_overhead_seconds_sum", 0.0)
+        count += found.get("disagg_router_overhead_seconds_count", 0.0)
+    return total, count
 
 
 class _Client:
@@ -245,7 +251,8 @@ class _Client:
             c.close()
 
 
-async def _drive(url: str, a: argparse.Namespace, levels: list[int]) -> dict:
+async def _drive(url: str, router_urls: list[str], a: argparse.Namespace,
+                 levels: list[int]) -> dict:
     import httpx
     conns = max(levels) + 4
     limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
@@ -262,9 +269,9 @@ async def _drive(url: str, a: argparse.Namespace, levels: list[int]) -> dict:
             results = {}
             for streams in levels:
                 _log(f"concurrency {streams}: {streams * a.requests} requests...")
-                before = await _router_egress(http, url)
+                before = await _router_egress(http, router_urls)
                 row = await _level(client.readers(streams), model, a.requests, a.max_tokens)
-                (s0, n0), (s1, n1) = before, await _router_egress(http, url)
+                (s0, n0), (s1, n1) = before, await _router_egress(http, router_urls)
                 row["egress_router_side_ms_mean"] = round((s1 - s0) / (n1 - n0) * 1e3, 3) \
                     if n1 > n0 else None
                 results[str(streams)] = row
@@ -292,15 +299,17 @@ def run_router_bench(a: argparse.Namespace) -> dict:
     cluster = LocalCluster(ClusterConfig(
         model=a.model, num_prefill=0, num_decode=1, policy="local", node_timeout_s=30.0,
         max_inflight=max(256, max(levels) * 2), log_dir=log_dir,
+        router_workers=a.router_workers,
         node_args=("--kv-cache-memory", a.kv_cache_memory)))
     ok = False
     try:
-        _log(f"starting router + 1 decode node (logs in {log_dir})")
+        _log(f"starting {a.router_workers} router process(es) + 1 decode node "
+             f"(logs in {log_dir})")
         t0 = time.monotonic()
         cluster.start()
         _log(f"cluster up in {time.monotonic() - t0:.1f} s")
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            measured = runner.run(_drive(cluster.http_url, a, levels))
+            measured = runner.run(_drive(cluster.http_url, cluster.router_urls, a, levels))
         ok = True
     finally:
         cluster.stop()
@@ -311,6 +320,7 @@ def run_router_bench(a: argparse.Namespace) -> dict:
     cores = len(usable_cpus())
     return {"benchmark": "router_overhead",
             "path": "HTTP -> router -> decode node (policy local, no prefill node) and back",
-            "policy": "local", "model": a.model, "max_tokens": a.max_tokens,
+            "policy": "local", "router_workers": a.router_workers, "model": a.model,
+            "max_tokens": a.max_tokens,
             "device": f"cpu, {cores} cores", "command": _command(a),
             "target_p50_ms": TARGET_P50_MS, **measured}

@@ -157,6 +157,10 @@ def check_args(a: argparse.Namespace) -> None:
         for flag in (w.split("=", 1)[0] for w in shlex.split(text)):
             if flag in owned:
                 raise ValueError(f"{label} may not set {flag}: {owned[flag]}")
+            if flag == "--router-workers" and label == "--disagg-serve-args":
+                raise ValueError("--disagg-serve-args may not set --router-workers: the "
+                                 "routes each run records are read from the shared port's "
+                                 "/metrics, which would be one worker's of several")
             if flag == extra:
                 raise ValueError(f"{label} may not set --policy: pick the servers disagg "
                                  "(default policy), disagg-local or disagg-remote")

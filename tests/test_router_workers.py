@@ -1,0 +1,89 @@
+"""Router workers: router processes sharing one HTTP port (``--reuse-port``), each also
+reachable alone (``--own-port``) — real processes, no nodes needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from disagg.cluster import ClusterConfig, LocalCluster
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _start(tmp: Path, name: str, port: int, *flags: str) -> tuple[subprocess.Popen, Path]:
+    ready = tmp / f"{name}.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router", "--port", str(port), "--control-address",
+         "tcp://127.0.0.1:*", "--ready-file", str(ready), *flags],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"),
+        env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    return proc, ready
+
+
+def _ready(proc: subprocess.Popen, ready: Path, log: Path) -> dict:
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return json.loads(ready.read_text())
+
+
+def _router_id(url: str) -> str:
+    # a new connection each time (no client reuse), so the kernel picks a worker anew
+    return httpx.get(url + "/health", timeout=10).json()["router_id"]
+
+
+def test_two_workers_share_the_port_and_each_is_reachable_alone(tmp_path):
+    procs = []
+    try:
+        first, ready = _start(tmp_path, "a", 0, "--reuse-port", "--own-port", "0")
+        procs.append(first)
+        a = _ready(first, ready, tmp_path / "a.log")
+        port = int(a["http"].rsplit(":", 1)[1])
+        second, ready = _start(tmp_path, "b", port, "--reuse-port", "--own-port", "0")
+        procs.append(second)
+        b = _ready(second, ready, tmp_path / "b.log")
+        assert a["http"] == b["http"] and len({a["own_http"], b["own_http"], a["http"]}) == 3
+        assert a["control"] != b["control"]
+        ids = {_router_id(a["own_http"]), _router_id(b["own_http"])}
+        assert len(ids) == 2                               # each own port is one worker
+        seen = {_router_id(a["http"]) for _ in range(40)}
+        assert seen == ids                                 # the shared port reaches both
+        first.terminate()
+        first.wait(timeout=30)
+        # the kernel stops handing connections to a closed listener: the other serves all
+        assert {_router_id(a["http"]) for _ in range(10)} == {_router_id(b["own_http"])}
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_taken_port_is_refused_without_reuse_port(tmp_path):
+    first, ready = _start(tmp_path, "a", 0, "--reuse-port")
+    try:
+        a = _ready(first, ready, tmp_path / "a.log")
+        assert a["own_http"] == a["http"]                  # no --own-port: one listener
+        port = int(a["http"].rsplit(":", 1)[1])
+        other, _ = _start(tmp_path, "b", port)             # not a worker: must not share it
+        assert other.wait(timeout=60) != 0
+        assert "address already in use" in (tmp_path / "b.log").read_text().lower()
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_cluster_config_checks_router_workers():
+    assert ClusterConfig().router_workers == 1
+    with pytest.raises(ValueError, match="router_workers"):
+        ClusterConfig(router_workers=0)
+    assert LocalCluster.router_name(0) == "router" and LocalCluster.router_name(2) == "router-2"

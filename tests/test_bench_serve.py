@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from disagg.bench.serve import (METRICS, add_serve_bench_args, best_run, check_args,
-                                client_args, ratios, run_serve_bench, server_command,
-                                summarize)
+                                client_args, ratios, round_order, run_serve_bench,
+                                server_command, summarize)
 from disagg.cli import build_parser, main
 from tests.conftest import needs_smollm2
 
@@ -71,6 +71,16 @@ def test_bad_lists_are_refused_by_the_parser(flag, value, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "serve", flag, value])
     assert flag in capsys.readouterr().err
+
+
+def test_rounds_rotate_the_server_order():
+    servers = ["vllm", "disagg", "disagg-local"]
+    orders = [round_order(servers, r) for r in range(4)]
+    assert orders[:3] == [["vllm", "disagg", "disagg-local"], ["disagg", "disagg-local", "vllm"],
+                          ["disagg-local", "vllm", "disagg"]]
+    assert orders[3] == orders[0]
+    # over as many rounds as servers, each server runs once in each position
+    assert all(sorted(o[i] for o in orders[:3]) == sorted(servers) for i in range(3))
 
 
 @pytest.mark.parametrize("argv,match", [

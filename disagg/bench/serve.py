@@ -18,7 +18,11 @@ URL and the result file differ. Servers (``--servers``):
 Only one server runs at a time (two on a 2-core machine would take each
 other's cores; a ``--peer-url`` server stays up, idle, while the others run).
 The run is ``--repeats`` rounds; each round starts every server in turn, runs
-every rate against it, then stops it, so the sides alternate once per round.
+every rate against it, then stops it, so the sides alternate once per round,
+and round ``r`` begins with the ``r``-th server (:func:`round_order`), so that
+over as many rounds as servers each server runs once in each position (a
+fixed order would give one server the machine's state after the same other
+server every time).
 Each vLLM start costs about 2.5 minutes (it compiles the model). Per server and
 rate the best run of the rounds counts, by request throughput: the machine is
 shared and drifts.
@@ -164,6 +168,13 @@ def check_args(a: argparse.Namespace) -> None:
             if flag == extra:
                 raise ValueError(f"{label} may not set --policy: pick the servers disagg "
                                  "(default policy), disagg-local or disagg-remote")
+
+
+def round_order(servers: list[str], round_: int) -> list[str]:
+    """The servers in the order round ``round_`` runs them: ``servers`` rotated left by
+    ``round_`` places."""
+    k = round_ % len(servers)
+    return servers[k:] + servers[:k]
 
 
 def client_args(a: argparse.Namespace, model_dir: Path, name: str, rate: float) -> list[str]:
@@ -317,7 +328,7 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
 
     try:
         for round_ in range(a.repeats):
-            for side in a.servers:
+            for side in round_order(list(a.servers), round_):
                 order.append(side)
                 if side == "vllm" and a.peer_url:
                     servers[side] = {"url": a.peer_url.rstrip("/"), "started_by_bench": False}

@@ -107,8 +107,7 @@ class LocalCluster:
 
     config: ClusterConfig = field(default_factory=ClusterConfig)
     procs: dict = field(default_factory=dict)       # name → subprocess.Popen
-    http_url: str = ""
-    control_address: str = ""                       # the first router worker's
+    http_url: str = ""                              # the (shared) HTTP port
     router_urls: list = field(default_factory=list)       # each worker's own HTTP listener
     router_controls: list = field(default_factory=list)   # each worker's control address
     _counts: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
@@ -135,8 +134,11 @@ class LocalCluster:
         deadline = time.monotonic() + c.startup_timeout_s
         port = c.port
         for i in range(c.router_workers):
-            self._start_router(i, f"tcp://{c.host}:*", port, deadline)
-            port = int(self.http_url.rsplit(":", 1)[1])     # the others share the first's
+            info = self._start_router(i, f"tcp://{c.host}:*", port, deadline)
+            self.http_url = info["http"]
+            port = self._http_port()              # the first's, shared by the others
+            self.router_urls.append(info["own_http"])
+            self.router_controls.append(info["control"])
         for _ in range(c.num_prefill):
             self.start_node("prefill", c.prefill_tp, wait=False)
         for _ in range(c.num_decode):
@@ -144,15 +146,27 @@ class LocalCluster:
         self.wait_nodes(c.num_prefill, c.num_decode, deadline)
         return self
 
+    @property
+    def control_address(self) -> str:
+        """The first router worker's control address."""
+        return self.router_controls[0]
+
     @staticmethod
     def router_name(worker: int) -> str:
         """The process name of router worker ``worker`` (``router`` for the first)."""
         return "router" if worker == 0 else f"router-{worker}"
 
+    def router_names(self) -> list[str]:
+        """The process names of every router worker, first to last."""
+        return [self.router_name(i) for i in range(self.config.router_workers)]
+
+    def _http_port(self) -> int:
+        return int(self.http_url.rsplit(":", 1)[1])
+
     def _start_router(self, worker: int, control_address: str, port: int,
-                      deadline: float) -> None:
+                      deadline: float) -> dict:
         """Spawn router worker ``worker`` on ``control_address`` and HTTP ``port``; wait for
-        its ready file."""
+        its ready file and return it (``http``, ``own_http``, ``control``)."""
         c = self.config
         name = self.router_name(worker)
         ready = Path(self._tmp.name) / f"{name}-{time.monotonic_ns()}.json"
@@ -173,12 +187,7 @@ class LocalCluster:
         while not ready.exists():
             self._check_alive(router, name, deadline)
             time.sleep(0.05)
-        info = json.loads(ready.read_text())
-        if worker == 0:
-            self.http_url, self.control_address = info["http"], info["control"]
-        del self.router_urls[worker:], self.router_controls[worker:]
-        self.router_urls.append(info["own_http"])
-        self.router_controls.append(info["control"])
+        return json.loads(ready.read_text())
 
     def restart_router(self, wait_nodes: bool = True) -> None:
         """Start a new router process on the addresses of the old one (the control
@@ -190,11 +199,8 @@ class LocalCluster:
         if old is not None and old.poll() is None:
             raise RuntimeError("the router is still running; kill or stop it first")
         deadline = time.monotonic() + self.config.startup_timeout_s
-        port = int(self.http_url.rsplit(":", 1)[1])
-        urls, controls = self.router_urls[1:], self.router_controls[1:]
-        self._start_router(0, self.control_address, port, deadline)
-        self.router_urls += urls
-        self.router_controls += controls
+        info = self._start_router(0, self.control_address, self._http_port(), deadline)
+        self.router_urls[0] = info["own_http"]
         if wait_nodes:
             alive = [r for n, (r, _) in self._nodes.items()
                      if n in self.procs and self.procs[n].poll() is None]

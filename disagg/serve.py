@@ -195,7 +195,7 @@ def _supervise(cluster: LocalCluster, stop: threading.Event,
     backoff = backoff or RestartBackoff()
     started = {name: time.monotonic() for name in cluster.procs}
     due: dict[str, float] = {}                  # node name → when to restart it
-    routers = {LocalCluster.router_name(i) for i in range(cluster.config.router_workers)}
+    routers = set(cluster.router_names())
     while not stop.wait(0.2):
         dead = [(n, p) for n, p in cluster.procs.items()
                 if n not in due and p.poll() is not None]
@@ -262,9 +262,8 @@ def run_serve(a: argparse.Namespace) -> int:
               f"prefill pid {procs['prefill-0'].pid}, decode pid {procs['decode-0'].pid})",
               file=sys.stderr, flush=True)
         if config.router_workers > 1:
-            own = ", ".join(f"{LocalCluster.router_name(i)} (pid "
-                            f"{procs[LocalCluster.router_name(i)].pid}) {url}/metrics"
-                            for i, url in enumerate(cluster.router_urls))
+            own = ", ".join(f"{n} (pid {procs[n].pid}) {url}/metrics"
+                            for n, url in zip(cluster.router_names(), cluster.router_urls))
             print(f"  {config.router_workers} router workers share the port; each one's "
                   f"metrics: {own}", file=sys.stderr, flush=True)
         print(f"  try: {curl_example(base, name, bool(config.api_key))}", file=sys.stderr, flush=True)

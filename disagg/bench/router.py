@@ -232,18 +232,20 @@ class _Client:
 
     async def health_rtt(self, probes: int) -> dict:
         """``probes`` sequential ``GET /health`` round trips through this client."""
-        times, conn = [], Connection(self.host, self.port)
+        times = []
+        conn = Connection(self.host, self.port) if self.kind == "stamped" else None
         try:
             for _ in range(probes):
                 t0 = time.monotonic()
-                if self.kind == "httpx":
+                if conn is None:
                     await (await self.http.get(self.url + "/health")).aread()
                 else:
                     async for _ in conn.request("GET", "/health"):
                         pass
                 times.append(time.monotonic() - t0)
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
         return {"probes": probes, **_ms(times, 50, 99)}
 
     def close(self) -> None:

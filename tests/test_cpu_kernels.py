@@ -167,7 +167,7 @@ def test_engine_kernels_and_reference_give_identical_tokens(ext, arch, request):
     for kernels in (True, False):
         cfg = EngineConfig(model=model_dir, num_kv_blocks=256, block_size=4, cpu_kernels=kernels)
         with LLMEngine(cfg) as engine:
-            backend = engine.runner.backend.name
+            backend = engine.executor.runner.backend.name
             outs[kernels] = [o.output_token_ids for o in engine.generate(prompts, params)]
         assert backend == ("cpu" if kernels else "torch")
     ops.use_cpu_kernels(True)
@@ -189,7 +189,7 @@ def test_failed_build_falls_back_with_one_warning(tiny_llama, tmp_path, monkeypa
         assert len(warnings) == 1 and cpu.failure()
         cfg = EngineConfig(model=tiny_llama, num_kv_blocks=64, block_size=4)
         with LLMEngine(cfg) as engine:
-            assert engine.runner.backend.name == "torch"
+            assert engine.executor.runner.backend.name == "torch"
             out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0))[0]
         assert len(out.output_token_ids) == 4
         with pytest.raises(ValueError, match="C\\+\\+ CPU kernels"):

@@ -48,10 +48,10 @@ def test_tp_ranks_ignore_a_terminal_ctrl_c(tiny_llama):
     prompt = random_prompts(1, 256, 5, 20, seed=9)
     params = SamplingParams(max_tokens=6, **GREEDY)
     with _engine(tiny_llama, tensor_parallel_size=2, torch_threads=1) as engine:
-        for proc in engine.workers.procs:
+        for proc in engine.executor.workers.procs:
             os.kill(proc.pid, signal.SIGINT)
         outs = engine.generate(prompt, params)
-        assert all(proc.is_alive() for proc in engine.workers.procs)
+        assert all(proc.is_alive() for proc in engine.executor.workers.procs)
     assert outs[0].output_token_ids == hf_greedy(tiny_llama, prompt[0], 6, ignore_eos=True)
 
 

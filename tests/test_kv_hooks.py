@@ -40,11 +40,11 @@ def test_prefill_export_then_remote_decode_matches_single_engine(tiny_llama):
         assert target.num_local_tokens == 16
         skip = target.num_local_tokens // 4
         moved = 0
-        for src_layer, dst_layer in zip(p.kv_caches, d.kv_caches):
+        for src_layer, dst_layer in zip(p.executor.kv_caches, d.executor.kv_caches):
             for s, t in zip(exp.block_ids[skip:], target.block_ids[skip:]):
                 dst_layer[t].copy_(src_layer[s])
                 moved += 1
-        assert moved == (8 - 4) * len(p.kv_caches)                   # only missing blocks
+        assert moved == (8 - 4) * len(p.executor.kv_caches)                   # only missing blocks
         assert d.step() == []                                        # still waiting for KV
         d.notify_kv_ready(drid, exp.first_token_id)
         assert p.release_kv(prid) and not p.release_kv(prid)

@@ -42,7 +42,7 @@ def test_reserved_at_admission_and_token_identical(tiny_llama):
 
         prid = p.add_request(prompt, PARAMS, kv_mode=KVMode.PREFILL_ONLY)
         exp = run_until_finished(p, prid).kv_export
-        for src, dst in zip(p.kv_caches, d.kv_caches):
+        for src, dst in zip(p.executor.kv_caches, d.executor.kv_caches):
             for s, t in zip(exp.block_ids, target.block_ids):
                 dst[t].copy_(src[s])
         d.notify_kv_ready(drid, exp.first_token_id)

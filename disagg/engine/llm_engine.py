@@ -12,19 +12,17 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
-
-import torch
 
 from disagg.config import EngineConfig
 from disagg.connector.factory import make_connector
 from disagg.connector.transfer_scheduler import check_kv_target
 from disagg.engine import prompt_logprobs
 from disagg.engine.block_manager import BlockManager
-from disagg.engine.compute_turns import ComputeTurns
-from disagg.engine.model_runner import ModelRunner, kv_block_bytes
+from disagg.engine.executor import Executor
+from disagg.engine.model_runner import kv_block_bytes
 from disagg.engine.output_processor import OutputProcessor
 from disagg.engine.outputs import KVLoadTarget, KVTransferEvent, RequestOutput
 from disagg.engine.penalties import TokenHistory
@@ -33,7 +31,6 @@ from disagg.engine.sampler import Sampler, make_generator
 from disagg.engine.scheduler import Scheduler
 from disagg.engine.step_input import build_step_input
 from disagg.engine.tokenizer import eos_token_ids, load_tokenizer
-from disagg.engine.tp_worker import TPWorkers, threads_per_rank
 from disagg.model import ModelConfig, resolve_model_dir
 from disagg.sampling_params import SamplingParams
 
@@ -58,32 +55,9 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.model_config)
         sched_half, worker_factory = make_connector(config, self.model_config)
-        self.workers: TPWorkers | None = None
-        self.runner: ModelRunner | None = None
-        # The model thread: with TP 1 every step's compute (the model, sampling) and the
-        # runner's start-up run on it, so one thread owns the process's OpenMP team (a
-        # second team on the same cores makes every step ~1.5x slower); with TP > 1 it
-        # only waits on the ranks' pipes, and only for step(overlap=...). Its thread
-        # starts on first use.
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self._model_running = False
-        self._shut_down = False
-        #: the turn lock shared with engines on the same cores (None: no turns)
-        self.compute_turns = ComputeTurns(config.compute_turns) if config.compute_turns else None
-        if config.tensor_parallel_size > 1:
-            self.workers = TPWorkers(config, self.model_config, self.model_dir, self.num_blocks,
-                                     worker_factory)
-            infos = self.workers.wait_ready()
-        else:
-            def start_runner() -> ModelRunner:
-                torch.set_num_threads(threads_per_rank(config))
-                return ModelRunner(config, self.model_config, self.model_dir, self.num_blocks,
-                                   worker_factory() if worker_factory else None)
-
-            self.runner = self._model_thread.submit(start_runner).result()
-            infos = [self.runner.handshake_info()]
-        #: where each rank receives KV (decode role with a transport), else empty
-        self.kv_endpoints: list[str] = [i["endpoint"] for i in infos if "endpoint" in i]
+        #: the ranks, the model thread and the compute turn (disagg.engine.executor)
+        self.executor = Executor(config, self.model_config, self.model_dir, self.num_blocks,
+                                 worker_factory)
         self.kv_stats = {"bytes_sent": 0, "bytes_received": 0}
         self._kv_events: list[KVTransferEvent] = []
         self.scheduler = Scheduler(
@@ -150,7 +124,7 @@ class LLMEngine:
             kv_target = check_kv_target(kv_target, len(ids), self.config.block_size,
                                         self.model_config.num_kv_heads,
                                         self.config.tensor_parallel_size)
-        gen = make_generator(params.seed, self.runner.device if self.runner else "cpu") \
+        gen = make_generator(params.seed, self.executor.runner.device if self.executor.runner else "cpu") \
             if not params.greedy else None
         req = Request(rid, ids, params, eos_token_ids=self.eos_token_ids, kv_mode=KVMode(kv_mode),
                       generator=gen, kv_target=kv_target, resume_token_ids=resume)
@@ -268,7 +242,7 @@ class LLMEngine:
         return [self._kv_load_output(req, target) for req, target in self.scheduler.reserve_loads()]
 
     def _kv_load_output(self, req: Request, target: KVLoadTarget) -> RequestOutput:
-        target.endpoints = list(self.kv_endpoints)
+        target.endpoints = list(self.executor.kv_endpoints)
         return self.outputs.build(req, [], kv_load=target)
 
     def load(self) -> dict:
@@ -296,16 +270,9 @@ class LLMEngine:
             or self.scheduler.connector.has_pending() \
             or self.scheduler.has_overdue(time.monotonic())
 
-    @property
-    def kv_caches(self) -> list[torch.Tensor]:
-        """Rank 0's per-layer KV tensors (TP 1 only; for connectors and tests)."""
-        if self.runner is None:
-            raise RuntimeError("KV tensors live in the TP worker processes when TP > 1")
-        return self.runner.kv_caches
-
     def _not_while_model_runs(self, what: str) -> None:
         """Refuse a call that may free blocks while a step's model run reads them."""
-        if self._model_running:
+        if self.executor.model_running:
             raise RuntimeError(f"{what} may free KV blocks the model is computing on; call it "
                                f"between steps, not from a step's overlap")
 
@@ -338,13 +305,8 @@ class LLMEngine:
                     if req.num_computed_tokens + n == req.num_tokens]
         step.return_argmax = all(r.params.greedy and r.params.logprobs is None
                                  and not r.params.has_penalties for r in sampling)
-        if overlap is not None:
-            plp, reports, token_ids, lps = self._run_overlapped(step, sampling, overlap)
-        elif self.runner is not None:                       # TP 1: on the model thread
-            plp, reports, token_ids, lps = self._model_thread.submit(
-                self._run_model, step, sampling).result()
-        else:
-            plp, reports, token_ids, lps = self._run_model(step, sampling)
+        plp, reports, token_ids, lps = self.executor.run(
+            lambda: self._compute(step, sampling), bool(step.token_ids), overlap)
         prompt_logprobs.record(sched.scheduled, plp)
         sampled, logprobs = {}, {}
         for req, tok, lp in zip(sampling, token_ids, lps):
@@ -356,50 +318,20 @@ class LLMEngine:
         self._apply_kv_reports(reports)
         return outputs
 
-    def _execute(self, step) -> tuple[torch.Tensor | None, dict | None, list[dict]]:
-        """Run ``step`` on the ranks: rank 0's logits and prompt logprobs, and every
-        rank's KV report."""
-        if self.workers is not None:
-            return self.workers.execute(step)
-        logits, plp = self.runner.execute(step)
-        return logits, plp, [self.runner.kv_report(step.poll_timeout_s)]
-
-    def _run_model(self, step, sampling: list[Request]):
+    def _compute(self, step, sampling: list[Request]):
         """The compute of a step: run the model, then sample the next token of each
         request in ``sampling``. Returns (prompt logprobs, KV reports, token ids,
-        logprobs), the last two in ``sampling``'s order. With ``compute_turns``, a
-        step with tokens to compute waits for its turn first (one that only polls
-        KV transfers computes nothing and does not)."""
-        if self.compute_turns is None or not step.token_ids:
-            return self._compute(step, sampling)
-        with self.compute_turns:
-            return self._compute(step, sampling)
-
-    def _compute(self, step, sampling: list[Request]):
-        """:meth:`_run_model` without the turn."""
-        logits, plp, reports = self._execute(step)
+        logprobs), the last two in ``sampling``'s order."""
+        logits, plp, reports = self.executor.execute(step)
         if not sampling:
             return plp, reports, [], []
-        if step.return_argmax and self.workers is not None:
+        if step.return_argmax and self.executor.workers is not None:
             return plp, reports, logits.tolist(), [None] * len(sampling)
         histories = [TokenHistory(r.token_ids, r.num_prompt_tokens)
                      if r.params.has_penalties else None for r in sampling]
         out = self.sampler(logits, [r.params for r in sampling],
                            [r.generator for r in sampling], histories)
         return plp, reports, out.token_ids, out.logprobs
-
-    def _run_overlapped(self, step, sampling: list[Request], overlap: Callable[[Future], None]):
-        """:meth:`_run_model` on the model thread while ``overlap`` runs here."""
-        self._model_running = True
-        try:
-            future = self._model_thread.submit(self._run_model, step, sampling)
-            try:
-                overlap(future)
-            finally:
-                result = future.result()       # the model's own error wins over overlap's
-        finally:
-            self._model_running = False
-        return result
 
     def _apply_kv_reports(self, reports: list[dict]) -> None:
         """Start requests whose KV arrived; release blocks whose send ended."""
@@ -448,15 +380,7 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the TP worker processes and close KV links (idempotent)."""
-        if self.workers is not None:
-            self.workers.shutdown()
-            self.workers = None
-        if self.runner is not None and not self._shut_down:
-            self._model_thread.submit(self.runner.close).result()
-        self._model_thread.shutdown(wait=True)
-        if self.compute_turns is not None:
-            self.compute_turns.close()
-        self._shut_down = True
+        self.executor.shutdown()
 
     def __enter__(self) -> "LLMEngine":
         return self

@@ -130,7 +130,7 @@ class NodeServer:
             max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size,
             num_kv_blocks=engine.num_blocks, kv_bytes_per_token=kv_bytes_per_token(engine),
             kv_transport=cfg.kv_transfer.kind if cfg.kv_transfer else "none",
-            kv_endpoints=list(engine.kv_endpoints), pid=os.getpid(), host=socket.gethostname(),
+            kv_endpoints=list(engine.executor.kv_endpoints), pid=os.getpid(), host=socket.gethostname(),
             **compute_report(cfg.device, cfg.tensor_parallel_size))
 
     @property
@@ -221,7 +221,7 @@ class NodeServer:
                     stats, load = self.engine.kv_stats, self.engine.load()
                     self._snapshot = (load, stats["bytes_sent"], stats["bytes_received"])
                     if self.metrics is not None:
-                        turns = self.engine.compute_turns
+                        turns = self.engine.executor.compute_turns
                         self.metrics.update(load, stats, turns.waited_s if turns else 0.0)
         finally:
             self.send(m.Deregister(self.node_id))      # the router recovers what is left

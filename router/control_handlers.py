@@ -50,7 +50,8 @@ class ControlHandlers:
                        m.KVTarget: self.kv_target, m.FirstToken: self.first_token,
                        m.KVSent: self.kv_sent, m.Tokens: self.tokens,
                        m.StepTokens: self.step_tokens, m.Rejected: self.rejected,
-                       m.Drain: self.drain, m.Deregister: self.deregister}
+                       m.Drain: self.drain, m.Deregister: self.deregister,
+                       m.UplinkSwitch: self.uplink_switch}
         self._pids: dict[str, int] = {}     # node id → pid it last registered with
         self._gauged: dict[str, str] = {}   # node id → role, for its per-node gauge series
         self._count_observations()           # the shared fits' counts, 0 from the first scrape
@@ -77,7 +78,7 @@ class ControlHandlers:
             return
         old = self.d.registry.nodes.get(node_id)
         if old is not None and old.info == msg:        # a repeated Register: just re-ack
-            self.d.send(node_id, m.Registered(node_id, self.d.router_id))
+            self.d.send(node_id, m.Registered(node_id, self.d.router_id, self.d.uplink_port))
             return
         try:
             self.d.registry.check(msg)
@@ -102,7 +103,7 @@ class ControlHandlers:
                         msg.pid)
             self.d.metrics.node_restarts.labels(role=msg.role).inc()
         self._pids[node_id] = msg.pid
-        self.d.send(node_id, m.Registered(node_id, self.d.router_id))
+        self.d.send(node_id, m.Registered(node_id, self.d.router_id, self.d.uplink_port))
         if self._gauged.get(node_id, msg.role) != msg.role:    # back in another role
             self._forget_series(node_id)
         for key, value in _registration_figures(msg).items():
@@ -110,6 +111,14 @@ class ControlHandlers:
         self._gauged[node_id] = msg.role
         self.update_node_gauges()
         self.d.migrator.resume_parked()     # requests of a lost node waiting for one
+
+    def uplink_switch(self, node_id: str, msg: m.UplinkSwitch, frame: bytes) -> None:
+        """The node's later messages come on its uplink (``router.uplinks``)."""
+        if self.d.uplinks is None:
+            log.error("node %s switched to an uplink this router does not listen for",
+                      node_id)
+            return
+        self.d.uplinks.switch(node_id, msg.pid)
 
     def drain(self, node_id: str, msg: m.Drain, frame: bytes) -> None:
         """The node is leaving: keep it (heartbeats, its requests) but route nothing new

@@ -1,7 +1,8 @@
 """The router's control plane: nodes in, requests out, tokens back.
 
 One ZeroMQ ROUTER socket (bound on ``control_address``) on the HTTP server's
-event loop. Every request is an :class:`Inflight` whose events (tokens, the
+event loop, and beside it a TCP listener for the nodes' uplinks, which carry
+what a registered node sends (:mod:`router.uplinks`). Every request is an :class:`Inflight` whose events (tokens, the
 end, an error) reach its HTTP handler through an ``asyncio.Queue``; the flows
 and messages are drawn in :mod:`disagg.control.messages`. Failures:
 
@@ -25,6 +26,7 @@ import itertools
 import logging
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import zmq
 import zmq.asyncio
@@ -42,6 +44,7 @@ from router.nodes import NodeRegistry
 from router.policy import RoutingPolicy
 from router.errors import ProtocolError
 from router.route_types import Decision, RouteInput
+from router.uplinks import Uplinks
 
 log = logging.getLogger("disagg.router")
 
@@ -51,7 +54,10 @@ class Dispatcher:
 
     def __init__(self, registry: NodeRegistry, policy: RoutingPolicy, metrics: RouterMetrics,
                  control_address: str, migration: MigrationConfig | None = None,
-                 reject_ttft_slo_s: float | None = None) -> None:
+                 reject_ttft_slo_s: float | None = None, uplink_port: int | None = 0) -> None:
+        """``uplink_port``: where the uplink listener binds, on the control address's
+        host (0: a free port; None: no uplinks, nodes send everything on the control
+        socket; an ``ipc://`` control address has none and refuses a port > 0)."""
         self.registry = registry
         self.policy = policy
         self.metrics = metrics
@@ -77,6 +83,20 @@ class Dispatcher:
         self.handlers = ControlHandlers(self)
         self.migrator = Migrator(self, migration or MigrationConfig())
         self.connections = ConnectionWatch(self.sock, self._disconnected)
+        self.uplinks: Uplinks | None = None
+        if uplink_port is not None:
+            host = urlsplit(self.address).hostname if self.address.startswith("tcp://") \
+                else None
+            if host is not None:
+                self.uplinks = Uplinks(host, uplink_port, self.handle, self._uplink_lost)
+            elif uplink_port:
+                raise ValueError(f"an uplink port needs a tcp:// control address, not "
+                                 f"{self.address}")
+
+    @property
+    def uplink_port(self) -> int:
+        """The uplink listener's port, as ``Registered`` tells nodes (0: none)."""
+        return self.uplinks.port if self.uplinks is not None else 0
 
     # ---- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -84,12 +104,16 @@ class Dispatcher:
         self._tasks = [asyncio.create_task(self._recv_loop()),
                        asyncio.create_task(self._health_loop()),
                        asyncio.create_task(self.connections.run())]
+        if self.uplinks is not None:
+            self._tasks.append(asyncio.create_task(self.uplinks.serve()))
 
     async def close(self) -> None:
         """Stop the tasks and close the socket."""
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.uplinks is not None:
+            self.uplinks.close()
         self.connections.close()
         self.sock.close(0)
         self.ctx.term()
@@ -110,10 +134,14 @@ class Dispatcher:
             node_id = ident.decode(errors="replace")
             if isinstance(msg, m.Register):     # its connection: see router.connections
                 self.connections.note(node_id, part.get(zmq.SRCFD))
-            try:
-                self.handlers.handle(node_id, msg, frame)
-            except Exception:            # a bug in one handler must not stop the router
-                log.exception("error handling %s", type(msg).__name__)
+            self.handle(node_id, msg, frame)
+
+    def handle(self, node_id: str, msg, frame: bytes) -> None:
+        """One message from ``node_id``, from its control socket or its uplink."""
+        try:
+            self.handlers.handle(node_id, msg, frame)
+        except Exception:                # a bug in one handler must not stop the router
+            log.exception("error handling %s", type(msg).__name__)
 
     async def _health_loop(self) -> None:
         period = self.registry.node_timeout_s / 4
@@ -141,6 +169,12 @@ class Dispatcher:
         if node is not None:
             log.warning("node %s (%s) disconnected; dropped", node_id, node.info.role)
             self.node_lost(node, "disconnected")
+
+    def _uplink_lost(self, node_id: str, pid: int) -> None:
+        """The uplink of ``node_id``'s process ``pid`` ended: lost, if still registered."""
+        node = self.registry.nodes.get(node_id)
+        if node is not None and node.info.pid == pid:
+            self._disconnected(node_id)
 
     # ---- sending ---------------------------------------------------------
     def send(self, node_id: str, msg, frame: bytes | None = None) -> bool:

@@ -51,6 +51,11 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-address", default=env("DISAGG_CONTROL_ADDRESS", "tcp://127.0.0.1:*"),
                    help="where nodes connect: tcp://HOST:PORT, ':*' = a free port "
                         "(env DISAGG_CONTROL_ADDRESS)")
+    p.add_argument("--uplink-port", type=int, default=int(env("DISAGG_UPLINK_PORT", "0")),
+                   help="TCP port, on the control address's host, where registered nodes "
+                        "open their uplink for what they send (tokens first): 0 = any free "
+                        "one, -1 = none (nodes send everything on the control socket) "
+                        "(env DISAGG_UPLINK_PORT)")
     p.add_argument("--model", default=env("DISAGG_MODEL", "default"),
                    help="the model whose tokenizer and chat template the router uses")
     p.add_argument("--served-model-name", default=env("DISAGG_SERVED_MODEL_NAME"),
@@ -142,6 +147,9 @@ async def serve_router(a: argparse.Namespace) -> None:
     from router.policy import make_policy
     from router.tokenizer import load_router_tokenizer
 
+    if a.uplink_port < -1:
+        raise ValueError(f"--uplink-port must be a port, 0 (any free one) or -1 (none), "
+                         f"got {a.uplink_port}")
     if not a.drain_timeout_s >= 0:
         raise ValueError(f"--drain-timeout-s must be >= 0, got {a.drain_timeout_s}")
     if a.reject_ttft_slo_s is not None and not 0 < a.reject_ttft_slo_s < float("inf"):
@@ -157,7 +165,8 @@ async def serve_router(a: argparse.Namespace) -> None:
     registry = CollectorRegistry()
     dispatcher = Dispatcher(NodeRegistry(name, a.node_timeout_s), policy,
                             RouterMetrics(registry), a.control_address, migration,
-                            a.reject_ttft_slo_s)
+                            a.reject_ttft_slo_s,
+                            None if a.uplink_port == -1 else a.uplink_port)
     app = create_app(dispatcher, registry, tokenizer, name, a.api_key, a.max_inflight)
     server = _server_class()(uvicorn.Config(app, host=a.host, port=a.port, loop="none",
                                            log_level="warning", lifespan="on",
@@ -177,11 +186,14 @@ async def serve_router(a: argparse.Namespace) -> None:
     shared = " (port shared with other router workers; this one alone at " \
         f"{own})" if a.reuse_port else (f" and {own}" if own != http else "")
     print(f"router ready: {http}/v1{shared} (model {name}, policy {policy.name}); nodes "
-          f"connect to {dispatcher.address}", file=sys.stderr, flush=True)
+          f"connect to {dispatcher.address}"
+          + (f" (uplinks: port {dispatcher.uplink_port})" if dispatcher.uplink_port else ""),
+          file=sys.stderr, flush=True)
     if a.ready_file:
         tmp = Path(a.ready_file + ".tmp")
         tmp.write_text(json.dumps({"http": http, "own_http": own,
-                                   "control": dispatcher.address}))
+                                   "control": dispatcher.address,
+                                   "uplink_port": dispatcher.uplink_port}))
         tmp.replace(a.ready_file)
     await task
 

@@ -8,6 +8,9 @@
 #   DISAGG_PORT               HTTP port (default 8000; 0 = any free port)
 #   DISAGG_CONTROL_ADDRESS    where nodes connect (default tcp://127.0.0.1:*, a free port);
 #                             for other machines use a fixed port, e.g. tcp://0.0.0.0:7100
+#   DISAGG_UPLINK_PORT        TCP port, on the control address's host, of the nodes' uplinks
+#                             (what they send; default 0, a free port; -1 = none); for other
+#                             machines behind a firewall use a fixed one, e.g. 7101
 #   DISAGG_MODEL              model for the tokenizer / chat template (default: embedded SmolLM2)
 #   DISAGG_SERVED_MODEL_NAME  the model name clients send (default: from the model)
 #   DISAGG_POLICY             cost | local | remote | threshold (default cost)

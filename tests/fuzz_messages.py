@@ -25,7 +25,7 @@ RIDS = tuple(f"r{i}" for i in range(8)) + tuple(f"fz{i}" for i in range(40))
 ROUTER_SENDS = ("Registered", "Refused", "RegisterAgain", "Generate", "Prefill", "FirstToken",
                 "Fallback", "Abort")
 NODE_SENDS = ("Register", "Heartbeat", "KVTarget", "FirstToken", "KVSent", "Tokens",
-              "StepTokens", "Rejected", "Drain", "Deregister")
+              "StepTokens", "Rejected", "Drain", "Deregister", "UplinkSwitch")
 BAD_ENDPOINTS = ("garbage", "tcp://127.0.0.1:1", "tcp://127.0.0.1", "ipc://", "inproc://x",
                  "tcp://[::1", "tcp://no-such-host.invalid:1")
 LOAD_KEYS = ("queued_prefill_tokens", "num_running", "num_waiting", "num_waiting_for_kv",
@@ -102,6 +102,8 @@ def to_router(node_ids: Sequence[str], model: str) -> Valid:
             msg = m.MESSAGES[kind](node_id(h))
         elif kind == "Refused":
             msg = m.Refused(node_id(h), h.str())
+        elif kind == "UplinkSwitch":
+            msg = m.UplinkSwitch(node_id(h), h.int())
         else:
             msg = to_node_message(h, kind, node_ids, 49152, 16, ())
         return builtins(msg), []

@@ -249,7 +249,7 @@ def _register(d, node_id: str, role: str, tp: int, cpus: list[int], num_kv_block
                                   device="cpu", num_kv_blocks=num_kv_blocks,
                                   kv_bytes_per_token=kv_bytes_per_token)
     d.handlers.handle(node_id, msg, b"")
-    assert d.sent[-1][1] == m.Registered(node_id, d.router_id)
+    assert d.sent[-1][1] == m.Registered(node_id, d.router_id, d.uplink_port)
 
 
 def _measure(d, steps: int) -> None:

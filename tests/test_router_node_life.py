@@ -39,7 +39,8 @@ def test_registered_carries_the_router_id_and_restarts_are_counted(dispatcher):
     d = dispatcher
     d.handlers.handle("d0", reg("d0", pid=10), b"")
     d.handlers.handle("d0", reg("d0", pid=10), b"")              # repeated: re-acked
-    assert d.sent == [("d0", m.Registered("d0", d.router_id))] * 2 and len(d.router_id) == 32
+    assert d.sent == [("d0", m.Registered("d0", d.router_id, d.uplink_port))] * 2 \
+        and d.uplink_port > 0 and len(d.router_id) == 32
     assert _gauge(d, "disagg_node_restarts_total", role="decode") == 0
     d.handlers.handle("d0", reg("d0", pid=11), b"")              # restarted
     assert _gauge(d, "disagg_node_restarts_total", role="decode") == 1

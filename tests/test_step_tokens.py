@@ -28,7 +28,7 @@ def dispatcher():
     d = recording_dispatcher()
     try:
         d.handlers.handle("decode-0", NODE, b"")
-        assert d.sent == [("decode-0", m.Registered("decode-0", d.router_id))]
+        assert d.sent == [("decode-0", m.Registered("decode-0", d.router_id, d.uplink_port))]
         d.sent.clear()
         yield d
     finally:

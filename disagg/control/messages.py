@@ -24,7 +24,11 @@ A decode node sends one ``StepTokens`` per engine step, holding a ``Tokens``
 per request that got tokens (or ended) in that step: one frame, one receive
 and one wakeup on the router per step instead of one per request.
 
-Node life: ``Register`` → ``Registered``; ``Heartbeat`` every
+Node life: ``Register`` → ``Registered``; then, when the router has an uplink
+listener, the node opens its uplink (``UplinkHello`` on it, ``UplinkSwitch`` on
+the control socket) and sends everything but ``Register`` and heartbeats there
+(``router.uplinks``: a plain TCP stream, one kernel hop where ZeroMQ takes its
+I/O threads' two); ``Heartbeat`` every
 ``heartbeat_s``; a router that does not know a heartbeating node answers
 ``RegisterAgain`` (it restarted, or dropped the node as dead). On SIGTERM a
 node sends ``Drain``, finishes its requests, then ``Deregister`` and exits.
@@ -102,10 +106,30 @@ class Registered(ControlMessage):
     ``router_id``: this router process's instance id (new on every start). A node
     that sees it change was registered with a router that is gone: it aborts every
     request it holds (that router's), so no blocks or pins are left behind.
+    ``uplink_port``: the TCP port of the router's uplink listener, on the host the
+    node reached the control socket at (0: none; added later, so with a default).
     """
 
     node_id: str
     router_id: str = ""
+    uplink_port: int = 0
+
+
+class UplinkHello(ControlMessage):
+    """Node → router, the first frame on a new uplink (``router.uplinks``): whose
+    connection it is (``pid`` tells a restarted node's uplink from its old one's)."""
+
+    node_id: str
+    pid: int
+
+
+class UplinkSwitch(ControlMessage):
+    """Node → router on the control socket: the last message there before the node's
+    messages move to the uplink it opened (``pid``). The router handles what that
+    uplink brings only after this, so messages sent before the switch come first."""
+
+    node_id: str
+    pid: int
 
 
 class Refused(ControlMessage):
@@ -280,7 +304,8 @@ DRAINING = "the node is draining"
 
 MESSAGES = {cls.__name__: cls for cls in (
     Register, Registered, Refused, RegisterAgain, Heartbeat, Generate, KVTarget, Prefill, FirstToken,
-    KVSent, Tokens, StepTokens, Fallback, Abort, Drain, Deregister, Rejected)}
+    KVSent, Tokens, StepTokens, Fallback, Abort, Drain, Deregister, Rejected, UplinkHello,
+    UplinkSwitch)}
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[tuple(MESSAGES.values())])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import threading
 import time
@@ -33,6 +34,9 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import zmq
+
+from disagg.control import messages as m
+from disagg.node.uplink import Uplink, UplinkClosed
 
 log = logging.getLogger("disagg.node")
 
@@ -98,7 +102,8 @@ def resolve(entry: RouterEntry) -> list[str]:
 
 
 class RouterLink:
-    """One router: a control DEALER (identity = the node id) and what it said.
+    """One router: a control DEALER (identity = the node id), the uplink once open
+    (:mod:`disagg.node.uplink`), and what the router said.
 
     ``registered``: it answered the latest Register. ``router_id``: its process id
     (from ``Registered``; "" before). ``register_sent_at``: when Register last left.
@@ -113,6 +118,8 @@ class RouterLink:
         self.registered = False
         self.router_id = ""
         self.register_sent_at = 0.0
+        self.uplink: Uplink | None = None
+        self._no_uplink: tuple[str, int] | None = None    # (router id, port) that failed
 
     @property
     def tag(self) -> str:
@@ -120,15 +127,57 @@ class RouterLink:
         return self.router_id[:TAG_LEN]
 
     def send(self, frame: bytes) -> bool:
-        """Queue ``frame`` (never blocks); False when the queue to the router is full."""
+        """Send ``frame`` on the uplink when one is open, else queue it on the control
+        socket (never blocks); False when the way to the router is full."""
+        if self.uplink is not None and not self.uplink.broken:
+            try:
+                return self.uplink.send(frame)
+            except UplinkClosed as exc:
+                log.warning("%s; sending on the control socket", exc)
+        return self.send_control(frame)
+
+    def send_control(self, frame: bytes) -> bool:
+        """Queue ``frame`` on the control socket (never blocks); False when it is full."""
         try:
             self.sock.send(frame, zmq.NOBLOCK)
             return True
         except zmq.Again:
             return False
 
+    def open_uplink(self, port: int, node_id: str) -> bool:
+        """Open the uplink the router offered on ``port`` (its host is the control
+        address's) and switch to it; False (staying on the control socket) for an
+        ``ipc://`` router, or when it cannot connect (not tried again for that router
+        process and port)."""
+        if self.uplink is not None or not port or not self.address.startswith("tcp://"):
+            return False
+        if self._no_uplink == (self.router_id, port):
+            return False
+        host = urlsplit(self.address).hostname
+        try:
+            self.uplink = Uplink(host, port, node_id, os.getpid())
+        except OSError as exc:
+            self._no_uplink = (self.router_id, port)
+            log.warning("router %s: cannot open its uplink at port %d (%s); sending on the "
+                        "control socket", self.address, port, exc)
+            return False
+        self.send_control(m.encode(m.UplinkSwitch(node_id, os.getpid())))
+        log.info("router %s: uplink open (port %d)", self.address, port)
+        return True
+
+    def close_uplink(self) -> None:
+        """Close the uplink (its descriptor out of any poller first); later messages
+        take the control socket."""
+        if self.uplink is not None:
+            self.uplink.close()
+            self.uplink = None
+
     def close(self, linger_ms: int = 0) -> None:
-        """Close the socket, waiting up to ``linger_ms`` for queued messages to leave."""
+        """Close the uplink and the socket, waiting up to ``linger_ms`` for queued
+        messages to leave."""
+        if self.uplink is not None:
+            self.uplink.close(linger_ms)
+            self.uplink = None
         self.sock.close(linger_ms)
 
 

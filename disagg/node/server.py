@@ -1,7 +1,9 @@
 """The node process loop, the same for both roles.
 
 One thread, one engine, one DEALER socket per router (``router_links``: ``--router``
-may name several routers, or a DNS name standing for all of them)::
+may name several routers, or a DNS name standing for all of them) and, once
+registered, an uplink to each router that offers one, which carries everything the
+node sends but ``Register`` and heartbeats (``disagg.node.uplink``)::
 
     loop:  poll the routers' control sockets (no wait while the engine has work)
            → role handler: each message   (Generate / Prefill / FirstToken / Abort …)
@@ -52,6 +54,7 @@ from disagg.engine.model_runner import kv_block_bytes
 from disagg.engine.outputs import KVTransferEvent, RequestOutput
 from disagg.node.observability import LoopWatch, NodeMetrics
 from disagg.node.router_links import RouterLink, RouterLinks
+from disagg.node.uplink import UplinkClosed
 
 log = logging.getLogger("disagg.node")
 
@@ -175,13 +178,15 @@ class NodeServer:
 
     def _send_register(self, link: RouterLink) -> None:
         link.register_sent_at = time.monotonic()
-        link.send(m.encode(self._register))
+        link.send_control(m.encode(self._register))    # never the uplink: router.connections
 
     def _sync_links(self, poller: zmq.Poller) -> None:
         """Apply the latest router lookup: register with new routers, forget gone ones."""
         opened, removed = self.links.sync()
         for link in removed:
             poller.unregister(link.sock)
+            if link.uplink is not None:
+                poller.unregister(link.uplink.fd)
             self._abort_owned(link, link.router_id, f"router {link.address} is gone")
             link.close()
         for link in opened:
@@ -208,6 +213,7 @@ class NodeServer:
                         self._end_drain(deadline)
                         break
                 self._sync_links(poller)
+                self._flush_uplinks()
                 moved = bool(self._deferred)
                 self._handle_deferred()
                 ready = dict(poller.poll(0 if self.engine.has_unfinished() else 50))
@@ -268,10 +274,37 @@ class NodeServer:
         if aborted or match is None:
             log.warning("%s: aborted the %d request(s) it sent here", why, len(aborted))
 
+    def _flush_uplinks(self) -> None:
+        """Push on what waits on the uplinks; close the ones that broke."""
+        for link in list(self.links.links.values()):
+            uplink = link.uplink
+            if uplink is None:
+                continue
+            if uplink.pending and not uplink.broken:
+                try:
+                    uplink.flush()
+                except UplinkClosed as exc:
+                    log.warning("%s", exc)
+            if uplink.broken:
+                self._drop_uplink(link)
+
+    def _drop_uplink(self, link: RouterLink) -> None:
+        """Close ``link``'s uplink; its messages take the control socket again (the
+        router, which counts the uplink's end as the node's, asks it to register)."""
+        self._poller.unregister(link.uplink.fd)
+        link.close_uplink()
+
     def _received(self, ready: dict):
         """``(link, message)`` for every message waiting on the links ``ready`` (a
-        poll's result) names, decoded (malformed ones dropped)."""
+        poll's result) names, decoded (malformed ones dropped); an uplink that turned
+        readable ended, and is closed."""
         for link in list(self.links.links.values()):
+            if link.uplink is not None and link.uplink.fd in ready:
+                try:
+                    link.uplink.check()
+                except UplinkClosed as exc:
+                    log.warning("%s; sending on the control socket", exc)
+                    self._drop_uplink(link)
             while link.sock in ready:
                 try:
                     frame = link.sock.recv(zmq.NOBLOCK)
@@ -323,7 +356,11 @@ class NodeServer:
                 if self.draining:                  # a new router: tell it too
                     link.send(m.encode(m.Drain(self.node_id)))
             link.registered = True
+            if link.uplink is not None and msg.router_id != link.router_id:
+                self._drop_uplink(link)            # it led to the router's previous process
             self._router_changed(link, msg.router_id)
+            if link.open_uplink(msg.uplink_port, self.node_id):
+                self._poller.register(link.uplink.fd, zmq.POLLIN)
         elif self.draining and isinstance(msg, (m.Generate, m.Prefill)):
             log.info("refused %s: draining (the router routes it elsewhere)", msg.rid)
             self.send(m.Rejected(msg.rid, m.DRAINING))

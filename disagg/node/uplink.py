@@ -1,0 +1,123 @@
+"""A node's uplink to one router: the TCP connection its messages take once registered.
+
+The router's side, and why, are in :mod:`router.uplinks`. Here the node's loop
+thread writes each frame (:mod:`disagg.control.framing`) straight into the
+kernel: the socket is non-blocking, and what the kernel does not take at once
+waits in a buffer that every later send and :meth:`Uplink.flush` push on, so
+a router that reads slowly never stalls the engine loop. Past
+``MAX_BUFFERED_BYTES`` waiting, a send is refused (the caller logs the drop),
+as the control socket refuses a send past its high-water mark. The router
+never writes to an uplink: the socket turning readable means it ended. A
+failed write or read marks the uplink ``broken``; its owner closes it (after
+taking its descriptor out of any poller).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from disagg.control import messages as m
+from disagg.control.framing import framed
+
+log = logging.getLogger("disagg.node")
+
+MAX_BUFFERED_BYTES = 64 << 20
+CONNECT_TIMEOUT_S = 2.0
+
+
+class UplinkClosed(ConnectionError):
+    """The uplink ended (the router closed it or the connection broke)."""
+
+
+class Uplink:
+    """One open uplink (``host``, ``port``), introduced with ``UplinkHello``.
+
+    Raises ``OSError`` when it cannot connect. Use from one thread (the node's loop).
+    """
+
+    def __init__(self, host: str, port: int, node_id: str, pid: int) -> None:
+        self.host, self.port = host, port
+        self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
+        #: the socket's descriptor (poll it for reading: readable = ended)
+        self.fd: int = self.sock.fileno()
+        self._out = bytearray()
+        self.broken = False         # set on a failed write or read; the owner closes it
+        self.closed = False
+        try:
+            self.send(m.encode(m.UplinkHello(node_id, pid)))
+        except UplinkClosed:
+            self.sock.close()
+            raise
+
+    @property
+    def pending(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
+        return len(self._out)
+
+    def send(self, frame: bytes) -> bool:
+        """Write ``frame`` (never blocks); False when too much already waits. Raises
+        :class:`UplinkClosed` when the connection broke."""
+        if self.broken or self.closed:
+            raise UplinkClosed(f"the uplink to {self.host}:{self.port} is closed")
+        data = framed(frame)
+        if self._out:
+            if len(self._out) + len(data) > MAX_BUFFERED_BYTES:
+                return False
+            self._out += data
+            self.flush()
+            return True
+        sent = self._write(data)
+        if sent < len(data):
+            self._out += memoryview(data)[sent:]
+        return True
+
+    def flush(self) -> None:
+        """Push on what waits (no-op when nothing does); :class:`UplinkClosed` if broken."""
+        if self._out:
+            del self._out[:self._write(self._out)]
+
+    def _write(self, data) -> int:
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self.broken = True
+            raise UplinkClosed(f"the uplink to {self.host}:{self.port} broke: {exc}") from None
+
+    def check(self) -> None:
+        """The socket polled readable: raises :class:`UplinkClosed` (the router sends
+        nothing here, so that is its end, or bytes that do not belong)."""
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            data, why = b"", str(exc)
+        else:
+            why = "the router closed it" if not data else f"unexpected bytes {data[:40]!r}"
+        self.broken = True
+        raise UplinkClosed(f"the uplink to {self.host}:{self.port} ended: {why}")
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close, first waiting up to ``linger_ms`` for what waits to leave (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.broken:
+            self._out.clear()
+        deadline = time.monotonic() + linger_ms / 1000
+        try:
+            while self._out and time.monotonic() < deadline:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                del self._out[:self.sock.send(self._out)]
+        except OSError:
+            pass
+        if self._out:
+            log.warning("closed the uplink to %s:%d with %d byte(s) unsent", self.host,
+                        self.port, len(self._out))
+        self.sock.close()

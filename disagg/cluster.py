@@ -110,6 +110,7 @@ class LocalCluster:
     http_url: str = ""                              # the (shared) HTTP port
     router_urls: list = field(default_factory=list)       # each worker's own HTTP listener
     router_controls: list = field(default_factory=list)   # each worker's control address
+    router_uplink_ports: list = field(default_factory=list)   # each worker's uplink port
     _counts: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     _nodes: dict = field(default_factory=dict)      # node name → (role, tp)
     _tmp: tempfile.TemporaryDirectory | None = None
@@ -139,6 +140,7 @@ class LocalCluster:
             port = self._http_port()              # the first's, shared by the others
             self.router_urls.append(info["own_http"])
             self.router_controls.append(info["control"])
+            self.router_uplink_ports.append(info["uplink_port"])
         for _ in range(c.num_prefill):
             self.start_node("prefill", c.prefill_tp, wait=False)
         for _ in range(c.num_decode):
@@ -166,7 +168,7 @@ class LocalCluster:
     def _start_router(self, worker: int, control_address: str, port: int,
                       deadline: float) -> dict:
         """Spawn router worker ``worker`` on ``control_address`` and HTTP ``port``; wait for
-        its ready file and return it (``http``, ``own_http``, ``control``)."""
+        its ready file and return it (``http``, ``own_http``, ``control``, ``uplink_port``)."""
         c = self.config
         name = self.router_name(worker)
         ready = Path(self._tmp.name) / f"{name}-{time.monotonic_ns()}.json"
@@ -201,6 +203,7 @@ class LocalCluster:
         deadline = time.monotonic() + self.config.startup_timeout_s
         info = self._start_router(0, self.control_address, self._http_port(), deadline)
         self.router_urls[0] = info["own_http"]
+        self.router_uplink_ports[0] = info["uplink_port"]
         if wait_nodes:
             alive = [r for n, (r, _) in self._nodes.items()
                      if n in self.procs and self.procs[n].poll() is None]

@@ -41,6 +41,7 @@ from disagg.control.framing import FrameReader
 log = logging.getLogger("disagg.router")
 
 NOT_ON_UPLINK = (m.Register, m.UplinkHello, m.UplinkSwitch)    # control socket only
+MAX_HELD_BYTES = 64 << 20   # an uplink whose switch never comes is cut past this much held
 
 
 class _Uplink(asyncio.Protocol):
@@ -54,6 +55,7 @@ class _Uplink(asyncio.Protocol):
         self.pid = 0
         self.released = False                # its UplinkSwitch was handled
         self.held: list[tuple[object, bytes]] = []
+        self.held_bytes = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -86,6 +88,12 @@ class _Uplink(asyncio.Protocol):
                 self.owner.handle(self.node_id, msg, frame)
             else:
                 self.held.append((msg, frame))
+                self.held_bytes += len(frame)
+                if self.held_bytes > MAX_HELD_BYTES:
+                    log.error("closed the uplink of %s: %d bytes held and no UplinkSwitch "
+                              "for it", self.node_id, self.held_bytes)
+                    self.transport.close()
+                    return
 
     def connection_lost(self, exc) -> None:
         self.owner.ended(self)
@@ -145,7 +153,7 @@ class Uplinks:
 
     def _release(self, uplink: _Uplink) -> None:
         uplink.released = True
-        held, uplink.held = uplink.held, []
+        held, uplink.held, uplink.held_bytes = uplink.held, [], 0
         for msg, frame in held:
             self.handle(uplink.node_id, msg, frame)
 

@@ -23,6 +23,7 @@ def test_flags_and_their_checks():
     assert (a.model, a.kv_cache_memory, a.concurrency, a.max_tokens) == \
         ("default", "64MiB", "1,32", 16)
     assert a.client == "stamped" and _args("--client", "httpx").client == "httpx"
+    assert a.uplinks == "on" and _args("--uplinks", "off").uplinks == "off"
     with pytest.raises(SystemExit):
         _args("--client", "aiohttp")
     sub = build_parser().parse_args(["bench", "router", "--concurrency", "2", "--json"])
@@ -42,8 +43,11 @@ def _finite_positive(d: dict, keys: tuple[str, ...]) -> None:
 
 @needs_smollm2
 def test_tiny_run_reports_every_level():
+    # without uplinks: the tokens come on the node's control socket, a path every other
+    # serving test (uplinks by default) leaves out
     out = run_router_bench(_args("--concurrency", "1,4", "--requests", "2", "--max-tokens", "4",
-                                 "--warmup", "1", "--health-probes", "10"))
+                                 "--warmup", "1", "--health-probes", "10", "--uplinks", "off"))
+    assert out["uplinks"] is False and "--uplinks off" in out["command"]
     assert out["policy"] == "local" and "decode node" in out["path"]
     assert out["target_p50_ms"] == TARGET_P50_MS and out["device"].startswith("cpu, ")
     assert out["command"].startswith("disagg bench router ")

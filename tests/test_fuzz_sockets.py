@@ -1,6 +1,6 @@
 """Fuzzing the sockets: 100,000 hostile frames (seeded, ``fuzz_frames``) at the router's
-control socket, at nodes' control sockets and at KV receivers, then good traffic: nothing
-crashed, the good traffic is exact, nothing is left held.
+control socket and uplink port, at nodes' control sockets and at KV receivers, then good
+traffic: nothing crashed, the good traffic is exact, nothing is left held.
 
 ``DISAGG_FUZZ_FRAMES`` (default 100000) and ``DISAGG_FUZZ_SEED`` (default 1) replay or
 scale a run; a failure prints its seed.
@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -26,6 +27,7 @@ import zmq
 
 from conftest import hf_greedy, needs_smollm2, random_prompts
 from disagg.cluster import ClusterConfig, LocalCluster
+from disagg.control import framing
 from disagg.control import messages as m
 from disagg.sampling_params import SamplingParams
 from fake_router import FakeRouter, finished, idle, start_node, tokens_of
@@ -279,6 +281,39 @@ NODE_GAUGES = ("disagg_queue_depth", "disagg_kv_usage_ratio", "disagg_node_reque
                "disagg_node_kv_blocks_used", "disagg_node_pinned_requests", "disagg_node_kv_sends")
 
 
+class UplinkPeer:
+    """A fuzzing peer on the router's uplink port: each connection it opens begins with
+    ``hello`` (None: with whatever it sends first, which the router cuts), and ``on_open``
+    runs after (to send the matching ``UplinkSwitch``). Reconnects when the router cut it."""
+
+    def __init__(self, port: int, hello: bytes | None = None, on_open=lambda: None) -> None:
+        self.port, self.hello, self.on_open = port, hello, on_open
+        self.sock: socket.socket | None = None
+        self.opened = 0
+
+    def send(self, parts: list[bytes], rng: random.Random) -> None:
+        data = b"".join(framing.framed(p) for p in parts if len(p) <= framing.MAX_FRAME_BYTES)
+        if rng.random() < 0.01:
+            data = rng.randbytes(4) + data           # a length that is not one
+        for _ in range(2):
+            if self.sock is None:
+                self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=20)
+                self.opened += 1
+                if self.hello is not None:
+                    self.sock.sendall(framing.framed(self.hello))
+                self.on_open()
+            try:
+                self.sock.sendall(data)
+                return
+            except OSError:                           # cut by the router: open another
+                self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 def _node_gauges(url: str) -> dict:
     """The decode node's load gauges (those this router exports)."""
     return {name: v for (name, labels), v in metrics(url).items()
@@ -326,12 +361,20 @@ def test_router_survives_hostile_control_frames_then_serves_exactly(fuzz_cluster
             s.setsockopt(zmq.IDENTITY, ident)
         s.connect(c.control_address)
         peers.append((ident, s))
+    fz0 = peers[0][1]
+    uplinks = [UplinkPeer(c.router_uplink_ports[0], m.encode(m.UplinkHello("fz-0", 4242)),
+                          lambda: fz0.send(m.encode(m.UplinkSwitch("fz-0", 4242)))),
+               UplinkPeer(c.router_uplink_ports[0])]
     fuzzer = FrameFuzzer(SEED, to_router(["decode-0", "fz-0", "fz-1", "hb:fz-0", "ghost"],
                                          MODEL), "type", list(m.MESSAGES))
     replies: collections.Counter = collections.Counter()
     try:
         for i in range(FRAMES):
-            fuzzer.rng.choice(peers)[1].send_multipart(fuzzer.next())
+            j = fuzzer.rng.randrange(len(peers) + len(uplinks))
+            if j < len(peers):
+                peers[j][1].send_multipart(fuzzer.next())
+            else:
+                uplinks[j - len(peers)].send(fuzzer.next(), fuzzer.rng)
             if i % BATCH == 0:
                 for ident, s in peers:
                     while ident != DEAF and s.poll(0):
@@ -342,9 +385,12 @@ def test_router_survives_hostile_control_frames_then_serves_exactly(fuzz_cluster
         for _, s in peers:
             s.close(0)
         ctx.term()
+        for up in uplinks:
+            up.close()
     grown = router.memory_info().rss - rss
-    print(f"router fuzz: {FRAMES} frames {fuzzer.counts}; answers {dict(replies)}; router RSS "
-          f"{rss / 2**20:.0f} MiB before, +{grown / 2**20:.1f} MiB after")
+    print(f"router fuzz: {FRAMES} frames {fuzzer.counts}; answers {dict(replies)}; uplinks "
+          f"opened {[up.opened for up in uplinks]}; router RSS {rss / 2**20:.0f} MiB before, "
+          f"+{grown / 2**20:.1f} MiB after")
     assert grown < 64 << 20                  # nothing kept per frame (e.g. unsent answers)
 
     # the fuzzers' fake nodes expire; the real node's heartbeats reset its gauges

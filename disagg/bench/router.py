@@ -19,7 +19,8 @@ that stamps a read in the event loop's first callback for the socket, before
 any parsing; ``--client httpx`` reads through httpx, whose per-chunk parsing
 (~0.3-0.4 ms of CPU each on 2 cores) delays every later stream's stamp in the
 same loop turn and so lands in the egress figure. Both sides include what a one-host
-deployment really pays: ZeroMQ hops, msgpack, the router's detokenizing and
+deployment really pays: the node's uplink (``--uplinks off``: its ZeroMQ control
+socket) and the router's ZeroMQ socket for the request, msgpack, the router's detokenizing and
 SSE, uvicorn, loopback TCP, and waiting for CPU. Ingress also includes the
 time a Generate waits in the node's socket for the node's loop to turn (the
 node receives while its model runs, but not while it schedules or samples);
@@ -71,6 +72,9 @@ def add_router_bench_args(p: argparse.ArgumentParser) -> None:
                    help="GET /health round trips for the bare-HTTP baseline")
     p.add_argument("--router-workers", type=int, default=1,
                    help="router processes sharing the HTTP port (disagg serve --router-workers)")
+    p.add_argument("--uplinks", choices=("on", "off"), default="on",
+                   help="on: the node sends its tokens on its uplink (router/uplinks.py); "
+                        "off: on its ZeroMQ control socket (router --uplink-port -1)")
     p.add_argument("--client", choices=("stamped", "httpx"), default="stamped",
                    help="stamped: a lean HTTP/1.1 connection per stream that stamps each read "
                         "on arrival (disagg/bench/stamped_http.py); httpx: the general client, "
@@ -109,7 +113,8 @@ def _command(a: argparse.Namespace) -> str:
                        a.kv_cache_memory, "--concurrency", a.concurrency, "--requests",
                        str(a.requests), "--max-tokens", str(a.max_tokens), "--warmup",
                        str(a.warmup), "--health-probes", str(a.health_probes),
-                       "--router-workers", str(a.router_workers), "--client", a.client]
+                       "--router-workers", str(a.router_workers), "--uplinks", a.uplinks,
+                       "--client", a.client]
                       + (["--json"] if a.json else []))
 
 
@@ -302,6 +307,7 @@ def run_router_bench(a: argparse.Namespace) -> dict:
         model=a.model, num_prefill=0, num_decode=1, policy="local", node_timeout_s=30.0,
         max_inflight=max(256, max(levels) * 2), log_dir=log_dir,
         router_workers=a.router_workers,
+        router_args=() if a.uplinks == "on" else ("--uplink-port", "-1"),
         node_args=("--kv-cache-memory", a.kv_cache_memory)))
     ok = False
     try:
@@ -322,7 +328,8 @@ def run_router_bench(a: argparse.Namespace) -> dict:
     cores = len(usable_cpus())
     return {"benchmark": "router_overhead",
             "path": "HTTP -> router -> decode node (policy local, no prefill node) and back",
-            "policy": "local", "router_workers": a.router_workers, "model": a.model,
+            "policy": "local", "router_workers": a.router_workers,
+            "uplinks": a.uplinks == "on", "model": a.model,
             "max_tokens": a.max_tokens,
             "device": f"cpu, {cores} cores", "command": _command(a),
             "target_p50_ms": TARGET_P50_MS, **measured}

@@ -2,9 +2,10 @@
 
 One ZeroMQ ROUTER socket (bound on ``control_address``) on the HTTP server's
 event loop, and beside it a TCP listener for the nodes' uplinks, which carry
-what a registered node sends (:mod:`router.uplinks`). Every request is an :class:`Inflight` whose events (tokens, the
-end, an error) reach its HTTP handler through an ``asyncio.Queue``; the flows
-and messages are drawn in :mod:`disagg.control.messages`. Failures:
+what a registered node sends (:mod:`router.uplinks`). Every request is an
+:class:`Inflight` whose events (tokens, the end, an error) reach its HTTP
+handler through an ``asyncio.Queue``; the flows and messages are drawn in
+:mod:`disagg.control.messages`. Failures:
 
 - prefill node silent for ``node_timeout_s``, its KV send failed, or it
   refused the request → ``Fallback`` to the decode node (counted by reason);

@@ -166,8 +166,8 @@ class RouterLink:
         return True
 
     def close_uplink(self) -> None:
-        """Close the uplink (its descriptor out of any poller first); later messages
-        take the control socket."""
+        """Close the uplink (the caller takes its descriptor out of any poller first);
+        later messages take the control socket."""
         if self.uplink is not None:
             self.uplink.close()
             self.uplink = None

@@ -89,7 +89,8 @@ class Dispatcher:
             host = urlsplit(self.address).hostname if self.address.startswith("tcp://") \
                 else None
             if host is not None:
-                self.uplinks = Uplinks(host, uplink_port, self.handle, self._uplink_lost)
+                self.uplinks = Uplinks(host, uplink_port, self.handle, self._uplink_hello,
+                                       self._uplink_lost)
             elif uplink_port:
                 raise ValueError(f"an uplink port needs a tcp:// control address, not "
                                  f"{self.address}")
@@ -170,6 +171,10 @@ class Dispatcher:
         if node is not None:
             log.warning("node %s (%s) disconnected; dropped", node_id, node.info.role)
             self.node_lost(node, "disconnected")
+
+    def _uplink_hello(self, node_id: str, pid: int) -> None:
+        """An uplink of ``node_id``'s process ``pid`` said hello: confirm it to the node."""
+        self.send(node_id, m.UplinkReady(node_id, pid))
 
     def _uplink_lost(self, node_id: str, pid: int) -> None:
         """The uplink of ``node_id``'s process ``pid`` ended: lost, if still registered."""

@@ -17,8 +17,12 @@ Opening one, in order::
 
     router ─Registered(uplink_port)─▶ node          (control socket)
     node ═UplinkHello(node, pid)═▶ router            (the new uplink's first frame)
+    router ─UplinkReady(node, pid)─▶ node           (control socket: it reached me)
     node ─UplinkSwitch(node, pid)─▶ router          (the control socket's last message)
     node ═everything else═▶ router                   (the uplink from then on)
+
+A node sends nothing but its hello on an uplink the router has not confirmed, so a
+wrong port (whatever listens there) never swallows its messages.
 
 The router holds what an uplink brings until that uplink's ``UplinkSwitch`` has been
 handled (and with it every message the node sent on the control socket before), so a
@@ -103,15 +107,17 @@ class Uplinks:
     """The router's uplink listener (bound at construction, serving from :meth:`serve`).
 
     ``handle(node_id, msg, frame)`` gets every message, in order, once its uplink is
-    released; ``on_lost(node_id, pid)`` is called when a released uplink ends while
-    the router runs.
+    released; ``on_hello(node_id, pid)`` is called for each uplink's hello (the router
+    answers ``UplinkReady``); ``on_lost(node_id, pid)`` is called when a released uplink
+    ends while the router runs.
     """
 
     def __init__(self, host: str, port: int, handle: Callable[[str, object, bytes], None],
+                 on_hello: Callable[[str, int], None],
                  on_lost: Callable[[str, int], None]) -> None:
         if not 0 <= port < 65536:
             raise ValueError(f"the uplink port must be in [0, 65535], got {port}")
-        self.handle, self.on_lost = handle, on_lost
+        self.handle, self.on_hello, self.on_lost = handle, on_hello, on_lost
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.create_server((host, port), family=family, backlog=128)
         self.sock.setblocking(False)
@@ -142,6 +148,7 @@ class Uplinks:
         if self._switched.get(msg.node_id) == msg.pid:
             del self._switched[msg.node_id]
             self._release(uplink)
+        self.on_hello(msg.node_id, msg.pid)
 
     def switch(self, node_id: str, pid: int) -> None:
         """``UplinkSwitch`` handled: what ``node_id``'s uplink of ``pid`` brought is next."""

@@ -23,7 +23,7 @@ from transport.messages import Hello, KVBlocks
 #: request ids: the router's own ("r0"...), a pool that repeats (duplicates), and random
 RIDS = tuple(f"r{i}" for i in range(8)) + tuple(f"fz{i}" for i in range(40))
 ROUTER_SENDS = ("Registered", "Refused", "RegisterAgain", "Generate", "Prefill", "FirstToken",
-                "Fallback", "Abort")
+                "Fallback", "Abort", "UplinkReady")
 NODE_SENDS = ("Register", "Heartbeat", "KVTarget", "FirstToken", "KVSent", "Tokens",
               "StepTokens", "Rejected", "Drain", "Deregister", "UplinkSwitch")
 BAD_ENDPOINTS = ("garbage", "tcp://127.0.0.1:1", "tcp://127.0.0.1", "ipc://", "inproc://x",
@@ -162,6 +162,8 @@ def to_node_message(h: Hostile, kind: str, node_ids: Sequence[str], vocab: int, 
                             h.one_of(lambda: "fuzz-router", h.str))
     if kind == "RegisterAgain":
         return m.RegisterAgain(r.choice(node_ids) if r.random() < 0.8 else h.str())
+    if kind == "UplinkReady":
+        return m.UplinkReady(r.choice(node_ids) if r.random() < 0.8 else h.str(), h.int())
     return m.Refused(h.str(), h.str())
 
 

@@ -21,6 +21,7 @@ SAMPLES = [
     m.Registered("d0", "router-7f3a"),
     m.Registered("d0", "router-7f3a", 41234),
     m.UplinkHello("d0", 1234),
+    m.UplinkReady("d0", 1234),
     m.UplinkSwitch("d0", 1234),
     m.Refused("d0", "model mismatch"),
     m.RegisterAgain("d0"),
@@ -163,7 +164,8 @@ ACCEPTS = {"str": {"str"}, "int": {"int"}, "float": {"int", "float"}, "bool": {"
            "dict[str, int | float]": {"dict"}, "str | None": {"str", "None"},
            "float | None": {"int", "float", "None"},
            "list[list | None] | None": {"lists", "steps", "empty", "None"},
-           "list[disagg.control.messages.Tokens]": {"empty"}}
+           "list[disagg.control.messages.Tokens]": {"empty"},
+           "typing.Annotated[int, msgspec.Meta(ge=0, le=65535)]": {"int"}}
 
 
 def type_name(t) -> str:
@@ -185,6 +187,13 @@ def test_wrong_field_types(msg):
             else:
                 with pytest.raises(ControlError, match=rf"at `\$\.{f.name}[`\[]"):
                     decode(frame(type=name, **data))
+
+
+def test_an_uplink_port_outside_the_port_range_is_refused():
+    for port in (-1, 65536, 2**63):
+        with pytest.raises(ControlError, match="uplink_port"):
+            decode(frame(type="Registered", node_id="d0", router_id="r", uplink_port=port))
+    assert decode(frame(type="Registered", node_id="d0", uplink_port=65535)).uplink_port == 65535
 
 
 def test_named_wrong_types():

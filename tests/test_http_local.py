@@ -1,7 +1,10 @@
 """Forced-local prefill over HTTP: router (policy "local") + prefill node + decode node;
-outputs match transformers and /metrics shows every request took the local route."""
+outputs match transformers and /metrics shows every request took the local route; both
+nodes switched to their uplinks (router/uplinks.py) on the way."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +32,6 @@ def test_forced_local_is_token_identical_and_counted(cluster, smollm2_dir):
     assert metric(url, "disagg_route_decisions_total", policy="local", route="local",
                   reason="always_local") == len(prompts)
     assert metric(url, "disagg_kv_transfer_bytes_total") == 0
+    logs = Path(cluster.config.log_dir)
+    for node in ("prefill-0", "decode-0"):
+        assert "uplink open" in (logs / f"{node}.log").read_text(errors="replace"), node

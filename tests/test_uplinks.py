@@ -1,13 +1,15 @@
 """Node uplinks: the TCP connection a registered node's messages take to its router.
 
 - framing: frames survive any split of the stream; an oversized length is refused;
-- the router (a real :class:`Dispatcher` on a running loop, its real listener): what an
+- the router (a real :class:`Dispatcher` on a running loop, its real listener): each
+  hello is answered ``UplinkReady``; what an
   uplink brings waits for that uplink's ``UplinkSwitch``, whichever comes first; an
   uplink that ends counts as its node's connection ending, unless a newer one replaced
   it or the node restarted; a stream that does not begin with ``UplinkHello`` is cut;
 - the node (a real :class:`NodeServer` on a tiny engine, a scripted control socket and
   a plain listening socket as the router): it opens the offered uplink, says
-  ``UplinkHello`` there and ``UplinkSwitch`` on the control socket, sends its tokens on
+  ``UplinkHello`` there, sends nothing on it until the router's ``UplinkReady`` (a wrong
+  port swallows nothing), then ``UplinkSwitch`` on the control socket; sends its tokens on
   the uplink, goes back to the control socket when the uplink ends, and opens a new one
   for a new router process;
 - the node's writer never blocks: what the kernel does not take waits, and past the
@@ -88,6 +90,7 @@ def test_the_router_holds_an_uplink_until_its_switch():
         node = d.registry.nodes["d0"]
         _, w = await _uplink(d, m.UplinkHello("d0", 10), m.Drain("d0"))
         await _until(lambda: d.uplinks.connected() == {"d0": 10})
+        assert d.sent[-1] == ("d0", m.UplinkReady("d0", 10))
         await asyncio.sleep(0.2)
         assert not node.draining              # held: the switch has not been handled
         d.handlers.handle("d0", m.UplinkSwitch("d0", 10), b"")
@@ -187,6 +190,11 @@ def test_the_node_sends_on_its_uplink_and_falls_back_when_it_ends(tiny_llama):
             router.send(m.Registered("decode-0", "router-a", listener.port))
             conn, reader = listener.accept()
             assert isinstance(m.decode(_read_first(conn, reader)), m.UplinkHello)
+            # unconfirmed: its tokens still take the control socket
+            router.send(m.Generate("pre", [5, 6, 7], {**LONG, "max_tokens": 2}, False))
+            router.recv(m.StepTokens, where=_finished("pre"))
+            router.send(m.UplinkReady("decode-0", os.getpid() + 1))     # not this process's
+            router.send(m.UplinkReady("decode-0", os.getpid()))
             switch = router.recv(m.UplinkSwitch)
             assert switch == m.UplinkSwitch("decode-0", os.getpid())
             router.send(m.Generate("a", [5, 6, 7, 8, 9], {**LONG, "max_tokens": 4}, False))
@@ -211,6 +219,7 @@ def test_the_node_sends_on_its_uplink_and_falls_back_when_it_ends(tiny_llama):
             conn2, reader2 = listener.accept()
             hello = m.decode(_read_first(conn2, reader2))
             assert hello == m.UplinkHello("decode-0", os.getpid())
+            router.send(m.UplinkReady("decode-0", os.getpid()))
             router.recv(m.UplinkSwitch)
             router.send(m.Generate("c", [5, 6, 7], {**LONG, "max_tokens": 2}, False))
             _read_until(conn2, reader2, m.StepTokens, _finished("c"))

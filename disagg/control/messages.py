@@ -25,8 +25,9 @@ per request that got tokens (or ended) in that step: one frame, one receive
 and one wakeup on the router per step instead of one per request.
 
 Node life: ``Register`` → ``Registered``; then, when the router has an uplink
-listener, the node opens its uplink (``UplinkHello`` on it, ``UplinkSwitch`` on
-the control socket) and sends everything but ``Register`` and heartbeats there
+listener, the node opens its uplink (``UplinkHello`` on it; the router answers
+``UplinkReady``; ``UplinkSwitch`` on the control socket) and sends everything but
+``Register`` and heartbeats there
 (``router.uplinks``: a plain TCP stream, one kernel hop where ZeroMQ takes its
 I/O threads' two); ``Heartbeat`` every
 ``heartbeat_s``; a router that does not know a heartbeating node answers
@@ -38,7 +39,7 @@ processes of one host only, used for latency accounting.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import msgspec
 
@@ -112,12 +113,20 @@ class Registered(ControlMessage):
 
     node_id: str
     router_id: str = ""
-    uplink_port: int = 0
+    uplink_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
 
 class UplinkHello(ControlMessage):
     """Node → router, the first frame on a new uplink (``router.uplinks``): whose
     connection it is (``pid`` tells a restarted node's uplink from its old one's)."""
+
+    node_id: str
+    pid: int
+
+
+class UplinkReady(ControlMessage):
+    """Router → node: the ``UplinkHello`` of the node's process ``pid`` arrived; the node
+    may switch to that uplink (it never sends on one the router has not confirmed)."""
 
     node_id: str
     pid: int
@@ -305,7 +314,7 @@ DRAINING = "the node is draining"
 MESSAGES = {cls.__name__: cls for cls in (
     Register, Registered, Refused, RegisterAgain, Heartbeat, Generate, KVTarget, Prefill, FirstToken,
     KVSent, Tokens, StepTokens, Fallback, Abort, Drain, Deregister, Rejected, UplinkHello,
-    UplinkSwitch)}
+    UplinkReady, UplinkSwitch)}
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[tuple(MESSAGES.values())])

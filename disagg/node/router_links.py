@@ -129,7 +129,7 @@ class RouterLink:
     def send(self, frame: bytes) -> bool:
         """Send ``frame`` on the uplink when one is open, else queue it on the control
         socket (never blocks); False when the way to the router is full."""
-        if self.uplink is not None and not self.uplink.broken:
+        if self.uplink is not None and self.uplink.ready and not self.uplink.broken:
             try:
                 return self.uplink.send(frame)
             except UplinkClosed as exc:
@@ -146,10 +146,12 @@ class RouterLink:
 
     def open_uplink(self, port: int, node_id: str) -> bool:
         """Open the uplink the router offered on ``port`` (its host is the control
-        address's) and switch to it; False (staying on the control socket) for an
-        ``ipc://`` router, or when it cannot connect (not tried again for that router
-        process and port)."""
-        if self.uplink is not None or not port or not self.address.startswith("tcp://"):
+        address's) and say hello on it; messages take it once the router confirmed
+        (:meth:`confirm_uplink`). False (staying on the control socket) for an ``ipc://``
+        router, or when it cannot connect (not tried again for that router process and
+        port)."""
+        if self.uplink is not None or not 0 < port < 65536 \
+                or not self.address.startswith("tcp://"):
             return False
         if self._no_uplink == (self.router_id, port):
             return False
@@ -161,9 +163,17 @@ class RouterLink:
             log.warning("router %s: cannot open its uplink at port %d (%s); sending on the "
                         "control socket", self.address, port, exc)
             return False
-        self.send_control(m.encode(m.UplinkSwitch(node_id, os.getpid())))
-        log.info("router %s: uplink open (port %d)", self.address, port)
         return True
+
+    def confirm_uplink(self, node_id: str, pid: int) -> None:
+        """The router got this process's hello (``UplinkReady``): say ``UplinkSwitch`` as
+        the control socket's last message and send on the uplink from now on."""
+        if self.uplink is None or self.uplink.ready or self.uplink.broken \
+                or pid != os.getpid():
+            return
+        self.send_control(m.encode(m.UplinkSwitch(node_id, pid)))
+        self.uplink.ready = True
+        log.info("router %s: uplink open (port %d)", self.address, self.uplink.port)
 
     def close_uplink(self) -> None:
         """Close the uplink (the caller takes its descriptor out of any poller first);

@@ -364,6 +364,8 @@ class NodeServer:
         elif self.draining and isinstance(msg, (m.Generate, m.Prefill)):
             log.info("refused %s: draining (the router routes it elsewhere)", msg.rid)
             self.send(m.Rejected(msg.rid, m.DRAINING))
+        elif isinstance(msg, m.UplinkReady):
+            link.confirm_uplink(self.node_id, msg.pid)
         elif isinstance(msg, m.Refused):
             raise RuntimeError(f"the router refused this node: {msg.reason}")
         elif isinstance(msg, m.RegisterAgain):

@@ -45,6 +45,8 @@ class Uplink:
         #: the socket's descriptor (poll it for reading: readable = ended)
         self.fd: int = self.sock.fileno()
         self._out = bytearray()
+        #: the router confirmed the hello (``UplinkReady``): messages may take it
+        self.ready = False
         self.broken = False         # set on a failed write or read; the owner closes it
         self.closed = False
         try:

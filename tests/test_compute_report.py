@@ -67,7 +67,7 @@ def test_a_node_registers_its_compute(tiny_llama):
     engine = LLMEngine(EngineConfig(model=tiny_llama, role="prefill", block_size=4, num_kv_blocks=16))
     server = NodeServer(engine, PrefillHandler, f"tcp://127.0.0.1:{port}", "prefill-0", "m")
     try:
-        server._sync_links(zmq.Poller())          # opens the link and sends Register
+        server._sync_links()                      # opens the link and sends Register
         assert router.poll(10_000)
         _, frame = router.recv_multipart()
         reg = m.decode(frame)

@@ -20,8 +20,8 @@ any parsing; ``--client httpx`` reads through httpx, whose per-chunk parsing
 (~0.3-0.4 ms of CPU each on 2 cores) delays every later stream's stamp in the
 same loop turn and so lands in the egress figure. Both sides include what a one-host
 deployment really pays: the node's uplink (``--uplinks off``: its ZeroMQ control
-socket) and the router's ZeroMQ socket for the request, msgpack, the router's detokenizing and
-SSE, uvicorn, loopback TCP, and waiting for CPU. Ingress also includes the
+socket) and the router's ZeroMQ socket for the request, msgpack, the router's
+detokenizing and SSE, uvicorn, loopback TCP, and waiting for CPU. Ingress also includes the
 time a Generate waits in the node's socket for the node's loop to turn (the
 node receives while its model runs, but not while it schedules or samples);
 ``node_step_ms`` (the gap between a request's consecutive token sends on the

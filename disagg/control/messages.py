@@ -27,9 +27,8 @@ and one wakeup on the router per step instead of one per request.
 Node life: ``Register`` → ``Registered``; then, when the router has an uplink
 listener, the node opens its uplink (``UplinkHello`` on it; the router answers
 ``UplinkReady``; ``UplinkSwitch`` on the control socket) and sends everything but
-``Register`` and heartbeats there
-(``router.uplinks``: a plain TCP stream, one kernel hop where ZeroMQ takes its
-I/O threads' two); ``Heartbeat`` every
+``Register`` and heartbeats there (``router.uplinks``: a plain TCP stream, without
+ZeroMQ's I/O threads in between); ``Heartbeat`` every
 ``heartbeat_s``; a router that does not know a heartbeating node answers
 ``RegisterAgain`` (it restarted, or dropped the node as dead). On SIGTERM a
 node sends ``Drain``, finishes its requests, then ``Deregister`` and exits.

@@ -147,7 +147,8 @@ def run_node(a: argparse.Namespace, role: str) -> int:
     if a.http_port is not None:
         http = NodeHTTPServer(a.http_host, a.http_port, metrics.registry, server.ready,
                               watch.live).start()
-    where = f", KV in at {', '.join(engine.executor.kv_endpoints)}" if engine.executor.kv_endpoints else ""
+    endpoints = engine.executor.kv_endpoints
+    where = f", KV in at {', '.join(endpoints)}" if endpoints else ""
     served = f", HTTP on http://{a.http_host}:{http.port}" if http else ""
     print(f"[{node_id}] ready: {engine.num_blocks} KV blocks, router {a.router}{where}{served}",
           file=sys.stderr, flush=True)

@@ -103,18 +103,21 @@ def resolve(entry: RouterEntry) -> list[str]:
 
 class RouterLink:
     """One router: a control DEALER (identity = the node id), the uplink once open
-    (:mod:`disagg.node.uplink`), and what the router said.
+    (:mod:`disagg.node.uplink`), and what the router said. Both sockets are in
+    ``poller`` (for reading) while open.
 
     ``registered``: it answered the latest Register. ``router_id``: its process id
     (from ``Registered``; "" before). ``register_sent_at``: when Register last left.
     """
 
-    def __init__(self, ctx: zmq.Context, node_id: str, address: str) -> None:
-        self.address = address
+    def __init__(self, ctx: zmq.Context, node_id: str, address: str,
+                 poller: zmq.Poller) -> None:
+        self.address, self.poller = address, poller
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, node_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
+        poller.register(self.sock, zmq.POLLIN)
         self.registered = False
         self.router_id = ""
         self.register_sent_at = 0.0
@@ -163,6 +166,7 @@ class RouterLink:
             log.warning("router %s: cannot open its uplink at port %d (%s); sending on the "
                         "control socket", self.address, port, exc)
             return False
+        self.poller.register(self.uplink.fd, zmq.POLLIN)
         return True
 
     def confirm_uplink(self, node_id: str, pid: int) -> None:
@@ -175,19 +179,43 @@ class RouterLink:
         self.uplink.ready = True
         log.info("router %s: uplink open (port %d)", self.address, self.uplink.port)
 
-    def close_uplink(self) -> None:
-        """Close the uplink (the caller takes its descriptor out of any poller first);
+    def check_uplink(self, ready: dict) -> None:
+        """``ready`` (a poll's result) names the uplink: it ended; close it."""
+        if self.uplink is not None and self.uplink.fd in ready:
+            try:
+                self.uplink.check()
+            except UplinkClosed as exc:
+                log.warning("%s; sending on the control socket", exc)
+                self.close_uplink()
+
+    def flush_uplink(self) -> None:
+        """Push on what waits on the uplink; close it if it broke (later messages take
+        the control socket; the router, which counts its end as the node's, asks the
+        node to register again)."""
+        uplink = self.uplink
+        if uplink is None:
+            return
+        if uplink.pending and not uplink.broken:
+            try:
+                uplink.flush()
+            except UplinkClosed as exc:
+                log.warning("%s", exc)
+        if uplink.broken:
+            self.close_uplink()
+
+    def close_uplink(self, linger_ms: int = 0) -> None:
+        """Close the uplink (waiting up to ``linger_ms`` for what it holds to leave);
         later messages take the control socket."""
         if self.uplink is not None:
-            self.uplink.close()
+            self.poller.unregister(self.uplink.fd)
+            self.uplink.close(linger_ms)
             self.uplink = None
 
     def close(self, linger_ms: int = 0) -> None:
         """Close the uplink and the socket, waiting up to ``linger_ms`` for queued
         messages to leave."""
-        if self.uplink is not None:
-            self.uplink.close(linger_ms)
-            self.uplink = None
+        self.close_uplink(linger_ms)
+        self.poller.unregister(self.sock)
         self.sock.close(linger_ms)
 
 
@@ -195,8 +223,9 @@ class RouterLinks:
     """The node's links, kept equal to what ``--router`` resolves to.
 
     The engine loop owns the links (ZeroMQ sockets belong to one thread): it calls
-    :meth:`sync` each turn, which applies the latest lookup cheaply. Other threads
-    read :meth:`addresses` (the heartbeat thread opens its own socket per address).
+    :meth:`sync` each turn, which applies the latest lookup cheaply, and waits on
+    ``poller``, which holds every link's sockets. Other threads read :meth:`addresses`
+    (the heartbeat thread opens its own socket per address).
     """
 
     def __init__(self, ctx: zmq.Context, node_id: str, spec: str,
@@ -206,6 +235,7 @@ class RouterLinks:
         self.ctx, self.node_id, self.resolve_s = ctx, node_id, resolve_s
         self.entries = parse_routers(spec)
         self.links: dict[str, RouterLink] = {}
+        self.poller = zmq.Poller()
         self._lock = threading.Lock()
         self._wanted: set[str] = set()           # the latest lookup's addresses
         self._seen: dict[str, float] = {}        # address → when a lookup last named it
@@ -252,12 +282,13 @@ class RouterLinks:
     def sync(self) -> tuple[list[RouterLink], list[RouterLink]]:
         """Open links for new addresses and take out links for forgotten ones; returns
         ``(opened, removed)`` (the caller registers the first and cleans up after —
-        and closes — the second)."""
+        and closes — the second, which takes its sockets out of the poller)."""
         with self._lock:
             if self._version == self._applied:
                 return [], []
             self._applied, wanted = self._version, set(self._wanted)
-        opened = [RouterLink(self.ctx, self.node_id, a) for a in sorted(wanted - set(self.links))]
+        opened = [RouterLink(self.ctx, self.node_id, a, self.poller)
+                  for a in sorted(wanted - set(self.links))]
         removed = [self.links.pop(a) for a in sorted(set(self.links) - wanted)]
         for link in opened:
             self.links[link.address] = link

@@ -13,9 +13,9 @@ node sends but ``Register`` and heartbeats (``disagg.node.uplink``)::
              then), anything that may free blocks waits for the step's end, in order
            → role handler: outputs and KV events → messages to the router
 
-    heartbeat thread (own socket per router): Heartbeat every heartbeat_s with the
-    loop's latest load, step timings and KV byte counters — so a node stays "alive"
-    through a long step (a CPU prefill chunk can take seconds)
+    heartbeat thread (``disagg.node.heartbeats``, own socket per router): Heartbeat
+    every heartbeat_s with the loop's latest load, step timings and KV byte counters —
+    so a node stays "alive" through a long step (a CPU prefill chunk can take seconds)
 
 The role (what a message means, what an output becomes) lives in a
 :class:`RoleHandler`: ``prefill_node.handler`` and ``decode_node.handler``.
@@ -52,13 +52,12 @@ from disagg.control import messages as m
 from disagg.engine import LLMEngine
 from disagg.engine.model_runner import kv_block_bytes
 from disagg.engine.outputs import KVTransferEvent, RequestOutput
+from disagg.node.heartbeats import Heartbeats
 from disagg.node.observability import LoopWatch, NodeMetrics
 from disagg.node.router_links import RouterLink, RouterLinks
-from disagg.node.uplink import UplinkClosed
 
 log = logging.getLogger("disagg.node")
 
-MAX_STEP_SAMPLES = 64       # step timings carried by one heartbeat (the newest)
 LEAVE_LINGER_MS = 1000      # how long closing waits for queued messages to reach the router
 
 
@@ -122,9 +121,8 @@ class NodeServer:
         self._deferred: list[tuple[RouterLink, object]] = []   # received during a step
         self._wake_r, self._wake_w = os.pipe()   # the model thread's "step done" signal
         os.set_blocking(self._wake_r, False)
-        self._lock = threading.Lock()        # guards the snapshot the heartbeat thread sends
-        self._steps: list[list] = []
-        self._snapshot = (engine.load(), 0, 0)
+        self.beats = Heartbeats(self.ctx, node_id, heartbeat_s, self.links.addresses,
+                                engine.load())
         cfg = engine.config
         from disagg.cpus import compute_report   # after any --cpus pinning (run_node)
         self._register = m.Register(
@@ -133,7 +131,8 @@ class NodeServer:
             max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size,
             num_kv_blocks=engine.num_blocks, kv_bytes_per_token=kv_bytes_per_token(engine),
             kv_transport=cfg.kv_transfer.kind if cfg.kv_transfer else "none",
-            kv_endpoints=list(engine.executor.kv_endpoints), pid=os.getpid(), host=socket.gethostname(),
+            kv_endpoints=list(engine.executor.kv_endpoints), pid=os.getpid(),
+            host=socket.gethostname(),
             **compute_report(cfg.device, cfg.tensor_parallel_size))
 
     @property
@@ -180,27 +179,21 @@ class NodeServer:
         link.register_sent_at = time.monotonic()
         link.send_control(m.encode(self._register))    # never the uplink: router.connections
 
-    def _sync_links(self, poller: zmq.Poller) -> None:
+    def _sync_links(self) -> None:
         """Apply the latest router lookup: register with new routers, forget gone ones."""
         opened, removed = self.links.sync()
         for link in removed:
-            poller.unregister(link.sock)
-            if link.uplink is not None:
-                poller.unregister(link.uplink.fd)
             self._abort_owned(link, link.router_id, f"router {link.address} is gone")
             link.close()
         for link in opened:
-            poller.register(link.sock, zmq.POLLIN)
             self._send_register(link)
 
     def run(self, stop: threading.Event, drain: threading.Event | None = None) -> None:
         """Serve until ``stop`` is set, or until a drain begun by setting ``drain``
         ended (see the module docstring); either way say ``Deregister`` last."""
-        poller = self._poller = zmq.Poller()
-        self._sync_links(poller)
-        beats = threading.Thread(target=self._heartbeats, args=(stop,), daemon=True,
-                                 name="heartbeat")
-        beats.start()
+        poller = self.links.poller
+        self._sync_links()
+        self.beats.start(stop)
         deadline = None
         try:
             while not stop.is_set():
@@ -212,8 +205,9 @@ class NodeServer:
                     if self.engine.is_idle() or time.monotonic() >= deadline:
                         self._end_drain(deadline)
                         break
-                self._sync_links(poller)
-                self._flush_uplinks()
+                self._sync_links()
+                for link in list(self.links.links.values()):
+                    link.flush_uplink()
                 moved = bool(self._deferred)
                 self._handle_deferred()
                 ready = dict(poller.poll(0 if self.engine.has_unfinished() else 50))
@@ -225,14 +219,14 @@ class NodeServer:
                     moved = True
                 if moved:
                     stats, load = self.engine.kv_stats, self.engine.load()
-                    self._snapshot = (load, stats["bytes_sent"], stats["bytes_received"])
+                    self.beats.update(load, stats["bytes_sent"], stats["bytes_received"])
                     if self.metrics is not None:
                         turns = self.engine.executor.compute_turns
                         self.metrics.update(load, stats, turns.waited_s if turns else 0.0)
         finally:
             self.send(m.Deregister(self.node_id))      # the router recovers what is left
             stop.set()
-            beats.join()
+            self.beats.join()
 
     def _begin_drain(self) -> float:
         """Say ``Drain``; return when the grace period ends."""
@@ -274,37 +268,12 @@ class NodeServer:
         if aborted or match is None:
             log.warning("%s: aborted the %d request(s) it sent here", why, len(aborted))
 
-    def _flush_uplinks(self) -> None:
-        """Push on what waits on the uplinks; close the ones that broke."""
-        for link in list(self.links.links.values()):
-            uplink = link.uplink
-            if uplink is None:
-                continue
-            if uplink.pending and not uplink.broken:
-                try:
-                    uplink.flush()
-                except UplinkClosed as exc:
-                    log.warning("%s", exc)
-            if uplink.broken:
-                self._drop_uplink(link)
-
-    def _drop_uplink(self, link: RouterLink) -> None:
-        """Close ``link``'s uplink; its messages take the control socket again (the
-        router, which counts the uplink's end as the node's, asks it to register)."""
-        self._poller.unregister(link.uplink.fd)
-        link.close_uplink()
-
     def _received(self, ready: dict):
         """``(link, message)`` for every message waiting on the links ``ready`` (a
         poll's result) names, decoded (malformed ones dropped); an uplink that turned
         readable ended, and is closed."""
         for link in list(self.links.links.values()):
-            if link.uplink is not None and link.uplink.fd in ready:
-                try:
-                    link.uplink.check()
-                except UplinkClosed as exc:
-                    log.warning("%s; sending on the control socket", exc)
-                    self._drop_uplink(link)
+            link.check_uplink(ready)
             while link.sock in ready:
                 try:
                     frame = link.sock.recv(zmq.NOBLOCK)
@@ -326,7 +295,7 @@ class NodeServer:
         (and everything after the first kept message, so order holds) for the step's
         end. Returns when the model is done."""
         future.add_done_callback(lambda _: os.write(self._wake_w, b"x"))
-        poller = self._poller
+        poller = self.links.poller
         poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not future.done():
@@ -356,11 +325,10 @@ class NodeServer:
                 if self.draining:                  # a new router: tell it too
                     link.send(m.encode(m.Drain(self.node_id)))
             link.registered = True
-            if link.uplink is not None and msg.router_id != link.router_id:
-                self._drop_uplink(link)            # it led to the router's previous process
+            if msg.router_id != link.router_id:
+                link.close_uplink()                # it led to the router's previous process
             self._router_changed(link, msg.router_id)
-            if link.open_uplink(msg.uplink_port, self.node_id):
-                self._poller.register(link.uplink.fd, zmq.POLLIN)
+            link.open_uplink(msg.uplink_port, self.node_id)
         elif self.draining and isinstance(msg, (m.Generate, m.Prefill)):
             log.info("refused %s: draining (the router routes it elsewhere)", msg.rid)
             self.send(m.Rejected(msg.rid, m.DRAINING))
@@ -392,40 +360,11 @@ class NodeServer:
         if prefill_tokens or decodes:
             if self.metrics is not None:
                 self.metrics.observe_step(seconds, prefill_tokens, decodes)
-            with self._lock:
-                self._steps.append([prefill_tokens, decodes, seconds])
-                del self._steps[:-MAX_STEP_SAMPLES]
+            self.beats.record_step(prefill_tokens, decodes, seconds)
         if outputs:
             self.handler.on_outputs(outputs)
         for event in self.engine.pop_kv_events():
             self.handler.on_kv_event(event)
-
-    def _heartbeats(self, stop: threading.Event) -> None:
-        """Heartbeat thread: its own DEALER (``hb:`` + node id) per router address, the
-        loop's latest snapshot to each."""
-        socks: dict[str, zmq.Socket] = {}
-        try:
-            while not stop.wait(self.heartbeat_s):
-                wanted = set(self.links.addresses())
-                for address in set(socks) - wanted:
-                    socks.pop(address).close(0)
-                for address in sorted(wanted - set(socks)):
-                    sock = socks[address] = self.ctx.socket(zmq.DEALER)
-                    sock.setsockopt(zmq.IDENTITY, f"hb:{self.node_id}".encode())
-                    sock.setsockopt(zmq.LINGER, 0)
-                    sock.connect(address)
-                with self._lock:
-                    steps, self._steps = self._steps, []
-                load, sent, received = self._snapshot
-                frame = m.encode(m.Heartbeat(self.node_id, load, steps, sent, received))
-                for sock in socks.values():
-                    try:
-                        sock.send(frame, zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass                 # that router is away; the next beat will do
-        finally:
-            for sock in socks.values():
-                sock.close(0)
 
     def close(self) -> None:
         """Close the sockets (waiting up to ``LEAVE_LINGER_MS`` for the last messages,

@@ -162,6 +162,10 @@ class LocalCluster:
         """The process names of every router worker, first to last."""
         return [self.router_name(i) for i in range(self.config.router_workers)]
 
+    def router_pids(self) -> list[int]:
+        """The process ids of every router worker, first to last."""
+        return [self.procs[name].pid for name in self.router_names()]
+
     def _http_port(self) -> int:
         return int(self.http_url.rsplit(":", 1)[1])
 

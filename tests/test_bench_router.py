@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from disagg.bench.router import TARGET_P50_MS, add_router_bench_args, run_router_bench
+from disagg.bench.router import (
+    ROUTER_ONLY_TARGET_P50_MS, TARGET_P50_MS, add_router_bench_args, run_router_bench)
 from disagg.cli import build_parser
 from tests.conftest import needs_smollm2
 
@@ -49,6 +50,7 @@ def test_tiny_run_reports_every_level():
                                  "--warmup", "1", "--health-probes", "10", "--uplinks", "off"))
     assert out["uplinks"] is False and "--uplinks off" in out["command"]
     assert out["policy"] == "local" and "decode node" in out["path"]
+    assert out["router_only_target_p50_ms"] == ROUTER_ONLY_TARGET_P50_MS
     assert out["target_p50_ms"] == TARGET_P50_MS and out["device"].startswith("cpu, ")
     assert out["command"].startswith("disagg bench router ")
     assert "--concurrency 1,4" in out["command"] and "--client stamped" in out["command"]
@@ -65,8 +67,13 @@ def test_tiny_run_reports_every_level():
         _finite_positive(row["ttft_ms"], ("p50",))
         _finite_positive(row["node_step_ms"], ("p50",))
         _finite_positive(row, ("wall_s", "egress_router_side_ms_mean"))
+        # CPU clocks tick every 10 ms, so a tiny level may read 0; never seconds per token
+        for key in ("router_cpu_us_per_token", "client_cpu_us_per_token"):
+            assert 0 <= row[key] < 1e6, (key, row[key])
         # milliseconds of one clock: seconds or a mixed-up clock would be orders larger
         assert row["egress_ms"]["p50"] < 1000 and row["router_overhead_ms"]["p99"] < 30_000
         if level == "1":                 # an idle node reads a request at once
             assert row["ingress_ms"]["p50"] < 1000
         assert row["meets_target"] == (row["router_overhead_ms"]["p50"] < TARGET_P50_MS)
+        assert row["router_only_meets_target"] == \
+            (row["router_only_overhead_ms"]["p50"] <= ROUTER_ONLY_TARGET_P50_MS)

@@ -67,11 +67,10 @@ def test_reads_are_stamped_on_arrival_and_the_connection_is_reused():
             runs = []
             for _ in range(2):                          # the second request reuses the socket
                 t0 = time.monotonic()
-                runs.append([(stamp - t0, data) async for stamp, data in
-                             conn.request("POST", "/stream", {"n": 3})])
+                runs.append([(stamp - t0, data) for stamp, data in
+                             await conn.request("POST", "/stream", {"n": 3})])
             first_proto = conn._proto
-            async for _ in conn.request("POST", "/stream", {"n": 1}):
-                pass
+            await conn.request("POST", "/stream", {"n": 1})
             assert conn._proto is first_proto
             return runs
         finally:
@@ -90,10 +89,9 @@ def test_an_error_status_raises_with_its_body():
         conn = Connection("127.0.0.1", port)
         try:
             with pytest.raises(HTTPStatusError) as err:
-                async for _ in conn.request("GET", "/missing"):
-                    pass
+                await conn.request("GET", "/missing")
             # the connection stays usable after a complete error response
-            got = [d async for _, d in conn.request("POST", "/stream", {"n": 1})]
+            got = [d for _, d in await conn.request("POST", "/stream", {"n": 1})]
             return err.value, got
         finally:
             conn.close()
@@ -108,9 +106,8 @@ def test_a_response_cut_short_raises_and_the_next_request_reconnects():
         conn = Connection("127.0.0.1", port)
         try:
             with pytest.raises(ConnectionError, match="ended early"):
-                async for _ in conn.request("GET", "/cut"):
-                    pass
-            return [d async for _, d in conn.request("POST", "/stream", {"n": 1})]
+                await conn.request("GET", "/cut")
+            return [d for _, d in await conn.request("POST", "/stream", {"n": 1})]
         finally:
             conn.close()
 

@@ -13,7 +13,7 @@ Nothing else runs per read: the pieces are kept, and the caller is woken once,
 when the response has ended. On a small machine the client shares the cores
 with the server it measures, and a Python wake-up and parse per chunk is CPU
 the router then lacks (``disagg bench router`` at 32 streams on 2 cores: 68 us
-of client CPU per token with a wake-up per chunk, 32-39 us without); a client
+of client CPU per token with a wake-up per chunk, 32-42 us without); a client
 on another machine would not take it.
 
 One request at a time per connection; ``Connection.request`` returns the

@@ -11,7 +11,8 @@
   ``UplinkHello`` there, sends nothing on it until the router's ``UplinkReady`` (a wrong
   port swallows nothing), then ``UplinkSwitch`` on the control socket; sends its tokens on
   the uplink, goes back to the control socket when the uplink ends, and opens a new one
-  for a new router process;
+  for a new router process; an offered port that refuses the connection is tried again
+  (after a wait that doubles), and the node switches once something listens there;
 - the node's writer never blocks: what the kernel does not take waits, and past the
   limit a send is refused.
 """
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -28,6 +30,7 @@ import pytest
 from disagg.control import framing
 from disagg.control import messages as m
 from disagg.control.framing import FrameReader, framed
+from disagg.node import router_links
 from disagg.node import uplink as node_uplink
 from disagg.node.uplink import Uplink, UplinkClosed
 from router_helpers import recording_dispatcher, register_message
@@ -226,6 +229,82 @@ def test_the_node_sends_on_its_uplink_and_falls_back_when_it_ends(tiny_llama):
             conn2.close()
     finally:
         listener.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_refused_uplink_is_tried_again_until_it_opens(tiny_llama, monkeypatch, caplog):
+    monkeypatch.setattr(router_links, "UPLINK_RETRY_S", 0.3)
+    caplog.set_level(logging.INFO, logger="disagg.node")
+    port = _free_port()                          # nothing listens there (yet)
+    with running_node(tiny_llama) as (router, server, stop, drain, thread):
+        (link,) = server.links.links.values()
+        t0 = time.monotonic()
+        router.send(m.Registered("decode-0", "router-a", port))
+        deadline = time.monotonic() + 10
+        while link._retry_s < 1.2 and time.monotonic() < deadline:    # 0.3 → 0.6 → 1.2
+            time.sleep(0.01)
+        assert link._retry_s == 1.2 and link.uplink is None, link._retry_s
+        assert time.monotonic() - t0 >= 0.3      # the second try waited for its turn
+        # meanwhile the node serves on its control socket
+        router.send(m.Generate("a", [5, 6, 7], {**LONG, "max_tokens": 2}, False))
+        router.recv(m.StepTokens, where=_finished("a"))
+        listener = socket.create_server(("127.0.0.1", port))
+        try:
+            listener.settimeout(30)
+            conn, _ = listener.accept()          # the next try (at most 1.2 s away)
+            conn.settimeout(30)
+            reader = FrameReader()
+            assert m.decode(_read_first(conn, reader)) == \
+                m.UplinkHello("decode-0", os.getpid())
+            router.send(m.UplinkReady("decode-0", os.getpid()))
+            router.recv(m.UplinkSwitch)
+            router.send(m.Generate("b", [5, 6, 7], {**LONG, "max_tokens": 2}, False))
+            _read_until(conn, reader, m.StepTokens, _finished("b"))
+            assert link._retry_at is None and link._retry_s == 0.3     # reset by the switch
+            conn.close()
+        finally:
+            listener.close()
+    refusals = [r for r in caplog.records if "no uplink at port" in r.getMessage()]
+    assert refusals and refusals[0].levelname == "WARNING"
+    assert all(r.levelname == "INFO" for r in refusals[1:])         # warned once
+
+
+def test_an_uplink_connects_without_blocking_and_gives_up_in_time(monkeypatch):
+    # a listener whose backlog is full answers no SYN: the connection hangs like one
+    # to a port that drops packets
+    monkeypatch.setattr(node_uplink, "CONNECT_TIMEOUT_S", 0.5)
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):                       # fill the accept queue
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(full.getsockname())
+            fillers.append(c)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        up = Uplink("127.0.0.1", full.getsockname()[1], "d0", 1)
+        assert time.monotonic() - t0 < 0.2       # begun, not waited for
+        if up.connected:
+            pytest.skip("this kernel completed a connect to a full backlog")
+        assert up.pending > 0                    # the hello waits for the connection
+        with pytest.raises(UplinkClosed, match="cannot connect"):
+            while time.monotonic() - t0 < 5:
+                up.flush()
+                time.sleep(0.01)
+        assert up.broken and up.connect_failed and time.monotonic() - t0 >= 0.5
+        up.close()
+    finally:
+        for c in fillers:
+            c.close()
+        full.close()
 
 
 def _read_first(conn: socket.socket, reader: FrameReader) -> bytes:

@@ -41,6 +41,8 @@ from disagg.node.uplink import Uplink, UplinkClosed
 log = logging.getLogger("disagg.node")
 
 FORGET_AFTER_S = 120.0      # an address gone from DNS this long is a router gone for good
+UPLINK_RETRY_S = 1.0        # after an uplink's connection failed, try again after this long,
+UPLINK_RETRY_MAX_S = 30.0   # doubling up to this
 TAG_LEN = 8                 # request ids end with "-" + the router id's first TAG_LEN chars
 
 
@@ -108,6 +110,13 @@ class RouterLink:
 
     ``registered``: it answered the latest Register. ``router_id``: its process id
     (from ``Registered``; "" before). ``register_sent_at``: when Register last left.
+
+    An uplink whose connection cannot be made (refused, or not within
+    ``disagg.node.uplink.CONNECT_TIMEOUT_S``) is tried again while the same router
+    process offers the same port, after ``UPLINK_RETRY_S`` doubling up to
+    ``UPLINK_RETRY_MAX_S``; meanwhile messages take the control socket. One that was
+    made and ended is not: the router counts that end as the node's, and its next
+    ``Registered`` offers the uplink again.
     """
 
     def __init__(self, ctx: zmq.Context, node_id: str, address: str,
@@ -122,7 +131,9 @@ class RouterLink:
         self.router_id = ""
         self.register_sent_at = 0.0
         self.uplink: Uplink | None = None
-        self._no_uplink: tuple[str, int] | None = None    # (router id, port) that failed
+        self._offer: tuple[str, int] | None = None    # (router id, uplink port) offered
+        self._retry_at: float | None = None           # set while its connection fails
+        self._retry_s = UPLINK_RETRY_S
 
     @property
     def tag(self) -> str:
@@ -148,26 +159,40 @@ class RouterLink:
             return False
 
     def open_uplink(self, port: int, node_id: str) -> bool:
-        """Open the uplink the router offered on ``port`` (its host is the control
-        address's) and say hello on it; messages take it once the router confirmed
+        """Begin the uplink the router offered on ``port`` (its host is the control
+        address's) with a hello; messages take it once the router confirmed
         (:meth:`confirm_uplink`). False (staying on the control socket) for an ``ipc://``
-        router, or when it cannot connect (not tried again for that router process and
-        port)."""
+        router, or while an earlier try at this router process's ``port`` waits to be
+        retried (:meth:`retry_uplink`)."""
         if self.uplink is not None or not 0 < port < 65536 \
                 or not self.address.startswith("tcp://"):
             return False
-        if self._no_uplink == (self.router_id, port):
+        offer = (self.router_id, port)
+        if offer != self._offer:
+            self._offer, self._retry_at, self._retry_s = offer, None, UPLINK_RETRY_S
+        elif self._retry_at is not None and time.monotonic() < self._retry_at:
             return False
-        host = urlsplit(self.address).hostname
         try:
-            self.uplink = Uplink(host, port, node_id, os.getpid())
+            self.uplink = Uplink(urlsplit(self.address).hostname, port, node_id, os.getpid())
         except OSError as exc:
-            self._no_uplink = (self.router_id, port)
-            log.warning("router %s: cannot open its uplink at port %d (%s); sending on the "
-                        "control socket", self.address, port, exc)
+            self._connect_failed(str(exc))
             return False
         self.poller.register(self.uplink.fd, zmq.POLLIN)
         return True
+
+    def retry_uplink(self, node_id: str) -> None:
+        """Try the offered uplink again if its connection failed and the wait is over."""
+        if self._retry_at is not None and self.uplink is None and self.registered \
+                and self._offer[0] == self.router_id and time.monotonic() >= self._retry_at:
+            self.open_uplink(self._offer[1], node_id)
+
+    def _connect_failed(self, why: str) -> None:
+        first = self._retry_at is None
+        self._retry_at = time.monotonic() + self._retry_s
+        (log.warning if first else log.info)(
+            "router %s: no uplink at port %d (%s); sending on the control socket, trying "
+            "again in %g s", self.address, self._offer[1], why, self._retry_s)
+        self._retry_s = min(self._retry_s * 2, UPLINK_RETRY_MAX_S)
 
     def confirm_uplink(self, node_id: str, pid: int) -> None:
         """The router got this process's hello (``UplinkReady``): say ``UplinkSwitch`` as
@@ -177,21 +202,22 @@ class RouterLink:
             return
         self.send_control(m.encode(m.UplinkSwitch(node_id, pid)))
         self.uplink.ready = True
+        self._retry_at, self._retry_s = None, UPLINK_RETRY_S
         log.info("router %s: uplink open (port %d)", self.address, self.uplink.port)
 
     def check_uplink(self, ready: dict) -> None:
-        """``ready`` (a poll's result) names the uplink: it ended; close it."""
+        """``ready`` (a poll's result) names the uplink: it ended (or its connection
+        failed); close it."""
         if self.uplink is not None and self.uplink.fd in ready:
             try:
                 self.uplink.check()
             except UplinkClosed as exc:
-                log.warning("%s; sending on the control socket", exc)
-                self.close_uplink()
+                self._uplink_broke(exc)
 
     def flush_uplink(self) -> None:
-        """Push on what waits on the uplink; close it if it broke (later messages take
-        the control socket; the router, which counts its end as the node's, asks the
-        node to register again)."""
+        """Push on what waits on the uplink (its hello first, once connected); close it
+        if it broke (later messages take the control socket; the router, which counts
+        its end as the node's, asks the node to register again)."""
         uplink = self.uplink
         if uplink is None:
             return
@@ -199,9 +225,20 @@ class RouterLink:
             try:
                 uplink.flush()
             except UplinkClosed as exc:
-                log.warning("%s", exc)
-        if uplink.broken:
+                self._uplink_broke(exc)
+                return
+        if uplink.broken:                      # by a send, which said so
             self.close_uplink()
+
+    def _uplink_broke(self, exc: UplinkClosed) -> None:
+        """Close the uplink ``exc`` ended; one whose connection was never made is tried
+        again later."""
+        failed = self.uplink.connect_failed
+        self.close_uplink()
+        if failed:
+            self._connect_failed(str(exc))
+        else:
+            log.warning("%s; sending on the control socket", exc)
 
     def close_uplink(self, linger_ms: int = 0) -> None:
         """Close the uplink (waiting up to ``linger_ms`` for what it holds to leave);

@@ -10,11 +10,19 @@ as the control socket refuses a send past its high-water mark. The router
 never writes to an uplink: the socket turning readable means it ended. A
 failed write or read marks the uplink ``broken``; its owner closes it (after
 taking its descriptor out of any poller).
+
+Connecting never blocks either: the connection is begun, the hello waits in the
+buffer, and each later send or flush first checks whether it is made. One not
+made within ``CONNECT_TIMEOUT_S`` (a port that drops packets), or refused, is
+``broken`` with ``connect_failed`` set, so its owner can try again later
+(:meth:`disagg.node.router_links.RouterLink.retry_uplink`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 import time
 
@@ -24,7 +32,7 @@ from disagg.control.framing import framed
 log = logging.getLogger("disagg.node")
 
 MAX_BUFFERED_BYTES = 64 << 20
-CONNECT_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 2.0     # an uplink not connected by then has failed
 
 
 class UplinkClosed(ConnectionError):
@@ -32,25 +40,38 @@ class UplinkClosed(ConnectionError):
 
 
 class Uplink:
-    """One open uplink (``host``, ``port``), introduced with ``UplinkHello``.
+    """One uplink (``host``, ``port``): connecting, then connected and introduced with
+    ``UplinkHello``.
 
-    Raises ``OSError`` when it cannot connect. Use from one thread (the node's loop).
+    Raises ``OSError`` when the connection cannot even be begun (``host`` must be an IP
+    address: nothing here waits for DNS). Use from one thread (the node's loop).
     """
 
     def __init__(self, host: str, port: int, node_id: str, pid: int) -> None:
         self.host, self.port = host, port
-        self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)[0]
+        self.sock = socket.socket(family, kind, proto)
         self.sock.setblocking(False)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = self.sock.connect_ex(addr)
+        if err not in (0, errno.EINPROGRESS):
+            self.sock.close()
+            raise OSError(err, os.strerror(err))
+        #: the connection is made (until then frames wait in the buffer)
+        self.connected = err == 0
+        #: it was never made (refused, or not within ``CONNECT_TIMEOUT_S``)
+        self.connect_failed = False
+        self._connect_by = time.monotonic() + CONNECT_TIMEOUT_S
         #: the socket's descriptor (poll it for reading: readable = ended)
         self.fd: int = self.sock.fileno()
-        self._out = bytearray()
+        self._out = bytearray(framed(m.encode(m.UplinkHello(node_id, pid))))
         #: the router confirmed the hello (``UplinkReady``): messages may take it
         self.ready = False
         self.broken = False         # set on a failed write or read; the owner closes it
         self.closed = False
         try:
-            self.send(m.encode(m.UplinkHello(node_id, pid)))
+            self.flush()
         except UplinkClosed:
             self.sock.close()
             raise
@@ -66,7 +87,7 @@ class Uplink:
         if self.broken or self.closed:
             raise UplinkClosed(f"the uplink to {self.host}:{self.port} is closed")
         data = framed(frame)
-        if self._out:
+        if self._out or not self.connected:
             if len(self._out) + len(data) > MAX_BUFFERED_BYTES:
                 return False
             self._out += data
@@ -78,9 +99,28 @@ class Uplink:
         return True
 
     def flush(self) -> None:
-        """Push on what waits (no-op when nothing does); :class:`UplinkClosed` if broken."""
-        if self._out:
+        """Push on what waits (no-op when nothing does, or while still connecting);
+        :class:`UplinkClosed` if broken."""
+        if self._out and self._made():
             del self._out[:self._write(self._out)]
+
+    def _made(self) -> bool:
+        """Whether the connection is made; :class:`UplinkClosed` if it failed."""
+        if self.connected:
+            return True
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not err:
+            try:
+                self.sock.getpeername()
+                self.connected = True
+                return True
+            except OSError:                       # still connecting
+                if time.monotonic() < self._connect_by:
+                    return False
+                err = errno.ETIMEDOUT
+        self.broken = self.connect_failed = True
+        raise UplinkClosed(f"cannot connect the uplink to {self.host}:{self.port}: "
+                           f"{os.strerror(err)}")
 
     def _write(self, data) -> int:
         try:
@@ -93,7 +133,10 @@ class Uplink:
 
     def check(self) -> None:
         """The socket polled readable: raises :class:`UplinkClosed` (the router sends
-        nothing here, so that is its end, or bytes that do not belong)."""
+        nothing here, so that is its end, or bytes that do not belong; or, while
+        connecting, that the connection failed)."""
+        if not self._made():
+            return
         try:
             data = self.sock.recv(4096)
         except (BlockingIOError, InterruptedError):
@@ -110,7 +153,7 @@ class Uplink:
         if self.closed:
             return
         self.closed = True
-        if self.broken:
+        if self.broken or not self.connected:
             self._out.clear()
         deadline = time.monotonic() + linger_ms / 1000
         try:

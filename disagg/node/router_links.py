@@ -163,14 +163,14 @@ class RouterLink:
         address's) with a hello; messages take it once the router confirmed
         (:meth:`confirm_uplink`). False (staying on the control socket) for an ``ipc://``
         router, or while an earlier try at this router process's ``port`` waits to be
-        retried (:meth:`retry_uplink`)."""
+        retried (:meth:`tend_uplink`)."""
+        offer = (self.router_id, port)
+        if offer != self._offer:                  # a new offer starts with no retry due
+            self._offer, self._retry_at, self._retry_s = offer, None, UPLINK_RETRY_S
         if self.uplink is not None or not 0 < port < 65536 \
                 or not self.address.startswith("tcp://"):
             return False
-        offer = (self.router_id, port)
-        if offer != self._offer:
-            self._offer, self._retry_at, self._retry_s = offer, None, UPLINK_RETRY_S
-        elif self._retry_at is not None and time.monotonic() < self._retry_at:
+        if self._retry_at is not None and time.monotonic() < self._retry_at:
             return False
         try:
             self.uplink = Uplink(urlsplit(self.address).hostname, port, node_id, os.getpid())
@@ -179,12 +179,6 @@ class RouterLink:
             return False
         self.poller.register(self.uplink.fd, zmq.POLLIN)
         return True
-
-    def retry_uplink(self, node_id: str) -> None:
-        """Try the offered uplink again if its connection failed and the wait is over."""
-        if self._retry_at is not None and self.uplink is None and self.registered \
-                and self._offer[0] == self.router_id and time.monotonic() >= self._retry_at:
-            self.open_uplink(self._offer[1], node_id)
 
     def _connect_failed(self, why: str) -> None:
         first = self._retry_at is None
@@ -214,12 +208,17 @@ class RouterLink:
             except UplinkClosed as exc:
                 self._uplink_broke(exc)
 
-    def flush_uplink(self) -> None:
-        """Push on what waits on the uplink (its hello first, once connected); close it
-        if it broke (later messages take the control socket; the router, which counts
-        its end as the node's, asks the node to register again)."""
+    def tend_uplink(self, node_id: str) -> None:
+        """Each loop turn: push on what waits on the uplink (its hello first, once
+        connected) and close it if it broke (later messages take the control socket;
+        the router, which counts its end as the node's, asks the node to register
+        again); with none open, try the offered one again once a failed connection's
+        wait is over."""
         uplink = self.uplink
         if uplink is None:
+            if self._retry_at is not None and self.registered \
+                    and time.monotonic() >= self._retry_at:
+                self.open_uplink(self._offer[1], node_id)
             return
         if uplink.pending and not uplink.broken:
             try:

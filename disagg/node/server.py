@@ -207,8 +207,7 @@ class NodeServer:
                         break
                 self._sync_links()
                 for link in list(self.links.links.values()):
-                    link.flush_uplink()
-                    link.retry_uplink(self.node_id)
+                    link.tend_uplink(self.node_id)
                 moved = bool(self._deferred)
                 self._handle_deferred()
                 ready = dict(poller.poll(0 if self.engine.has_unfinished() else 50))

@@ -14,8 +14,8 @@ taking its descriptor out of any poller).
 Connecting never blocks either: the connection is begun, the hello waits in the
 buffer, and each later send or flush first checks whether it is made. One not
 made within ``CONNECT_TIMEOUT_S`` (a port that drops packets), or refused, is
-``broken`` with ``connect_failed`` set, so its owner can try again later
-(:meth:`disagg.node.router_links.RouterLink.retry_uplink`).
+``broken`` while never ``connected`` (:attr:`Uplink.connect_failed`), so its owner
+can try again later (:meth:`disagg.node.router_links.RouterLink.tend_uplink`).
 """
 
 from __future__ import annotations
@@ -60,8 +60,6 @@ class Uplink:
             raise OSError(err, os.strerror(err))
         #: the connection is made (until then frames wait in the buffer)
         self.connected = err == 0
-        #: it was never made (refused, or not within ``CONNECT_TIMEOUT_S``)
-        self.connect_failed = False
         self._connect_by = time.monotonic() + CONNECT_TIMEOUT_S
         #: the socket's descriptor (poll it for reading: readable = ended)
         self.fd: int = self.sock.fileno()
@@ -75,6 +73,12 @@ class Uplink:
         except UplinkClosed:
             self.sock.close()
             raise
+
+    @property
+    def connect_failed(self) -> bool:
+        """It broke before its connection was made (refused, or not within
+        ``CONNECT_TIMEOUT_S``): worth trying again, unlike one that was made and ended."""
+        return self.broken and not self.connected
 
     @property
     def pending(self) -> int:
@@ -118,7 +122,7 @@ class Uplink:
                 if time.monotonic() < self._connect_by:
                     return False
                 err = errno.ETIMEDOUT
-        self.broken = self.connect_failed = True
+        self.broken = True
         raise UplinkClosed(f"cannot connect the uplink to {self.host}:{self.port}: "
                            f"{os.strerror(err)}")
 

@@ -31,9 +31,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     with LLMEngine(engine_config_from_args(a)) as engine:
         prompts = a.prompts
         if a.chat and engine.tokenizer is not None:
-            prompts = [engine.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts]
+            prompts = [engine.tokenizer.render_chat([{"role": "user", "content": p}])
+                       for p in prompts]
         outs = engine.generate(prompts, params, progress=True)
     for prompt, out in zip(a.prompts, outs):
         if a.json:

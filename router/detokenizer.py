@@ -19,13 +19,13 @@ node's final text (or of the full decode when the node sent none).
 
 from __future__ import annotations
 
-from router.tokenizer import RouterTokenizer
+from disagg.model.tokenizer import ModelTokenizer
 
 
 class OutputText:
     """Incremental output text of one request (see the module docstring)."""
 
-    def __init__(self, tokenizer: RouterTokenizer, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: ModelTokenizer, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
         #: every output id so far
         self.ids: list[int] = []

@@ -145,7 +145,7 @@ async def serve_router(a: argparse.Namespace) -> None:
     from router.migration import MigrationConfig
     from router.nodes import NodeRegistry
     from router.policy import make_policy
-    from router.tokenizer import load_router_tokenizer
+    from disagg.model.tokenizer import load_model_tokenizer
 
     if a.uplink_port < -1:
         raise ValueError(f"--uplink-port must be a port, 0 (any free one) or -1 (none), "
@@ -160,7 +160,7 @@ async def serve_router(a: argparse.Namespace) -> None:
     except ValueError as exc:
         raise ValueError(f"--max-migrations / --migration-wait-s: {exc}") from None
     name = a.served_model_name or served_model_name(a.model)
-    tokenizer = load_router_tokenizer(a.model)      # no torch in this process
+    tokenizer = load_model_tokenizer(a.model)      # no torch in this process
     policy = make_policy(a.policy, **_policy_options(a.policy_option))
     registry = CollectorRegistry()
     dispatcher = Dispatcher(NodeRegistry(name, a.node_timeout_s), policy,

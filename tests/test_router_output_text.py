@@ -8,7 +8,7 @@ import time
 import pytest
 
 from router.detokenizer import OutputText
-from router.tokenizer import RouterTokenizer
+from disagg.model.tokenizer import ModelTokenizer
 
 STOP = "STOP"
 # Before the stop string: ASCII, accents, a 3-byte euro sign, CJK and an emoji
@@ -22,7 +22,7 @@ STOP_TEXTS = ["hello worldSTOP more",           # "STOP" is one token
 
 @pytest.fixture(scope="module")
 def tok(smollm2_dir):
-    return RouterTokenizer.from_dir(smollm2_dir)
+    return ModelTokenizer.from_dir(smollm2_dir)
 
 
 def ids_of(tok, text: str) -> list[int]:
@@ -150,7 +150,7 @@ def test_long_output_equals_the_full_decode(tok):
     assert sent + out.finish(None) == full == LONG * 60
 
 
-class _CountingTokenizer(RouterTokenizer):
+class _CountingTokenizer(ModelTokenizer):
     """The real tokenizer, counting the ids its whole-sequence ``decode`` is given."""
 
     decoded_ids = 0

@@ -20,14 +20,14 @@ from router.nodes import NodeRegistry
 from router.openapi_schema import ChatCompletion, Completion
 from router.policy import make_policy
 from router.responder import Responder, ResponseSpec
-from router.tokenizer import RouterTokenizer
+from disagg.model.tokenizer import ModelTokenizer
 
 pytestmark = needs_smollm2
 
 
 @pytest.fixture(scope="module")
 def tok(smollm2_dir):
-    return RouterTokenizer.from_dir(smollm2_dir)
+    return ModelTokenizer.from_dir(smollm2_dir)
 
 
 @pytest.fixture

@@ -30,8 +30,8 @@ from disagg.engine.request import KVMode, Request, RequestStatus
 from disagg.engine.sampler import Sampler, make_generator
 from disagg.engine.scheduler import Scheduler
 from disagg.engine.step_input import build_step_input
-from disagg.engine.tokenizer import eos_token_ids, load_tokenizer
 from disagg.model import ModelConfig, resolve_model_dir
+from disagg.model.tokenizer import ModelTokenizer, eos_token_ids
 from disagg.sampling_params import SamplingParams
 
 IDLE_POLL_S = 0.005     # a step with only KV transfers in flight waits this long on the links
@@ -52,8 +52,10 @@ class LLMEngine:
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of "
                              f"{kv_block_bytes(self.model_config, config)} bytes")
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.eos_token_ids = eos_token_ids(self.model_dir, self.model_config)
+        #: the model directory's tokenizer (None when it ships no ``tokenizer.json``)
+        self.tokenizer = ModelTokenizer.from_dir(self.model_dir) \
+            if (self.model_dir / "tokenizer.json").is_file() else None
+        self.eos_token_ids = eos_token_ids(self.model_dir, self.model_config.eos_token_ids)
         sched_half, worker_factory = make_connector(config, self.model_config)
         #: the ranks, the model thread and the compute turn (disagg.engine.executor)
         self.executor = Executor(config, self.model_config, self.model_dir, self.num_blocks,
@@ -110,7 +112,8 @@ class LLMEngine:
             raise ValueError(f"prompt of {total} tokens needs more KV blocks than the "
                              f"{self.num_blocks} this engine has (raise kv_cache_memory)")
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model directory has none")
+            raise ValueError("stop strings need a tokenizer; this model directory has no "
+                             "tokenizer.json")
         vocab = self.model_config.vocab_size
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:     # sorted by id
             raise ValueError(f"logit_bias token ids must be integers in [0, {vocab})")
@@ -155,8 +158,9 @@ class LLMEngine:
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer; pass token ids instead")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+                raise ValueError("text prompts need a tokenizer (this model directory has no "
+                                 "tokenizer.json); pass token ids instead")
+            ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
         if not ids:

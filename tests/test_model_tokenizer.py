@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from router.tokenizer import RouterTokenizer
+from disagg.model.tokenizer import ModelTokenizer
 
 TEXTS = ["Hello, world!", "  leading and trailing spaces  ", "naïve café costs 5€ — ok",
          "日本語のテキスト", "emoji 🎉🚀👩‍👩‍👧 and flags 🇫🇷", "tabs\tand\nnewlines\r\n",
@@ -33,7 +33,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def tok(smollm2_dir):
-    return RouterTokenizer.from_dir(smollm2_dir)
+    return ModelTokenizer.from_dir(smollm2_dir)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def custom_dir(smollm2_dir, tmp_path_factory) -> Path:
 
 def test_template_from_tokenizer_config_renders_like_transformers(custom_dir):
     from transformers import AutoTokenizer
-    mine, hf = RouterTokenizer.from_dir(custom_dir), AutoTokenizer.from_pretrained(custom_dir)
+    mine, hf = ModelTokenizer.from_dir(custom_dir), AutoTokenizer.from_pretrained(custom_dir)
     chat = [{"role": "user", "content": 'say "<b>" & 日本'},
             {"role": "assistant", "content": "skip"}, {"role": "user", "content": "end"}]
     text = mine.render_chat(chat)
@@ -105,12 +105,12 @@ def test_template_from_tokenizer_config_renders_like_transformers(custom_dir):
 
 def test_without_a_template_or_tokenizer(custom_dir, tmp_path):
     (tmp_path / "tokenizer.json").write_bytes((custom_dir / "tokenizer.json").read_bytes())
-    bare = RouterTokenizer.from_dir(tmp_path)
+    bare = ModelTokenizer.from_dir(tmp_path)
     assert bare.chat_template is None and bare.special_tokens == {}
     with pytest.raises(ValueError, match="no chat template"):
         bare.apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="no tokenizer.json"):
-        RouterTokenizer.from_dir(tmp_path / "missing")
+        ModelTokenizer.from_dir(tmp_path / "missing")
 
 
 def test_tokenizing_in_a_thread_leaves_the_event_loop_free(tok):
@@ -147,9 +147,9 @@ from router.launch import serve_router
 from router.metrics import RouterMetrics
 from router.nodes import NodeRegistry
 from router.policy import make_policy
-from router.tokenizer import load_router_tokenizer
+from disagg.model.tokenizer import load_model_tokenizer
 
-tok = load_router_tokenizer("default")
+tok = load_model_tokenizer("default")
 registry = CollectorRegistry()
 name = served_model_name("default")
 dispatcher = Dispatcher(NodeRegistry(name, 3.0), make_policy("local"), RouterMetrics(registry),

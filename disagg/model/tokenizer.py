@@ -1,4 +1,9 @@
-"""The router's tokenizer: Hugging Face ``tokenizers`` plus the chat template, no torch.
+"""A model directory's tokenizer: Hugging Face ``tokenizers`` plus the chat template, no
+torch and no transformers; and the model's EOS ids.
+
+The router tokenizes and detokenizes with it; the engine uses it for text prompts,
+stop strings and output text (importing transformers for its ``AutoTokenizer``
+cost every node several seconds of start-up).
 
 Loaded from a model directory's ``tokenizer.json`` (a "fast" tokenizer) and
 ``tokenizer_config.json``; the chat template comes from ``chat_template.jinja``
@@ -39,7 +44,7 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 """The named special tokens a chat template sees as variables (as in transformers)."""
 
 
-class RouterTokenizer:
+class ModelTokenizer:
     """Encode, chat-template and decode for the router (see the module docstring)."""
 
     def __init__(self, tokenizer: Tokenizer, chat_template: str | None,
@@ -51,7 +56,7 @@ class RouterTokenizer:
         self._token_texts: dict[int, str] = {}
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "RouterTokenizer":
+    def from_dir(cls, model_dir: str | Path) -> "ModelTokenizer":
         """Load ``model_dir``'s tokenizer (ValueError when it ships no ``tokenizer.json``)."""
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
@@ -106,8 +111,9 @@ class RouterTokenizer:
         return self.tokenizer.token_to_id(token)
 
 
-def load_router_tokenizer(model: str) -> RouterTokenizer:
-    """The tokenizer of ``model`` (a name as ``--model`` takes it), without loading torch.
+def load_model_tokenizer(model: str) -> ModelTokenizer:
+    """The tokenizer of ``model`` (a name as ``--model`` takes it), without loading torch
+    (the engine, whose model directory is ready, calls :meth:`ModelTokenizer.from_dir`).
 
     The embedded model is converted on its first use anywhere; if the router is
     first, the conversion (torch + transformers) runs in a child process, so
@@ -118,7 +124,16 @@ def load_router_tokenizer(model: str) -> RouterTokenizer:
         done = subprocess.run([sys.executable, "-c", code])
         if done.returncode != 0:
             raise RuntimeError(f"converting the embedded model failed (exit {done.returncode})")
-    return RouterTokenizer.from_dir(resolve_model_dir(model))
+    return ModelTokenizer.from_dir(resolve_model_dir(model))
+
+
+def eos_token_ids(model_dir: Path, eos_in_config: tuple[int, ...]) -> tuple[int, ...]:
+    """The EOS ids: ``config.json``'s (``eos_in_config``) and ``generation_config.json``'s,
+    as transformers' generation uses them."""
+    ids = set(eos_in_config)
+    eos = _read_json(Path(model_dir) / "generation_config.json").get("eos_token_id")
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return tuple(sorted(ids))
 
 
 def _read_json(path: Path) -> dict:

@@ -3,10 +3,11 @@
 The extension is compiled once per machine with the host's instruction set
 (``-march=native``) by ``torch.utils.cpp_extension`` and cached under
 ``$DISAGG_CACHE_DIR/kernels`` (default ``~/.cache/disagg/kernels``), keyed by
-the source, the flags, the CPU model and the torch and Python versions, so a
-restart loads it in well under a second. Several processes starting at once
-(TP ranks, a prefill and a decode node) share one build: ``cpp_extension``
-holds a lock file in the build directory while one of them compiles.
+the source (its path and text), the flags, the CPU model and the torch and
+Python versions, so a restart loads it in well under a second. Several
+processes starting at once (TP ranks, a prefill and a decode node) share one
+build: ``cpp_extension`` holds a lock file in the build directory while one of
+them compiles.
 
 If the build fails (no compiler, no ninja, an unsupported CPU), the engine
 keeps serving on the PyTorch reference path and says so once. Set
@@ -47,7 +48,9 @@ def build_dir() -> Path:
     from disagg.cpus import cpu_flags, cpu_model_name
     from disagg.model.embedded import cache_root
     host = f"{cpu_model_name()} {' '.join(sorted(cpu_flags()))}".strip() or platform.machine()
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS), host,
+    # the source's path too: cpp_extension rebuilds when a build directory's recorded
+    # source path changes, so two checkouts sharing one would rebuild at every switch
+    key = hashlib.sha256("\n".join([str(SOURCE), SOURCE.read_text(), " ".join(CFLAGS), host,
                                     torch.__version__, sys.version]).encode()).hexdigest()[:16]
     path = cache_root() / "kernels" / key
     path.mkdir(parents=True, exist_ok=True)

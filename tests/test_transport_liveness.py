@@ -394,8 +394,12 @@ def test_prefill_engine_reports_a_stopped_decode_within_seconds(tiny_llama):
             assert error and "heartbeat" in error
             assert t_end - t_stop < LIMIT_S
             assert pe.scheduler.blocks.pool.num_free_blocks == 64
+            worker = pe.executor.runner.connector
+            sent = pe.kv_stats["bytes_sent"]
+            assert worker.num_senders == 0 and sent > 0     # the dead link's sender is closed
             os.kill(proc.pid, signal.SIGCONT)
             assert prefill(pe, "p3", target())[0] is None        # reconnected
+            assert worker.num_senders == 1 and pe.kv_stats["bytes_sent"] > sent
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         proc.kill()

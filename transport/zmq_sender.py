@@ -169,6 +169,11 @@ class ZmqKVSender(KVSender):
         self._check_links(time.monotonic())
         return dst_rank in self._socks
 
+    def idle(self) -> bool:
+        """No link open and no transfer left to report: closing this sender loses nothing
+        (a link that died was dropped, and its transfers were popped by :meth:`finished`)."""
+        return not self._socks and not self._transfers
+
     def _check_links(self, now: float) -> None:
         """Drop every link whose :class:`LinkWatch` reports it dead."""
         for q, watch in list(self._watches.items()):

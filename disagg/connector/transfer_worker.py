@@ -2,8 +2,10 @@
 
 A decode rank owns one receiver (bound once at start-up; its endpoint goes
 to the driver in the rank's handshake info). A prefill rank owns one sender
-per decode engine it has sent to, keyed by that engine's rank endpoints, with
-the re-sharding plan for ``p -> d = len(endpoints)``. Nothing here blocks:
+per decode engine it sends to, keyed by that engine's rank endpoints, with
+the re-sharding plan for ``p -> d = len(endpoints)``; a sender whose links all
+died (the decode engine stopped or moved) is closed once its transfers are
+reported, so a long-lived prefill rank holds none for departed engines. Nothing here blocks:
 handshakes are queued ahead of the first transfer, and every socket is
 polled in :meth:`TransferWorker.get_finished` at the end of each step.
 
@@ -43,6 +45,7 @@ class TransferWorker(KVConnectorWorker):
         self.pool = None                 # shared pool (shm / cuda_ipc) that senders announce
         self.receiver = None
         self._senders: dict[tuple[str, ...], object] = {}
+        self._bytes_sent_closed = 0                  # by senders closed since
         self._saves: dict[str, dict] = {}            # this step's sends
         self._sends: dict[str, dict] = {}            # rid -> {"tids": set, "errors": list}
         self._sent: list[list] = []                  # [rid, error] ready to report
@@ -83,6 +86,11 @@ class TransferWorker(KVConnectorWorker):
             if not tx.connected(q):
                 tx.connect(q, endpoints[q], wait=False)
         return tx
+
+    @property
+    def num_senders(self) -> int:
+        """How many decode engines this rank holds a sender to."""
+        return len(self._senders)
 
     # ---- per step ---------------------------------------------------------
     def bind_metadata(self, meta: KVConnectorMetadata) -> None:
@@ -133,12 +141,17 @@ class TransferWorker(KVConnectorWorker):
             report["bytes_received"] = self.receiver.bytes_received
         ended: dict[str, str | None] = {}
         wait = 0.0 if self.receiver is not None else timeout_s
-        for tx in self._senders.values():
+        for key, tx in list(self._senders.items()):
             tx.poll(wait)
             wait = 0.0                                # one idle wait per step, not per link
             for tid, _, error in tx.finished():
                 ended[tid] = error
-            report["bytes_sent"] += tx.bytes_sent
+            if tx.idle():                             # every link died, nothing to report
+                self._bytes_sent_closed += tx.bytes_sent
+                tx.close()
+                del self._senders[key]
+        report["bytes_sent"] = self._bytes_sent_closed + sum(
+            tx.bytes_sent for tx in self._senders.values())
         for rid in list(self._sends):
             state = self._sends[rid]
             for tid in [t for t in state["tids"] if t in ended]:

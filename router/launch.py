@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -206,8 +205,8 @@ def _url(sock: socket.socket) -> str:
 def run_router(a: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM (uvicorn handles both and shuts down cleanly)."""
     import uvloop
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s router %(levelname)s %(message)s")
+    from disagg.log_setup import configure_logging
+    configure_logging("router", a.log_level)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve_router(a))
     print("router stopped", file=sys.stderr, flush=True)

@@ -15,7 +15,6 @@ variable behind it, so one launch script works on any machine::
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import socket
@@ -97,8 +96,8 @@ def run_node(a: argparse.Namespace, role: str) -> int:
     from disagg.node.server import NodeServer
     from transport.base import TransportConfig
 
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    from disagg.log_setup import configure_logging
+    configure_logging(role, a.log_level)
     from disagg.node.router_links import parse_routers
     parse_routers(a.router)                 # a malformed address fails before the model loads
     if not a.router_resolve_s > 0:

@@ -265,6 +265,28 @@ def test_kv_that_comes_before_its_announcement_waits_for_it():
     rx.close()
 
 
+def test_an_id_the_wire_cannot_carry_fails_at_once_on_the_sender():
+    """A receiver cuts the ids it echoes in an ERROR to MAX_ID_LEN, so a reply about a
+    longer transfer id could not be matched and the blocks stayed pinned for the lease
+    (30 s; seen fuzzing a prefill node). The sender refuses such an id instead."""
+    from transport.wire import MAX_ID_LEN
+    cfg = TransportConfig(timeout_s=5)
+    rx = ZmqKVReceiver(cfg, [torch.zeros(N, 2, 2, B, D) for _ in range(L)])
+    tx = ZmqKVSender(cfg, rank_pool(2, 1, 0), ReshardPlan(2, 1, 1))
+    tx.connect(0, rx.endpoint, wait=False)
+    try:
+        with pytest.raises(ValueError, match="request id of 300 characters"):
+            tx.send("r" * 300, 0, [1], [2], [1])
+        with pytest.raises(ValueError, match="transfer id of 257 characters"):
+            tx.send("r", 0, [1], [2], [1], transfer_id="t" * (MAX_ID_LEN + 1))
+        assert len(tx.pins) == 0 and tx.finished() == [] and tx.bytes_sent == 0
+        rid = "r" * (MAX_ID_LEN - len("/0->0"))            # the longest that fits
+        assert tx.send(rid, 0, [1], [2], [1]) == rid + "/0->0"
+    finally:
+        tx.close()
+        rx.close()
+
+
 def test_early_messages_are_bounded():
     from transport.pending import EarlyMessages
     early = EarlyMessages(grace_s=10, max_messages=3, max_bytes=100)

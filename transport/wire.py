@@ -32,6 +32,8 @@ __all__ = ["MAX_HEADER_BYTES", "DTYPES", "HEADER_TYPES", "WireLimits", "dtype_na
            "decode_header", "header_ids", "validate_kv_header"]
 
 MAX_HEADER_BYTES = 1 << 20
+MAX_ID_LEN = 256
+"""Longest request / transfer id a receiver takes (and echoes in an ERROR reply)."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -104,14 +106,15 @@ def header_ids(buf: Any) -> tuple[str, str, int]:
     """``(request_id, transfer_id, seq)`` from a header frame, however malformed.
 
     For ERROR replies, so that a sender can fail the right transfer: a missing
-    or mistyped id is ``""`` / ``-1``, and ids are cut to 256 characters.
+    or mistyped id is ``""`` / ``-1``, and ids are cut to :data:`MAX_ID_LEN` characters.
     """
     header = _plain(buf) if len(buf) <= MAX_HEADER_BYTES else None
     header = header if isinstance(header, dict) else {}
     def get(key: str, kind: type, default: Any) -> Any:
         v = header.get(key, default)
         return v if isinstance(v, kind) and not isinstance(v, bool) else default
-    return get("request_id", str, "")[:256], get("transfer_id", str, "")[:256], get("seq", int, -1)
+    return (get("request_id", str, "")[:MAX_ID_LEN], get("transfer_id", str, "")[:MAX_ID_LEN],
+            get("seq", int, -1))
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ class WireLimits:
     head_dim: int
     dtype: str
     max_message_bytes: int
-    max_id_len: int = 256
+    max_id_len: int = MAX_ID_LEN
 
     @classmethod
     def for_pool(cls, hello: Hello, max_message_bytes: int) -> WireLimits:

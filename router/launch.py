@@ -138,13 +138,13 @@ async def serve_router(a: argparse.Namespace) -> None:
     from prometheus_client import CollectorRegistry
 
     from disagg.model.resolve import served_model_name
+    from disagg.model.tokenizer import load_model_tokenizer
     from router.app import create_app
     from router.dispatch import Dispatcher
     from router.metrics import RouterMetrics
     from router.migration import MigrationConfig
     from router.nodes import NodeRegistry
     from router.policy import make_policy
-    from disagg.model.tokenizer import load_model_tokenizer
 
     if a.uplink_port < -1:
         raise ValueError(f"--uplink-port must be a port, 0 (any free one) or -1 (none), "

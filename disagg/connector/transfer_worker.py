@@ -5,9 +5,10 @@ to the driver in the rank's handshake info). A prefill rank owns one sender
 per decode engine it sends to, keyed by that engine's rank endpoints, with
 the re-sharding plan for ``p -> d = len(endpoints)``; a sender whose links all
 died (the decode engine stopped or moved) is closed once its transfers are
-reported, so a long-lived prefill rank holds none for departed engines. Nothing here blocks:
-handshakes are queued ahead of the first transfer, and every socket is
-polled in :meth:`TransferWorker.get_finished` at the end of each step.
+reported, so a long-lived prefill rank holds none for departed engines.
+Nothing here blocks: handshakes are queued ahead of the first transfer, and
+every socket is polled in :meth:`TransferWorker.get_finished` at the end of
+each step.
 
 Layer-wise (default): ``save_kv_layer(l)`` sends layer ``l`` of every
 request whose final prefill chunk runs in this step, right after that

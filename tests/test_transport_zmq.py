@@ -275,9 +275,9 @@ def test_an_id_the_wire_cannot_carry_fails_at_once_on_the_sender():
     tx = ZmqKVSender(cfg, rank_pool(2, 1, 0), ReshardPlan(2, 1, 1))
     tx.connect(0, rx.endpoint, wait=False)
     try:
-        with pytest.raises(ValueError, match="request id of 300 characters"):
+        with pytest.raises(ValueError, match="request_id length 300 not in 1..256"):
             tx.send("r" * 300, 0, [1], [2], [1])
-        with pytest.raises(ValueError, match="transfer id of 257 characters"):
+        with pytest.raises(ValueError, match="transfer_id length 257 not in 1..256"):
             tx.send("r", 0, [1], [2], [1], transfer_id="t" * (MAX_ID_LEN + 1))
         assert len(tx.pins) == 0 and tx.finished() == [] and tx.bytes_sent == 0
         rid = "r" * (MAX_ID_LEN - len("/0->0"))            # the longest that fits

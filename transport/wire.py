@@ -28,8 +28,8 @@ import torch
 
 from .messages import WIRE_VERSION, Ack, Error, ErrorCode, Hello, KVBlocks, WireError, WireMessage
 
-__all__ = ["MAX_HEADER_BYTES", "DTYPES", "HEADER_TYPES", "WireLimits", "dtype_name", "encode",
-           "decode_header", "header_ids", "validate_kv_header"]
+__all__ = ["MAX_HEADER_BYTES", "MAX_ID_LEN", "DTYPES", "HEADER_TYPES", "WireLimits", "dtype_name", "encode",
+           "decode_header", "header_ids", "check_ids", "validate_kv_header"]
 
 MAX_HEADER_BYTES = 1 << 20
 MAX_ID_LEN = 256
@@ -150,16 +150,25 @@ class WireLimits:
         return DTYPES[self.dtype].itemsize
 
 
+def check_ids(request_id: str, transfer_id: str, max_len: int = MAX_ID_LEN) -> None:
+    """Both ids 1..``max_len`` characters long, else :class:`WireError` (``REQUEST_ID``).
+
+    A receiver refuses longer ones and can echo them only cut (:func:`header_ids`), so a
+    sender checks before it sends: an ERROR it could not match would leave the blocks
+    pinned until the lease ends.
+    """
+    for name, v in (("request_id", request_id), ("transfer_id", transfer_id)):
+        if not 0 < len(v) <= max_len:
+            raise WireError(ErrorCode.REQUEST_ID, f"{name} length {len(v)} not in 1..{max_len}")
+
+
 def validate_kv_header(msg: KVBlocks, frames: Sequence[Any], limits: WireLimits) -> None:
     """Check a decoded KV_BLOCKS header and its frames against ``limits``.
 
     Nothing is written before this returns; any failure raises
     :class:`WireError` with the matching :class:`ErrorCode`.
     """
-    for name in ("request_id", "transfer_id"):
-        v = getattr(msg, name)
-        if not 0 < len(v) <= limits.max_id_len:
-            raise WireError(ErrorCode.REQUEST_ID, f"{name} length {len(v)} not in 1..{limits.max_id_len}")
+    check_ids(msg.request_id, msg.transfer_id, limits.max_id_len)
     if len(msg.layers) != 2 or not 0 <= msg.layers[0] < msg.layers[1] <= limits.num_layers:
         raise WireError(ErrorCode.LAYER_RANGE, f"layer range {list(msg.layers)} is not "
                         f"[first, last) within 0..{limits.num_layers}")

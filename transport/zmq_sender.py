@@ -23,7 +23,7 @@ from .liveness import LinkWatch, set_keepalive
 from .pins import PinTable, ReleaseFn
 from .resharding import ReshardPlan, gather_heads
 from .messages import Ack, Error, Hello, KVBlocks, WireError, WireMessage
-from .wire import MAX_ID_LEN, decode_header, encode
+from .wire import check_ids, decode_header, encode
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +197,10 @@ class ZmqKVSender(KVSender):
                              f"epochs {len(epochs)}")
         first, last = layers if layers is not None else (0, len(self.kv_caches))
         tid = transfer_id or f"{request_id}/{self.tp_rank}->{dst_rank}"
-        for name, value in (("request id", request_id), ("transfer id", tid)):
-            if not 0 < len(value) <= MAX_ID_LEN:   # the receiver's ERROR could not name it
-                raise ValueError(f"{name} of {len(value)} characters: the KV wire takes "
-                                 f"1..{MAX_ID_LEN}")
+        try:
+            check_ids(request_id, tid)
+        except WireError as exc:
+            raise ValueError(exc.message) from None
         tr = self._transfers.setdefault(tid, _Transfer(request_id, dst_rank))
         if tr.final or tr.done:
             raise TransportError(f"transfer {tid!r} already had its final message")

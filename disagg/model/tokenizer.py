@@ -45,7 +45,8 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 
 
 class ModelTokenizer:
-    """Encode, chat-template and decode for the router (see the module docstring)."""
+    """Encode, chat-template and decode for the router and the engine (see the module
+    docstring)."""
 
     def __init__(self, tokenizer: Tokenizer, chat_template: str | None,
                  special_tokens: dict[str, str]) -> None:

@@ -26,7 +26,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from router.dispatch import Dispatcher
@@ -35,6 +35,7 @@ from router.openapi_schema import install_openapi
 from router.model_limits import check_context, check_model, check_token_ids, default_max_tokens
 from router.protocol import parse_request
 from router.responder import Responder, ResponseSpec, wait_or_disconnect
+from router.streaming import SSEResponse
 
 log = logging.getLogger("disagg.router")
 
@@ -133,8 +134,8 @@ def create_app(dispatcher: Dispatcher, registry: CollectorRegistry, tokenizer, m
                             timing=request.headers.get("x-disagg-timing") == "1")
         responder = Responder(dispatcher, reqs, tokenizer, model_name, spec)
         if parsed.stream:
-            return StreamingResponse(responder.stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return SSEResponse(responder, metrics.router_overhead.labels(direction="egress"),
+                               headers={"Cache-Control": "no-cache"})
         try:
             body = await wait_or_disconnect(responder.whole(), request.is_disconnected,
                                             responder.abort)

@@ -3,6 +3,8 @@
 One HTTP request may own several :class:`Inflight` (``n`` > 1, ``best_of``,
 several prompts): they share one ``events`` queue and each puts
 ``(index, event)`` on it, ``index`` being its sequence number in the response.
+A streamed response replaces that queue, once its headers are out, with itself
+(:class:`router.streaming.SSEResponse`, which writes each event as it comes).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Inflight:
     decode: str
     prefill: str | None
     route: str                                   # the decision: "local" | "remote"
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)   # or an SSEResponse
     num_output: int = 0                          # tokens handed to the client so far
     output_ids: list = field(default_factory=list)   # those tokens (a migration resumes them)
     migrations: int = 0                          # times moved off a lost decode node

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from router.detokenizer import OutputText
 from router.dispatch import Dispatcher
@@ -76,6 +75,8 @@ class Responder:
         self.id = ("chatcmpl-" if spec.chat else "cmpl-") + reqs[0].rid
         self.created = int(time.time())
         self.prompt_tokens = sum(len(r.prompt) for r in reqs[::spec.copies])
+        self.live = len(reqs)            # sequences not yet ended (streaming)
+        self.ended = False               # the stream's last bytes were rendered
         if spec.echo_texts is not None:
             for i, seq in enumerate(self.seqs):
                 seq.offset = len(spec.echo_texts[i // spec.copies])
@@ -158,44 +159,35 @@ class Responder:
         make = chat_response if spec.chat else completion_response
         return make(self.id, self.model, self.created, choices, *self._usage())
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """SSE events up to ``[DONE]``; every sequence is aborted if the client leaves.
+    def render(self, batch: list[tuple[int, Event]]) -> tuple[bytes, list[float]]:
+        """The SSE bytes for ``batch`` (``(index, event)`` pairs, in arrival order) and
+        the node's send times of the tokens they carry (for the egress metric).
 
-        Each wakeup takes every event already queued (one engine step brings
-        one per sequence) and yields their chunks as one write; the last write
-        also carries the usage chunk and ``[DONE]``.
+        The bytes after the last sequence's end (or after an error, which ends the
+        stream) also carry the usage chunk, when asked for, and ``[DONE]``; from then
+        on :attr:`ended` is True and further events render as nothing.
         """
-        egress = self.d.metrics.router_overhead.labels(direction="egress")
-        try:
-            live, failed = len(self.seqs), False
-            while live and not failed:
-                batch = [await self.events.get()]
-                while not self.events.empty():
-                    batch.append(self.events.get_nowait())
-                out, sent = [], []
-                for i, event in batch:
-                    chunk, error = self._chunk_or_error(i, event)
-                    if error is not None:
-                        out.append(sse(error.body()))
-                        failed = True
-                        break
-                    if chunk is not None:
-                        out.append(sse(chunk))
-                    if event.sent_at is not None and event.token_ids:
-                        sent.append(event.sent_at)
-                    live -= event.finished
-                if not live or failed:
-                    if not failed and self.spec.include_usage:
-                        make = chat_usage_chunk if self.spec.chat else completion_usage_chunk
-                        out.append(sse(make(self.id, self.model, self.created, *self._usage())))
-                    out.append(SSE_DONE)
-                if out:
-                    yield b"".join(out)
-                now = time.monotonic()
-                for at in sent:
-                    egress.observe(max(now - at, 0.0))
-        finally:
-            self.abort()        # no-op for sequences that ended
+        if self.ended:
+            return b"", []
+        out, sent = [], []
+        for i, event in batch:
+            chunk, error = self._chunk_or_error(i, event)
+            if error is not None:
+                out += [sse(error.body()), SSE_DONE]
+                self.ended = True
+                return b"".join(out), sent
+            if chunk is not None:
+                out.append(sse(chunk))
+            if event.sent_at is not None and event.token_ids:
+                sent.append(event.sent_at)
+            self.live -= event.finished
+        if not self.live:
+            if self.spec.include_usage:
+                make = chat_usage_chunk if self.spec.chat else completion_usage_chunk
+                out.append(sse(make(self.id, self.model, self.created, *self._usage())))
+            out.append(SSE_DONE)
+            self.ended = True
+        return b"".join(out), sent
 
     def _chunk_or_error(self, i: int, event: Event) -> tuple[dict | None, ProtocolError | None]:
         """Sequence ``i``'s chunk for ``event``, or the error that ends the stream."""

@@ -20,6 +20,7 @@ from router.nodes import NodeRegistry
 from router.openapi_schema import ChatCompletion, Completion
 from router.policy import make_policy
 from router.responder import Responder, ResponseSpec
+from router.streaming import SSEResponse
 from disagg.model.tokenizer import ModelTokenizer
 
 pytestmark = needs_smollm2
@@ -128,8 +129,20 @@ def test_echo_with_logprobs_but_no_prompt_logprobs_is_a_server_error(dispatcher,
 
 
 async def _collect(responder: Responder) -> list[bytes]:
-    """The stream's SSE events (one write may carry several)."""
-    writes = [w async for w in responder.stream()]
+    """The stream's SSE events (one write may carry several), through the ASGI response
+    the router returns, with a client that stays."""
+    messages = []
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()
+
+    await SSEResponse(responder)({"type": "http"}, receive, send)
+    assert messages[0]["type"] == "http.response.start"
+    assert messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    writes = [m["body"] for m in messages[1:-1]]
     assert all(w.endswith(b"\n\n") for w in writes)
     return [e + b"\n\n" for e in b"".join(writes).split(b"\n\n")[:-1]]
 

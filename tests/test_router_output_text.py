@@ -106,7 +106,7 @@ def test_stop_string_held_back_until_finish(tok, text):
 
 @pytest.mark.parametrize("text", STOP_TEXTS)
 def test_stop_string_never_streamed_like_responder(tok, text):
-    """As ``Responder.stream`` does it: add() each event's ids, end() the finishing one."""
+    """As ``Responder.render`` does it: add() each event's ids, end() the finishing one."""
     ids = ids_of(tok, text)
     k, final = engine_stop(tok, ids, STOP)
     out = OutputText(tok, (STOP,))

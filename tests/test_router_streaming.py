@@ -119,6 +119,14 @@ def tok(smollm2_dir):
     return ModelTokenizer.from_dir(smollm2_dir)
 
 
+@pytest.fixture
+def d():
+    dispatcher = Dispatcher(NodeRegistry("m"), make_policy("local"),
+                            RouterMetrics(CollectorRegistry()), "tcp://127.0.0.1:*")
+    yield dispatcher
+    asyncio.run(dispatcher.close())
+
+
 def submitted(dispatcher: Dispatcher, tok, copies: int) -> list[Inflight]:
     """``copies`` sequences of one prompt, in flight in ``dispatcher``, on one queue."""
     events: asyncio.Queue = asyncio.Queue()
@@ -151,63 +159,53 @@ class Client:
 
 
 @needs_smollm2
-def test_sse_response_writes_each_event_as_it_is_delivered(tok):
+def test_sse_response_writes_each_event_as_it_is_delivered(d, tok):
     async def run():
-        d = Dispatcher(NodeRegistry("m"), make_policy("local"),
-                       RouterMetrics(CollectorRegistry()), "tcp://127.0.0.1:*")
-        try:
-            [req] = submitted(d, tok, 1)
-            words = tok.encode(" one two")
-            req.deliver(Event(words[:1], [None]))          # before the response started
-            client = Client()
-            responder = Responder(d, [req], tok, "m", ResponseSpec(chat=False))
-            task = asyncio.ensure_future(SSEResponse(responder)({"type": "http"},
-                                                                client.receive, client.send))
-            await asyncio.sleep(0.01)
-            assert len(client.writes()) == 1               # the queued event, at start
-            req.deliver(Event(words[1:], [None]))
-            assert len(client.writes()) == 2               # written inside deliver itself
-            req.deliver(Event([], [], True, "length", " one two"))
-            await asyncio.wait_for(task, 5)
-            events = b"".join(client.writes()).split(b"\n\n")[:-1]
-            assert events[-1] == b"data: [DONE]"
-            texts = [json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]]
-            assert "".join(texts) == " one two"
-            assert client.messages[-1]["more_body"] is False
-        finally:
-            await d.close()
+        [req] = submitted(d, tok, 1)
+        words = tok.encode(" one two")
+        req.deliver(Event(words[:1], [None]))          # before the response started
+        client = Client()
+        responder = Responder(d, [req], tok, "m", ResponseSpec(chat=False))
+        task = asyncio.ensure_future(SSEResponse(responder)({"type": "http"},
+                                                            client.receive, client.send))
+        await asyncio.sleep(0.01)
+        assert len(client.writes()) == 1               # the queued event, at start
+        req.deliver(Event(words[1:], [None]))
+        assert len(client.writes()) == 2               # written inside deliver itself
+        req.deliver(Event([], [], True, "length", " one two"))
+        await asyncio.wait_for(task, 5)
+        events = b"".join(client.writes()).split(b"\n\n")[:-1]
+        assert events[-1] == b"data: [DONE]"
+        texts = [json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]]
+        assert "".join(texts) == " one two"
+        assert client.messages[-1]["more_body"] is False
 
     asyncio.run(run())
 
 
 @needs_smollm2
-def test_sse_response_coalesces_a_steps_events_and_aborts_when_the_client_leaves(tok):
+def test_sse_response_coalesces_a_steps_events_and_aborts_when_the_client_leaves(d, tok):
     async def run():
-        d = Dispatcher(NodeRegistry("m"), make_policy("local"),
-                       RouterMetrics(CollectorRegistry()), "tcp://127.0.0.1:*")
-        try:
-            reqs = submitted(d, tok, 2)
-            client = Client()
-            responder = Responder(d, reqs, tok, "m", ResponseSpec(chat=False, n=2, copies=2))
-            task = asyncio.ensure_future(SSEResponse(responder)({"type": "http"},
-                                                                client.receive, client.send))
-            await asyncio.sleep(0.01)
-            word = tok.encode(" yes")
-            for req in reqs:                               # one engine step's tokens
-                req.deliver(Event(word, [None]))
-            assert client.writes() == []                   # not yet: at the loop's next turn
-            await asyncio.sleep(0.01)
-            [write] = client.writes()                      # both chunks, one write
-            assert [json.loads(e[6:])["choices"][0]["index"]
-                    for e in write.split(b"\n\n")[:-1]] == [0, 1]
-            client.gone.set()
-            await asyncio.wait_for(task, 5)
-            assert d.inflight == {}                        # both sequences aborted
-            reqs[0].deliver(Event(word, [None]))           # a late token is dropped
-            await asyncio.sleep(0.01)
-            assert len(client.writes()) == 1
-            assert all(m.get("more_body", True) for m in client.messages)   # no end sent
-        finally:
-            await d.close()
+        reqs = submitted(d, tok, 2)
+        client = Client()
+        responder = Responder(d, reqs, tok, "m", ResponseSpec(chat=False, n=2, copies=2))
+        task = asyncio.ensure_future(SSEResponse(responder)({"type": "http"},
+                                                            client.receive, client.send))
+        await asyncio.sleep(0.01)
+        word = tok.encode(" yes")
+        for req in reqs:                               # one engine step's tokens
+            req.deliver(Event(word, [None]))
+        assert client.writes() == []                   # not yet: at the loop's next turn
+        await asyncio.sleep(0.01)
+        [write] = client.writes()                      # both chunks, one write
+        assert [json.loads(e[6:])["choices"][0]["index"]
+                for e in write.split(b"\n\n")[:-1]] == [0, 1]
+        client.gone.set()
+        await asyncio.wait_for(task, 5)
+        assert d.inflight == {}                        # both sequences aborted
+        reqs[0].deliver(Event(word, [None]))           # a late token is dropped
+        await asyncio.sleep(0.01)
+        assert len(client.writes()) == 1
+        assert all(m.get("more_body", True) for m in client.messages)   # no end sent
 
     asyncio.run(run())

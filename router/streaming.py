@@ -27,7 +27,7 @@ from starlette.responses import Response
 
 from router.responder import Responder
 
-log = logging.getLogger("router.streaming")
+log = logging.getLogger("disagg.router")
 
 Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
@@ -78,12 +78,9 @@ class EagerSender:
             return
         coro = self._send({"type": "http.response.body", "body": body, "more_body": True})
         try:
-            waiting = coro.send(None)
+            waiting = coro.send(None)         # an error raised here reaches the caller
         except StopIteration:
             return
-        except BaseException:
-            coro.close()
-            raise
         self._backlog = []
         self._task = asyncio.ensure_future(self._finish(_Resume(coro, waiting)))
 

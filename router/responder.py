@@ -6,7 +6,8 @@ on one shared queue. Sequence ``index`` is prompt-major: prompt ``p``'s copies
 are ``p * copies ... p * copies + copies - 1``; with ``best_of`` the ``n``
 copies of highest cumulative logprob become choices ``p * n ...``, otherwise
 choice index = sequence index. A stream interleaves the choices' chunks, each
-carrying its ``index``.
+carrying its ``index``; :meth:`Responder.render` makes them, and
+:class:`router.streaming.SSEResponse` writes them as the events arrive.
 
 Text is decoded by the router (it holds the tokenizer) incrementally, with
 what a stream must hold back (incomplete characters, possible stop-string

@@ -1,14 +1,18 @@
-"""router.streaming: the eager ASGI sender (in order, through a send that has to wait,
-errors, cancellation) and the pushed SSE response (written as events arrive, one
-write per loop turn for several sequences, client disconnect aborts), over plain
-ASGI callables; the HTTP path is covered by the router's HTTP tests."""
+"""router.streaming: the eager ASGI sender (in order, behind a send that has to wait,
+also through uvicorn to a client that stops reading; errors; cancellation) and the
+pushed SSE response (written as events arrive, one write per loop turn for several
+sequences, client disconnect aborts) over plain ASGI callables; the router's HTTP
+tests cover the same path end to end."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
+import httpx
 import pytest
+import uvicorn
 from prometheus_client import CollectorRegistry
 
 from conftest import needs_smollm2
@@ -110,6 +114,43 @@ def test_eager_sender_close_cancels_a_waiting_send():
         assert cleaned == [b"a"]                   # the waiting send saw its cancellation
 
     asyncio.run(run())
+
+
+def test_eager_sender_through_uvicorn_to_a_client_that_stops_reading():
+    """The suspension path against the real server: 8 MiB written at once, in 64 KiB
+    chunks, while the client reads nothing for a while (uvicorn's send then waits
+    for the socket to drain); every byte arrives, in order."""
+    chunks = [bytes([i]) * 65536 for i in range(128)]
+    state = {}
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        writer = EagerSender(send, on_error=pytest.fail)
+        for chunk in chunks:
+            writer.write(chunk)
+        state["waited"] = writer._task is not None     # some send had to wait
+        await writer.drain()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def run():
+        sock = socket.create_server(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+        serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+        try:
+            while not server.started:
+                await asyncio.sleep(0.01)
+            url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+            async with httpx.AsyncClient(timeout=30) as client:
+                async with client.stream("GET", url) as r:
+                    await asyncio.sleep(0.5)                # not reading
+                    body = b"".join([b async for b in r.aiter_bytes()])
+        finally:
+            server.should_exit = True
+            await serving
+        return body
+
+    assert asyncio.run(run()) == b"".join(chunks)
+    assert state["waited"]
 
 
 # ---- SSEResponse over a real Responder, Dispatcher (unstarted) and tokenizer -----------

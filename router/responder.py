@@ -165,11 +165,9 @@ class Responder:
         the node's send times of the tokens they carry (for the egress metric).
 
         The bytes after the last sequence's end (or after an error, which ends the
-        stream) also carry the usage chunk, when asked for, and ``[DONE]``; from then
-        on :attr:`ended` is True and further events render as nothing.
+        stream) also carry the usage chunk, when asked for, and ``[DONE]``, and set
+        :attr:`ended`: the caller renders nothing more.
         """
-        if self.ended:
-            return b"", []
         out, sent = [], []
         for i, event in batch:
             chunk, error = self._chunk_or_error(i, event)

@@ -28,8 +28,8 @@ import torch
 
 from .messages import WIRE_VERSION, Ack, Error, ErrorCode, Hello, KVBlocks, WireError, WireMessage
 
-__all__ = ["MAX_HEADER_BYTES", "MAX_ID_LEN", "DTYPES", "HEADER_TYPES", "WireLimits", "dtype_name", "encode",
-           "decode_header", "header_ids", "check_ids", "validate_kv_header"]
+__all__ = ["MAX_HEADER_BYTES", "MAX_ID_LEN", "DTYPES", "HEADER_TYPES", "WireLimits", "dtype_name",
+           "encode", "decode_header", "header_ids", "check_ids", "validate_kv_header"]
 
 MAX_HEADER_BYTES = 1 << 20
 MAX_ID_LEN = 256

@@ -56,6 +56,8 @@ def test_tiny_run_reports_every_level():
     assert "--concurrency 1,4" in out["command"] and "--client stamped" in out["command"]
     assert out["client"] == "stamped"
     _finite_positive(out["http_baseline"]["health_rtt_ms"], ("p50", "p99"))
+    hop = out["loopback_hop_us"]
+    assert hop["probes"] == 10 and 0 < hop["p50"] <= hop["p99"] < 1e6   # microseconds
     assert set(out["results"]) == {"1", "4"}
     for level, row in out["results"].items():
         assert row["concurrency"] == int(level)
@@ -66,6 +68,10 @@ def test_tiny_run_reports_every_level():
             assert row[key]["p50"] <= row[key]["p99"]
         _finite_positive(row["ttft_ms"], ("p50",))
         _finite_positive(row["node_step_ms"], ("p50",))
+        fan = row["step_fanout_ms"]     # one stream: every step counts
+        assert fan["steps"] >= 1 if level == "1" else fan["steps"] >= 0
+        if fan["steps"]:
+            assert 0 < fan["first"] <= fan["median"] <= fan["last"] < 1000, fan
         _finite_positive(row, ("wall_s", "egress_router_side_ms_mean"))
         # CPU clocks tick every 10 ms, so a tiny level may read 0; never seconds per token
         for key in ("router_cpu_us_per_token", "client_cpu_us_per_token"):

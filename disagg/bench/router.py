@@ -37,9 +37,20 @@ the router and the client, ``egress_router_side_ms_mean`` is the router's own
 worker) over the level divided by the tokens streamed: the per-token cost behind
 the fan-out, less noisy than the latencies on a shared machine;
 ``client_cpu_us_per_token`` the same for this process (the client), which on a
-small machine competes with the router for the cores. The same run
-measures a bare HTTP round trip (``GET /health``) through the same client as a
-floor.
+small machine competes with the router for the cores. One engine step brings
+every stream's token in one message, which the router writes out stream by
+stream: ``step_fanout_ms`` is, over the steps that reached at least three
+quarters of the streams, the median egress of each step's first, middle and
+last stream (so ``median - first`` is the wait behind the other streams' chunks,
+and ``first`` the node → router → client path itself).
+
+The same run measures two floors through the same machine: a bare HTTP round
+trip (``GET /health``) through the same client, and ``loopback_hop_us``, one
+process sending a timestamp over loopback TCP to this process's event loop
+(send → its callback running; no router, no HTTP): what every process-to-process
+hop of the path pays here at the least, as wake-up and scheduling cost. The
+request path crosses several such hops (client → router → node; node → router
+→ client).
 """
 
 from __future__ import annotations
@@ -48,12 +59,16 @@ import argparse
 import asyncio
 import functools
 import json
+import multiprocessing
 import shlex
 import shutil
+import socket
+import struct
 import sys
 import tempfile
 import time
 import urllib.parse
+from collections import defaultdict
 
 import numpy as np
 import psutil
@@ -79,7 +94,8 @@ def add_router_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
     p.add_argument("--warmup", type=int, default=4, help="untimed requests before measuring")
     p.add_argument("--health-probes", type=int, default=200,
-                   help="GET /health round trips for the bare-HTTP baseline")
+                   help="GET /health round trips for the bare-HTTP baseline, and as many "
+                        "loopback hops for the process-to-process baseline")
     p.add_argument("--router-workers", type=int, default=1,
                    help="router processes sharing the HTTP port (disagg serve --router-workers)")
     p.add_argument("--uplinks", choices=("on", "off"), default="on",
@@ -207,6 +223,23 @@ async def _level(streams_reads: list, model: str, per_stream: int,
     return raw, time.monotonic() - t0
 
 
+def _fanout(runs: list[dict], streams: int) -> dict:
+    """Per engine step (the chunks the node sent at one ``sent_at``), its first, middle
+    and last stream's egress; the median of each over the steps that reached at least
+    three quarters of ``streams`` (earlier and later steps of a level reach fewer)."""
+    by_step: dict[float, list[float]] = defaultdict(list)
+    for r in runs:
+        for egress, sent in zip(r["egress"], r["sent"]):
+            by_step[sent].append(egress)
+    full = [sorted(v) for v in by_step.values() if len(v) >= max(1, streams * 3 // 4)]
+    if not full:
+        return {"steps": 0}
+    return {"steps": len(full),
+            **{name: round(float(np.median([v[pick(len(v))] for v in full])) * 1e3, 3)
+               for name, pick in (("first", lambda n: 0), ("median", lambda n: n // 2),
+                                  ("last", lambda n: n - 1))}}
+
+
 def _row(streams: int, raw: list, wall: float) -> dict:
     """One level's figures from its requests' starts and reads."""
     runs = [_parse(start, reads) for start, reads in raw]
@@ -223,7 +256,8 @@ def _row(streams: int, raw: list, wall: float) -> dict:
            "dispatch_ms": _ms([r["dispatch"] for r in runs], 50, 99),
            "router_only_overhead_ms": _ms(router_only, 50, 99),
            "ttft_ms": _ms([r["ttft"] for r in runs], 50),
-           "node_step_ms": _ms(steps or [0.0], 50)}
+           "node_step_ms": _ms(steps or [0.0], 50),
+           "step_fanout_ms": _fanout(runs, streams)}
     row["meets_target"] = row["router_overhead_ms"]["p50"] < TARGET_P50_MS
     row["router_only_meets_target"] = \
         row["router_only_overhead_ms"]["p50"] <= ROUTER_ONLY_TARGET_P50_MS
@@ -285,6 +319,59 @@ class _Client:
             c.close()
 
 
+_STAMP = struct.Struct("!d")
+HOP_INTERVAL_S = 0.005     # between a hop's probes: the receiver is asleep when each comes
+
+
+def _hop_sender(port: int, probes: int) -> None:
+    """The sending process of :func:`loopback_hop`: ``probes`` timestamps, one at a time."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(probes):
+            time.sleep(HOP_INTERVAL_S)
+            sock.sendall(_STAMP.pack(time.monotonic()))
+
+
+class _HopReceiver(asyncio.Protocol):
+    def __init__(self, hops: list[float], done: asyncio.Future) -> None:
+        self.hops, self.done, self.buf = hops, done, b""
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.buf += data
+        while len(self.buf) >= _STAMP.size:
+            self.hops.append(now - _STAMP.unpack_from(self.buf)[0])
+            self.buf = self.buf[_STAMP.size:]
+
+    def connection_lost(self, exc) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def loopback_hop(probes: int) -> dict:
+    """One-way latency, in microseconds, of a timestamp sent by another process over
+    loopback TCP to this event loop (send → ``data_received``): the least a
+    process-to-process hop costs on this machine. The sender is a fresh process."""
+    loop = asyncio.get_running_loop()
+    hops: list[float] = []
+    done = loop.create_future()
+    server = await loop.create_server(lambda: _HopReceiver(hops, done), "127.0.0.1", 0)
+    sender = multiprocessing.get_context("spawn").Process(
+        target=_hop_sender, args=(server.sockets[0].getsockname()[1], probes), daemon=True)
+    try:
+        sender.start()
+        await asyncio.wait_for(done, timeout=60 + probes * HOP_INTERVAL_S * 4)
+    finally:
+        server.close()
+        sender.join(5)
+    if sender.exitcode != 0 or len(hops) != probes:
+        raise RuntimeError(f"the loopback hop sender exited {sender.exitcode} after "
+                           f"{len(hops)} of {probes} probes")
+    us = np.asarray(hops) * 1e6
+    return {"probes": probes, "p50": round(float(np.percentile(us, 50)), 1),
+            "p99": round(float(np.percentile(us, 99)), 1)}
+
+
 def _cpu_seconds(procs: list[psutil.Process]) -> float:
     """User + system CPU seconds used so far by ``procs``."""
     return sum(sum(p.cpu_times()[:2]) for p in procs)
@@ -306,6 +393,8 @@ async def _drive(url: str, router_urls: list[str], router_pids: list[int],
                 _parse(*await _request(reader, model, PROMPTS[i % len(PROMPTS)], a.max_tokens))
             baseline = await client.health_rtt(a.health_probes)
             _log(f"bare HTTP round trip (GET /health): p50 {baseline['p50']} ms")
+            hop = await loopback_hop(a.health_probes)
+            _log(f"loopback hop between two processes: p50 {hop['p50']} us")
             results = {}
             for streams in levels:
                 _log(f"concurrency {streams}: {streams * a.requests} requests...")
@@ -321,14 +410,17 @@ async def _drive(url: str, router_urls: list[str], router_pids: list[int],
                 row["egress_router_side_ms_mean"] = round((s1 - s0) / (n1 - n0) * 1e3, 3) \
                     if n1 > n0 else None
                 results[str(streams)] = row
+                fan = row["step_fanout_ms"]
                 _log(f"concurrency {streams}: overhead p50 {row['router_overhead_ms']['p50']} "
                      f"ms, router-only p50 {row['router_only_overhead_ms']['p50']} ms, router "
                      f"CPU {row['router_cpu_us_per_token']} us/token, client "
-                     f"{row['client_cpu_us_per_token']} "
-                     f"({row['wall_s']} s)")
+                     f"{row['client_cpu_us_per_token']}; a step's streams got their chunk "
+                     f"after {fan.get('first')} / {fan.get('median')} / {fan.get('last')} ms "
+                     f"(first / median / last) ({row['wall_s']} s)")
         finally:
             client.close()
-    return {"client": a.client, "http_baseline": {"health_rtt_ms": baseline}, "results": results}
+    return {"client": a.client, "http_baseline": {"health_rtt_ms": baseline},
+            "loopback_hop_us": hop, "results": results}
 
 
 def _log(text: str) -> None:

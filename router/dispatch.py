@@ -90,7 +90,7 @@ class Dispatcher:
                 else None
             if host is not None:
                 self.uplinks = Uplinks(host, uplink_port, self.handle, self._uplink_hello,
-                                       self._uplink_lost)
+                                       self._uplink_lost, self._downlink_switch)
             elif uplink_port:
                 raise ValueError(f"an uplink port needs a tcp:// control address, not "
                                  f"{self.address}")
@@ -176,6 +176,11 @@ class Dispatcher:
         """An uplink of ``node_id``'s process ``pid`` said hello: confirm it to the node."""
         self.send(node_id, m.UplinkReady(node_id, pid))
 
+    def _downlink_switch(self, node_id: str, port: int) -> None:
+        """The last message to ``node_id`` on the control socket: the rest take its uplink
+        (the connection from its ``port``; not written to before this returns)."""
+        self.send(node_id, m.DownlinkSwitch(node_id, port))
+
     def _uplink_lost(self, node_id: str, pid: int) -> None:
         """The uplink of ``node_id``'s process ``pid`` ended: lost, if still registered."""
         node = self.registry.nodes.get(node_id)
@@ -184,9 +189,17 @@ class Dispatcher:
 
     # ---- sending ---------------------------------------------------------
     def send(self, node_id: str, msg, frame: bytes | None = None) -> bool:
-        """Send ``msg`` (or its already-encoded ``frame``) to ``node_id``; False if unreachable."""
+        """Send ``msg`` (or its already-encoded ``frame``) to ``node_id``, on its uplink when
+        the node reads one (``router.uplinks``), else on the control socket; False if
+        unreachable."""
+        frame = frame or m.encode(msg)
+        if self.uplinks is not None and self.uplinks.send(node_id, frame):
+            return True
+        return self._send_control(node_id, frame)
+
+    def _send_control(self, node_id: str, frame: bytes) -> bool:
         try:
-            fut = self.sock.send_multipart([node_id.encode(), frame or m.encode(msg)])
+            fut = self.sock.send_multipart([node_id.encode(), frame])
         except zmq.ZMQError as exc:
             log.warning("cannot reach node %s: %s", node_id, exc)
             return False

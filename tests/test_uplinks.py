@@ -6,12 +6,18 @@
   uplink brings waits for that uplink's ``UplinkSwitch``, whichever comes first; an
   uplink that ends counts as its node's connection ending, unless a newer one replaced
   it or the node restarted; a stream that does not begin with ``UplinkHello`` is cut;
+- the router's messages on the uplink: a node whose hello says ``downlink`` gets
+  ``DownlinkSwitch`` (naming its end of the connection) as the control socket's last
+  message once its uplink is released, and everything after on the uplink; a node
+  whose hello does not, and a node whose uplink ended, get the control socket;
 - the node (a real :class:`NodeServer` on a tiny engine, a scripted control socket and
   a plain listening socket as the router): it opens the offered uplink, says
   ``UplinkHello`` there, sends nothing on it until the router's ``UplinkReady`` (a wrong
   port swallows nothing), then ``UplinkSwitch`` on the control socket; sends its tokens on
   the uplink, goes back to the control socket when the uplink ends, and opens a new one
-  for a new router process; an offered port that refuses the connection is tried again
+  for a new router process; what the router writes on the uplink waits for its
+  ``DownlinkSwitch`` for that connection (one naming another is ignored), then runs in
+  order; an offered port that refuses the connection is tried again
   (after a wait that doubles), and the node switches once something listens there;
 - the node's writer never blocks: what the kernel does not take waits, and past the
   limit a send is refused.
@@ -20,8 +26,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import select
 import socket
 import time
 
@@ -33,6 +41,7 @@ from disagg.control.framing import FrameReader, framed
 from disagg.node import router_links
 from disagg.node import uplink as node_uplink
 from disagg.node.uplink import Uplink, UplinkClosed
+from router.dispatch import Dispatcher
 from router_helpers import recording_dispatcher, register_message
 from test_node_server_lifecycle import LONG, running_node
 
@@ -150,6 +159,36 @@ def test_an_uplink_must_begin_with_its_hello():
     _router_scenario(body)
 
 
+def test_the_router_writes_on_the_uplink_of_a_node_that_reads_it():
+    async def body(d):
+        send = functools.partial(Dispatcher.send, d)      # the real send, not the recorder
+        reader, w = await _uplink(d, m.UplinkHello("d0", 10, downlink=True))
+        await _until(lambda: d.uplinks.connected() == {"d0": 10})
+        assert not d.uplinks.send("d0", m.encode(m.Abort("early")))   # not released yet
+        d.handlers.handle("d0", m.UplinkSwitch("d0", 10), b"")
+        port = w.get_extra_info("sockname")[1]
+        assert d.sent[-1] == ("d0", m.DownlinkSwitch("d0", port))      # control socket
+        assert send("d0", m.Abort("r1")) and send("d0", m.Abort("r2"))
+        frames = FrameReader()
+        got: list = []
+        while len(got) < 2:
+            got += [m.decode(f) for f in frames.feed(await asyncio.wait_for(reader.read(4096), 5))]
+        assert got == [m.Abort("r1"), m.Abort("r2")]
+        w.close()
+        await _until(lambda: not d.uplinks.connected())
+        assert not d.uplinks.send("d0", m.encode(m.Abort("r3")))       # ended: control socket
+        # a node whose hello does not offer the downlink (an older node) never gets one
+        d.handlers.handle("d0", register_message("d0", pid=11), b"")
+        _, w2 = await _uplink(d, m.UplinkHello("d0", 11))
+        d.handlers.handle("d0", m.UplinkSwitch("d0", 11), b"")
+        await _until(lambda: d.uplinks.connected() == {"d0": 11})
+        assert not any(isinstance(msg, m.DownlinkSwitch) and msg.port != port
+                       for _, msg in d.sent)
+        assert not d.uplinks.send("d0", m.encode(m.Abort("r4")))
+        w2.close()
+    _router_scenario(body)
+
+
 # ---------------------------------------------------------------- the node's side
 
 class _Listener:
@@ -221,12 +260,79 @@ def test_the_node_sends_on_its_uplink_and_falls_back_when_it_ends(tiny_llama):
             router.send(m.Registered("decode-0", "router-b", listener.port))   # new router
             conn2, reader2 = listener.accept()
             hello = m.decode(_read_first(conn2, reader2))
-            assert hello == m.UplinkHello("decode-0", os.getpid())
+            assert hello == m.UplinkHello("decode-0", os.getpid(), downlink=True)
             router.send(m.UplinkReady("decode-0", os.getpid()))
             router.recv(m.UplinkSwitch)
             router.send(m.Generate("c", [5, 6, 7], {**LONG, "max_tokens": 2}, False))
             _read_until(conn2, reader2, m.StepTokens, _finished("c"))
             conn2.close()
+    finally:
+        listener.close()
+
+
+def test_the_node_holds_the_routers_frames_until_their_switch_and_reads_up_to_the_end():
+    listener = _Listener()
+    up = Uplink("127.0.0.1", listener.port, "d0", 7)
+    try:
+        conn, reader = listener.accept()
+        up.flush()
+        assert m.decode(_read_first(conn, reader)) == m.UplinkHello("d0", 7, downlink=True)
+        conn.sendall(framed(b"one") + framed(b"two")[:5])
+        select.select([up.fd], [], [], 5)
+        assert up.receive() == []                           # held until the switch
+        assert up.switch_down(up.local_port + 1) is None    # another connection's switch
+        conn.sendall(framed(b"two")[5:])
+        select.select([up.fd], [], [], 5)
+        assert up.receive() == [] and not up.down
+        assert up.switch_down(up.local_port) == [b"one", b"two"]
+        conn.sendall(framed(b"three"))
+        conn.close()
+        frames = []
+        while not up.broken:
+            select.select([up.fd], [], [], 5)
+            try:
+                frames += up.receive()
+            except UplinkClosed:
+                break
+        assert frames == [b"three"] and up.ended == "the router closed it"
+        with pytest.raises(UplinkClosed, match="the router closed it"):
+            up.receive()
+    finally:
+        up.close()
+        listener.close()
+
+
+def test_the_node_reads_the_routers_messages_on_its_uplink_after_the_switch(tiny_llama):
+    listener = _Listener()
+    try:
+        with running_node(tiny_llama) as (router, server, stop, drain, thread):
+            router.send(m.Registered("decode-0", "router-a", listener.port))
+            conn, reader = listener.accept()
+            assert m.decode(_read_first(conn, reader)) == \
+                m.UplinkHello("decode-0", os.getpid(), downlink=True)
+            router.send(m.UplinkReady("decode-0", os.getpid()))
+            router.recv(m.UplinkSwitch)
+            port = conn.getpeername()[1]             # the node's end of the connection
+
+            def generate(rid: str) -> m.Generate:
+                return m.Generate(rid, [5, 6, 7], {**LONG, "max_tokens": 2}, False)
+
+            conn.sendall(framed(m.encode(generate("a"))))         # before the switch: held
+            router.send(m.DownlinkSwitch("decode-0", port + 1))   # another connection's
+            conn.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                conn.recv(65536)                                  # "a" did not run
+            conn.settimeout(30)
+            router.send(generate("b"))               # the control socket, before the switch
+            router.send(m.DownlinkSwitch("decode-0", port))
+            conn.sendall(framed(m.encode(generate("c"))))         # after it
+            seen = []
+            for rid in "abc":
+                if not any(t.rid == rid and t.finished for x in seen for t in x.items):
+                    seen += _read_until(conn, reader, m.StepTokens, _finished(rid))
+            first = [t.rid for x in seen for t in x.items]
+            assert sorted(set(first), key=first.index) == ["b", "a", "c"]   # in sent order
+            conn.close()
     finally:
         listener.close()
 
@@ -260,7 +366,7 @@ def test_a_refused_uplink_is_tried_again_until_it_opens(tiny_llama, monkeypatch,
             conn.settimeout(30)
             reader = FrameReader()
             assert m.decode(_read_first(conn, reader)) == \
-                m.UplinkHello("decode-0", os.getpid())
+                m.UplinkHello("decode-0", os.getpid(), downlink=True)
             router.send(m.UplinkReady("decode-0", os.getpid()))
             router.recv(m.UplinkSwitch)
             router.send(m.Generate("b", [5, 6, 7], {**LONG, "max_tokens": 2}, False))

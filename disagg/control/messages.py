@@ -28,7 +28,9 @@ Node life: ``Register`` → ``Registered``; then, when the router has an uplink
 listener, the node opens its uplink (``UplinkHello`` on it; the router answers
 ``UplinkReady``; ``UplinkSwitch`` on the control socket) and sends everything but
 ``Register`` and heartbeats there (``router.uplinks``: a plain TCP stream, without
-ZeroMQ's I/O threads in between); ``Heartbeat`` every
+ZeroMQ's I/O threads in between); a node that says so in its hello also gets the
+router's messages on it, after ``DownlinkSwitch`` (the control socket's last message
+from the router); ``Heartbeat`` every
 ``heartbeat_s``; a router that does not know a heartbeating node answers
 ``RegisterAgain`` (it restarted, or dropped the node as dead). On SIGTERM a
 node sends ``Drain``, finishes its requests, then ``Deregister`` and exits.
@@ -117,10 +119,13 @@ class Registered(ControlMessage):
 
 class UplinkHello(ControlMessage):
     """Node → router, the first frame on a new uplink (``router.uplinks``): whose
-    connection it is (``pid`` tells a restarted node's uplink from its old one's)."""
+    connection it is (``pid`` tells a restarted node's uplink from its old one's).
+    ``downlink``: the node also reads the router's messages on it (added later, so
+    with a default: the router keeps writing to an older node's control socket)."""
 
     node_id: str
     pid: int
+    downlink: bool = False
 
 
 class UplinkReady(ControlMessage):
@@ -138,6 +143,16 @@ class UplinkSwitch(ControlMessage):
 
     node_id: str
     pid: int
+
+
+class DownlinkSwitch(ControlMessage):
+    """Router → node on the control socket: the last message there before the router's
+    messages to the node move to its uplink, the connection from the node's local
+    ``port``. The node handles what that uplink brings only after this, so messages
+    sent before the switch come first."""
+
+    node_id: str
+    port: int
 
 
 class Refused(ControlMessage):
@@ -313,7 +328,7 @@ DRAINING = "the node is draining"
 MESSAGES = {cls.__name__: cls for cls in (
     Register, Registered, Refused, RegisterAgain, Heartbeat, Generate, KVTarget, Prefill, FirstToken,
     KVSent, Tokens, StepTokens, Fallback, Abort, Drain, Deregister, Rejected, UplinkHello,
-    UplinkReady, UplinkSwitch)}
+    UplinkReady, UplinkSwitch, DownlinkSwitch)}
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[tuple(MESSAGES.values())])

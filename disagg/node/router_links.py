@@ -199,14 +199,33 @@ class RouterLink:
         self._retry_at, self._retry_s = None, UPLINK_RETRY_S
         log.info("router %s: uplink open (port %d)", self.address, self.uplink.port)
 
-    def check_uplink(self, ready: dict) -> None:
-        """``ready`` (a poll's result) names the uplink: it ended (or its connection
-        failed); close it."""
-        if self.uplink is not None and self.uplink.fd in ready:
-            try:
-                self.uplink.check()
-            except UplinkClosed as exc:
-                self._uplink_broke(exc)
+    def check_uplink(self, ready: dict) -> list[bytes]:
+        """``ready`` (a poll's result) names the uplink: the router's frames it brought
+        (none before the router's ``DownlinkSwitch``); an uplink that ended (or whose
+        connection failed) is closed, after the frames that came before its end."""
+        if self.uplink is None or self.uplink.fd not in ready:
+            return []
+        try:
+            frames = self.uplink.receive()
+        except UplinkClosed as exc:
+            self._uplink_broke(exc)
+            return []
+        if self.uplink.broken:
+            self._uplink_broke(UplinkClosed(f"the uplink to {self.uplink.host}:"
+                                            f"{self.uplink.port} ended: {self.uplink.ended}"))
+        return frames
+
+    def downlink_switch(self, msg: m.DownlinkSwitch) -> list[bytes]:
+        """The router's last control-socket message before it writes on the uplink: the
+        frames the uplink brought meanwhile, to handle next (none when the switch is
+        for an uplink already closed: the router will count that one's end)."""
+        held = self.uplink.switch_down(msg.port) if self.uplink is not None else None
+        if held is None:
+            log.info("router %s: a DownlinkSwitch for an uplink no longer open (port %d)",
+                     self.address, msg.port)
+            return []
+        log.info("router %s: its messages now come on the uplink", self.address)
+        return held
 
     def tend_uplink(self, node_id: str) -> None:
         """Each loop turn: push on what waits on the uplink (its hello first, once

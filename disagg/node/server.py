@@ -3,9 +3,10 @@
 One thread, one engine, one DEALER socket per router (``router_links``: ``--router``
 may name several routers, or a DNS name standing for all of them) and, once
 registered, an uplink to each router that offers one, which carries everything the
-node sends but ``Register`` and heartbeats (``disagg.node.uplink``)::
+node sends but ``Register`` and heartbeats, and, once the router said
+``DownlinkSwitch``, everything the router sends (``disagg.node.uplink``)::
 
-    loop:  poll the routers' control sockets (no wait while the engine has work)
+    loop:  poll the routers' control sockets and uplinks (no wait while the engine has work)
            → role handler: each message   (Generate / Prefill / FirstToken / Abort …)
            → engine.step() while it has work, timed; while its model runs (on the
              engine's model thread) this thread keeps receiving: a new request's
@@ -270,19 +271,22 @@ class NodeServer:
 
     def _received(self, ready: dict):
         """``(link, message)`` for every message waiting on the links ``ready`` (a
-        poll's result) names, decoded (malformed ones dropped); an uplink that turned
-        readable ended, and is closed."""
+        poll's result) names, in the order the router sent them: its control socket's
+        up to its ``DownlinkSwitch``, then what the uplink brought (decoded; malformed
+        frames dropped). An uplink that ended is closed."""
         for link in list(self.links.links.values()):
-            link.check_uplink(ready)
+            frames = link.check_uplink(ready)
             while link.sock in ready:
                 try:
                     frame = link.sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                try:
-                    yield link, m.decode(frame)
-                except m.ControlError as exc:
-                    log.error("dropped a malformed control frame: %s", exc)
+                for msg in _decoded([frame]):
+                    if isinstance(msg, m.DownlinkSwitch):
+                        yield from ((link, held) for held in _decoded(link.downlink_switch(msg)))
+                    else:
+                        yield link, msg
+            yield from ((link, msg) for msg in _decoded(frames))
 
     def _admits_during_step(self, msg) -> bool:
         """Whether ``msg`` can be handled while the model runs: a request new to the
@@ -377,3 +381,12 @@ class NodeServer:
                 os.close(fd)
             except OSError:
                 pass                          # closed already (close() called twice)
+
+
+def _decoded(frames: list[bytes]):
+    """The messages in ``frames``, in order; a malformed frame is logged and skipped."""
+    for frame in frames:
+        try:
+            yield m.decode(frame)
+        except m.ControlError as exc:
+            log.error("dropped a malformed control frame: %s", exc)

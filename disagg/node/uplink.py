@@ -6,10 +6,16 @@ kernel: the socket is non-blocking, and what the kernel does not take at once
 waits in a buffer that every later send and :meth:`Uplink.flush` push on, so
 a router that reads slowly never stalls the engine loop. Past
 ``MAX_BUFFERED_BYTES`` waiting, a send is refused (the caller logs the drop),
-as the control socket refuses a send past its high-water mark. The router
-never writes to an uplink: the socket turning readable means it ended. A
-failed write or read marks the uplink ``broken``; its owner closes it (after
-taking its descriptor out of any poller).
+as the control socket refuses a send past its high-water mark.
+
+The same connection brings the router's messages the other way (the node says
+so in its hello): the loop thread reads them when the socket turns readable
+(:meth:`Uplink.receive`), and holds them until the router's ``DownlinkSwitch``
+for this connection came on the control socket (:meth:`Uplink.switch_down`),
+so they follow everything the router sent there before. End of stream, or
+bytes that cannot be frames, end the uplink. A failed write or read marks the
+uplink ``broken``; its owner closes it (after taking its descriptor out of any
+poller).
 
 Connecting never blocks either: the connection is begun, the hello waits in the
 buffer, and each later send or flush first checks whether it is made. One not
@@ -27,11 +33,12 @@ import socket
 import time
 
 from disagg.control import messages as m
-from disagg.control.framing import framed
+from disagg.control.framing import FrameReader, framed
 
 log = logging.getLogger("disagg.node")
 
-MAX_BUFFERED_BYTES = 64 << 20
+MAX_BUFFERED_BYTES = 64 << 20   # written, not yet taken by the kernel; also the most
+                                # read and held before the router's DownlinkSwitch
 CONNECT_TIMEOUT_S = 2.0     # an uplink not connected by then has failed
 
 
@@ -61,9 +68,15 @@ class Uplink:
         #: the connection is made (until then frames wait in the buffer)
         self.connected = err == 0
         self._connect_by = time.monotonic() + CONNECT_TIMEOUT_S
-        #: the socket's descriptor (poll it for reading: readable = ended)
+        #: the socket's descriptor (poll it for reading: the router's frames, or its end)
         self.fd: int = self.sock.fileno()
-        self._out = bytearray(framed(m.encode(m.UplinkHello(node_id, pid))))
+        self._out = bytearray(framed(m.encode(m.UplinkHello(node_id, pid, downlink=True))))
+        self._reader = FrameReader()
+        self._held: list[bytes] = []    # the router's frames before its DownlinkSwitch
+        #: the router's DownlinkSwitch for this connection was handled
+        self.down = False
+        #: why it ended, once :meth:`receive` found it ended (``broken`` is then set)
+        self.ended: str | None = None
         #: the router confirmed the hello (``UplinkReady``): messages may take it
         self.ready = False
         self.broken = False         # set on a failed write or read; the owner closes it
@@ -135,22 +148,58 @@ class Uplink:
             self.broken = True
             raise UplinkClosed(f"the uplink to {self.host}:{self.port} broke: {exc}") from None
 
-    def check(self) -> None:
-        """The socket polled readable: raises :class:`UplinkClosed` (the router sends
-        nothing here, so that is its end, or bytes that do not belong; or, while
-        connecting, that the connection failed)."""
+    @property
+    def local_port(self) -> int:
+        """This end's TCP port (what the router's ``DownlinkSwitch`` names)."""
+        return self.sock.getsockname()[1]
+
+    def receive(self) -> list[bytes]:
+        """The socket polled readable: the router's frames that came, in order (none
+        before its ``DownlinkSwitch``: those are held). Once the stream ended (or brought
+        bytes that are not frames, or failed, or its connection could not be made) the
+        uplink is ``broken`` and :attr:`ended` says why: frames read before the end are
+        still returned; :class:`UplinkClosed` when there are none."""
         if not self._made():
-            return
-        try:
-            data = self.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            data, why = b"", str(exc)
-        else:
-            why = "the router closed it" if not data else f"unexpected bytes {data[:40]!r}"
-        self.broken = True
-        raise UplinkClosed(f"the uplink to {self.host}:{self.port} ended: {why}")
+            return []
+        frames: list[bytes] = []
+        while self.ended is None:
+            try:
+                data = self.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.ended = str(exc)
+                break
+            if not data:
+                self.ended = "the router closed it"
+                break
+            try:
+                frames += self._reader.feed(data)
+            except m.ControlError as exc:
+                self.ended = str(exc)
+            if len(data) < 1 << 16:       # drained (a further recv would only say so)
+                break
+        if not self.down and frames:
+            self._held += frames
+            frames = []
+            if sum(map(len, self._held)) > MAX_BUFFERED_BYTES and self.ended is None:
+                self.ended = f"over {MAX_BUFFERED_BYTES} bytes came before DownlinkSwitch"
+        if self.ended is not None:
+            self.broken = True
+            if not frames:
+                raise UplinkClosed(f"the uplink to {self.host}:{self.port} ended: "
+                                   f"{self.ended}")
+        return frames
+
+    def switch_down(self, port: int) -> list[bytes] | None:
+        """The router's ``DownlinkSwitch`` for the connection from ``port``: what this
+        uplink brought so far, in order, and its later frames straight from
+        :meth:`receive`. None when ``port`` is not this connection's (an older one's)."""
+        if port != self.local_port:
+            return None
+        self.down = True
+        held, self._held = self._held, []
+        return held
 
     def close(self, linger_ms: int = 0) -> None:
         """Close, first waiting up to ``linger_ms`` for what waits to leave (idempotent)."""

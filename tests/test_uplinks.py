@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -225,49 +226,58 @@ def _finished(rid):
     return lambda msg: any(t.rid == rid and t.finished for t in msg.items)
 
 
-def test_the_node_sends_on_its_uplink_and_falls_back_when_it_ends(tiny_llama):
+@contextlib.contextmanager
+def _node_with_uplink(model: str):
+    """:func:`running_node` offered an uplink on a plain listener: yields ``(router,
+    server, listener, conn, reader)`` once the node's hello came on ``conn``."""
     listener = _Listener()
     try:
-        with running_node(tiny_llama) as (router, server, stop, drain, thread):
+        with running_node(model) as (router, server, stop, drain, thread):
             router.send(m.Registered("decode-0", "router-a", listener.port))
             conn, reader = listener.accept()
-            assert isinstance(m.decode(_read_first(conn, reader)), m.UplinkHello)
-            # unconfirmed: its tokens still take the control socket
-            router.send(m.Generate("pre", [5, 6, 7], {**LONG, "max_tokens": 2}, False))
-            router.recv(m.StepTokens, where=_finished("pre"))
-            router.send(m.UplinkReady("decode-0", os.getpid() + 1))     # not this process's
-            router.send(m.UplinkReady("decode-0", os.getpid()))
-            switch = router.recv(m.UplinkSwitch)
-            assert switch == m.UplinkSwitch("decode-0", os.getpid())
-            router.send(m.Generate("a", [5, 6, 7, 8, 9], {**LONG, "max_tokens": 4}, False))
-            seen = _read_until(conn, reader, m.StepTokens, _finished("a"))
-            assert sum(len(t.new_token_ids) for s in seen if isinstance(s, m.StepTokens)
-                       for t in s.items if t.rid == "a") == 4
-            router.send(m.Registered("decode-0", "router-a", listener.port))  # a re-ack
-            for _ in range(3):                      # what the control socket got meanwhile
-                router.recv(m.Heartbeat)
-            assert not any(isinstance(x, (m.StepTokens, m.UplinkSwitch, m.UplinkHello))
-                           for x in router.got[router.got.index(switch) + 1:])
-            (link,) = server.links.links.values()
-            uplink = link.uplink
-            conn.close()                            # the router's side ends it
-            deadline = time.monotonic() + 10
-            while link.uplink is not None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert link.uplink is None and uplink.closed
-            router.send(m.Generate("b", [5, 6, 7], {**LONG, "max_tokens": 3}, False))
-            router.recv(m.StepTokens, where=_finished("b"))     # back on the control socket
-            router.send(m.Registered("decode-0", "router-b", listener.port))   # new router
-            conn2, reader2 = listener.accept()
-            hello = m.decode(_read_first(conn2, reader2))
-            assert hello == m.UplinkHello("decode-0", os.getpid(), downlink=True)
-            router.send(m.UplinkReady("decode-0", os.getpid()))
-            router.recv(m.UplinkSwitch)
-            router.send(m.Generate("c", [5, 6, 7], {**LONG, "max_tokens": 2}, False))
-            _read_until(conn2, reader2, m.StepTokens, _finished("c"))
-            conn2.close()
+            assert m.decode(_read_first(conn, reader)) == \
+                m.UplinkHello("decode-0", os.getpid(), downlink=True)
+            yield router, server, listener, conn, reader
     finally:
         listener.close()
+
+
+def test_the_node_sends_on_its_uplink_and_falls_back_when_it_ends(tiny_llama):
+    with _node_with_uplink(tiny_llama) as (router, server, listener, conn, reader):
+        # unconfirmed: its tokens still take the control socket
+        router.send(m.Generate("pre", [5, 6, 7], {**LONG, "max_tokens": 2}, False))
+        router.recv(m.StepTokens, where=_finished("pre"))
+        router.send(m.UplinkReady("decode-0", os.getpid() + 1))     # not this process's
+        router.send(m.UplinkReady("decode-0", os.getpid()))
+        switch = router.recv(m.UplinkSwitch)
+        assert switch == m.UplinkSwitch("decode-0", os.getpid())
+        router.send(m.Generate("a", [5, 6, 7, 8, 9], {**LONG, "max_tokens": 4}, False))
+        seen = _read_until(conn, reader, m.StepTokens, _finished("a"))
+        assert sum(len(t.new_token_ids) for s in seen if isinstance(s, m.StepTokens)
+                   for t in s.items if t.rid == "a") == 4
+        router.send(m.Registered("decode-0", "router-a", listener.port))  # a re-ack
+        for _ in range(3):                      # what the control socket got meanwhile
+            router.recv(m.Heartbeat)
+        assert not any(isinstance(x, (m.StepTokens, m.UplinkSwitch, m.UplinkHello))
+                       for x in router.got[router.got.index(switch) + 1:])
+        (link,) = server.links.links.values()
+        uplink = link.uplink
+        conn.close()                            # the router's side ends it
+        deadline = time.monotonic() + 10
+        while link.uplink is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert link.uplink is None and uplink.closed
+        router.send(m.Generate("b", [5, 6, 7], {**LONG, "max_tokens": 3}, False))
+        router.recv(m.StepTokens, where=_finished("b"))     # back on the control socket
+        router.send(m.Registered("decode-0", "router-b", listener.port))   # new router
+        conn2, reader2 = listener.accept()
+        hello = m.decode(_read_first(conn2, reader2))
+        assert hello == m.UplinkHello("decode-0", os.getpid(), downlink=True)
+        router.send(m.UplinkReady("decode-0", os.getpid()))
+        router.recv(m.UplinkSwitch)
+        router.send(m.Generate("c", [5, 6, 7], {**LONG, "max_tokens": 2}, False))
+        _read_until(conn2, reader2, m.StepTokens, _finished("c"))
+        conn2.close()
 
 
 def test_the_node_holds_the_routers_frames_until_their_switch_and_reads_up_to_the_end():
@@ -303,38 +313,30 @@ def test_the_node_holds_the_routers_frames_until_their_switch_and_reads_up_to_th
 
 
 def test_the_node_reads_the_routers_messages_on_its_uplink_after_the_switch(tiny_llama):
-    listener = _Listener()
-    try:
-        with running_node(tiny_llama) as (router, server, stop, drain, thread):
-            router.send(m.Registered("decode-0", "router-a", listener.port))
-            conn, reader = listener.accept()
-            assert m.decode(_read_first(conn, reader)) == \
-                m.UplinkHello("decode-0", os.getpid(), downlink=True)
-            router.send(m.UplinkReady("decode-0", os.getpid()))
-            router.recv(m.UplinkSwitch)
-            port = conn.getpeername()[1]             # the node's end of the connection
+    with _node_with_uplink(tiny_llama) as (router, server, listener, conn, reader):
+        router.send(m.UplinkReady("decode-0", os.getpid()))
+        router.recv(m.UplinkSwitch)
+        port = conn.getpeername()[1]             # the node's end of the connection
 
-            def generate(rid: str) -> m.Generate:
-                return m.Generate(rid, [5, 6, 7], {**LONG, "max_tokens": 2}, False)
+        def generate(rid: str) -> m.Generate:
+            return m.Generate(rid, [5, 6, 7], {**LONG, "max_tokens": 2}, False)
 
-            conn.sendall(framed(m.encode(generate("a"))))         # before the switch: held
-            router.send(m.DownlinkSwitch("decode-0", port + 1))   # another connection's
-            conn.settimeout(0.5)
-            with pytest.raises(TimeoutError):
-                conn.recv(65536)                                  # "a" did not run
-            conn.settimeout(30)
-            router.send(generate("b"))               # the control socket, before the switch
-            router.send(m.DownlinkSwitch("decode-0", port))
-            conn.sendall(framed(m.encode(generate("c"))))         # after it
-            seen = []
-            for rid in "abc":
-                if not any(t.rid == rid and t.finished for x in seen for t in x.items):
-                    seen += _read_until(conn, reader, m.StepTokens, _finished(rid))
-            first = [t.rid for x in seen for t in x.items]
-            assert sorted(set(first), key=first.index) == ["b", "a", "c"]   # in sent order
-            conn.close()
-    finally:
-        listener.close()
+        conn.sendall(framed(m.encode(generate("a"))))         # before the switch: held
+        router.send(m.DownlinkSwitch("decode-0", port + 1))   # another connection's
+        conn.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            conn.recv(65536)                                  # "a" did not run
+        conn.settimeout(30)
+        router.send(generate("b"))               # the control socket, before the switch
+        router.send(m.DownlinkSwitch("decode-0", port))
+        conn.sendall(framed(m.encode(generate("c"))))         # after it
+        seen = []
+        for rid in "abc":
+            if not any(t.rid == rid and t.finished for x in seen for t in x.items):
+                seen += _read_until(conn, reader, m.StepTokens, _finished(rid))
+        first = [t.rid for x in seen for t in x.items]
+        assert sorted(set(first), key=first.index) == ["b", "a", "c"]   # in sent order
+        conn.close()
 
 
 def _free_port() -> int:

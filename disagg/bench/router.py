@@ -333,6 +333,8 @@ def _hop_sender(port: int, probes: int) -> None:
 
 
 class _HopReceiver(asyncio.Protocol):
+    """The receiving end of :func:`loopback_hop`: each timestamp's age on arrival."""
+
     def __init__(self, hops: list[float], done: asyncio.Future) -> None:
         self.hops, self.done, self.buf = hops, done, b""
 

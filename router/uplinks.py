@@ -182,8 +182,7 @@ class Uplinks:
         held, uplink.held, uplink.held_bytes = uplink.held, [], 0
         for msg, frame in held:
             self.handle(uplink.node_id, msg, frame)
-        if uplink.downlink and not uplink.transport.is_closing() \
-                and self._current.get(uplink.node_id) is uplink:
+        if uplink.downlink and not uplink.transport.is_closing():    # it is the current one
             self.on_downlink(uplink.node_id, uplink.transport.get_extra_info("peername")[1])
             uplink.down = True
 

@@ -207,12 +207,11 @@ class RouterLink:
             return []
         try:
             frames = self.uplink.receive()
-        except UplinkClosed as exc:
+        except UplinkClosed as exc:              # its connection could not be made
             self._uplink_broke(exc)
             return []
-        if self.uplink.broken:
-            self._uplink_broke(UplinkClosed(f"the uplink to {self.uplink.host}:"
-                                            f"{self.uplink.port} ended: {self.uplink.ended}"))
+        if self.uplink.ended is not None:
+            self._uplink_broke(UplinkClosed(self.uplink.ended))
         return frames
 
     def downlink_switch(self, msg: m.DownlinkSwitch) -> list[bytes]:

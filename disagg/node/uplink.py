@@ -73,9 +73,10 @@ class Uplink:
         self._out = bytearray(framed(m.encode(m.UplinkHello(node_id, pid, downlink=True))))
         self._reader = FrameReader()
         self._held: list[bytes] = []    # the router's frames before its DownlinkSwitch
+        self._held_bytes = 0
         #: the router's DownlinkSwitch for this connection was handled
         self.down = False
-        #: why it ended, once :meth:`receive` found it ended (``broken`` is then set)
+        #: how it ended, once :meth:`receive` found it ended (``broken`` is then set)
         self.ended: str | None = None
         #: the router confirmed the hello (``UplinkReady``): messages may take it
         self.ready = False
@@ -155,10 +156,10 @@ class Uplink:
 
     def receive(self) -> list[bytes]:
         """The socket polled readable: the router's frames that came, in order (none
-        before its ``DownlinkSwitch``: those are held). Once the stream ended (or brought
-        bytes that are not frames, or failed, or its connection could not be made) the
-        uplink is ``broken`` and :attr:`ended` says why: frames read before the end are
-        still returned; :class:`UplinkClosed` when there are none."""
+        before its ``DownlinkSwitch``: those are held). When the stream ended (or brought
+        bytes that are not frames, or failed) the uplink is ``broken`` and :attr:`ended`
+        says why; frames read before the end are still returned. Raises
+        :class:`UplinkClosed` when its connection could not be made."""
         if not self._made():
             return []
         frames: list[bytes] = []
@@ -168,28 +169,28 @@ class Uplink:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self.ended = str(exc)
+                self._end(str(exc))
                 break
             if not data:
-                self.ended = "the router closed it"
+                self._end("the router closed it")
                 break
             try:
                 frames += self._reader.feed(data)
             except m.ControlError as exc:
-                self.ended = str(exc)
+                self._end(str(exc))
             if len(data) < 1 << 16:       # drained (a further recv would only say so)
                 break
-        if not self.down and frames:
-            self._held += frames
-            frames = []
-            if sum(map(len, self._held)) > MAX_BUFFERED_BYTES and self.ended is None:
-                self.ended = f"over {MAX_BUFFERED_BYTES} bytes came before DownlinkSwitch"
-        if self.ended is not None:
-            self.broken = True
-            if not frames:
-                raise UplinkClosed(f"the uplink to {self.host}:{self.port} ended: "
-                                   f"{self.ended}")
-        return frames
+        if self.down:
+            return frames
+        self._held += frames
+        self._held_bytes += sum(map(len, frames))
+        if self._held_bytes > MAX_BUFFERED_BYTES and self.ended is None:
+            self._end(f"over {MAX_BUFFERED_BYTES} bytes came before DownlinkSwitch")
+        return []
+
+    def _end(self, why: str) -> None:
+        self.ended = f"the uplink to {self.host}:{self.port} ended: {why}"
+        self.broken = True
 
     def switch_down(self, port: int) -> list[bytes] | None:
         """The router's ``DownlinkSwitch`` for the connection from ``port``: what this
@@ -198,7 +199,7 @@ class Uplink:
         if port != self.local_port:
             return None
         self.down = True
-        held, self._held = self._held, []
+        held, self._held, self._held_bytes = self._held, [], 0
         return held
 
     def close(self, linger_ms: int = 0) -> None:

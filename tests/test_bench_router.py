@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from disagg.bench.router import (
-    ROUTER_ONLY_TARGET_P50_MS, TARGET_P50_MS, add_router_bench_args, run_router_bench)
+from disagg.bench.router import add_router_bench_args, run_router_bench
+from disagg.bench.router_figures import ROUTER_ONLY_TARGET_P50_MS, TARGET_P50_MS
 from disagg.cli import build_parser
 from tests.conftest import needs_smollm2
 

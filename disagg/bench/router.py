@@ -58,27 +58,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import json
-import multiprocessing
 import shlex
 import shutil
-import socket
-import struct
 import sys
 import tempfile
 import time
 import urllib.parse
-from collections import defaultdict
 
-import numpy as np
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from disagg.bench.loopback_hop import loopback_hop
+from disagg.bench.router_figures import (
+    ROUTER_ONLY_TARGET_P50_MS, TARGET_P50_MS, level_figures, parse_stream, percentiles_ms)
 from disagg.bench.stamped_http import Connection
 from disagg.cpus import usable_cpus
 
-TARGET_P50_MS = 5.0              # overhead p50 (ingress + egress), the prototype's target
-ROUTER_ONLY_TARGET_P50_MS = 2.0  # router-only p50 at 32 streams, the serving-under-load target
 PROMPTS = ("The capital of France is", "Write a haiku about the sea.", "Once upon a time",
            "List three prime numbers:", "Explain what a router does in one sentence.",
            "def fibonacci(n):", "The quick brown fox", "Translate 'good morning' to Spanish:")
@@ -128,12 +123,6 @@ def _check(a: argparse.Namespace) -> list[int]:
     return levels
 
 
-def _ms(values: list[float], *qs: int) -> dict:
-    """Percentiles ``qs`` of ``values`` (seconds) in milliseconds."""
-    arr = np.asarray(values, dtype=float) * 1e3
-    return {f"p{q}": round(float(np.percentile(arr, q)), 3) for q in qs}
-
-
 def _command(a: argparse.Namespace) -> str:
     return shlex.join(["disagg", "bench", "router", "--model", a.model, "--kv-cache-memory",
                        a.kv_cache_memory, "--concurrency", a.concurrency, "--requests",
@@ -159,52 +148,13 @@ async def _httpx_reads(client, url: str, body: dict, headers: dict) -> list:
 
 async def _request(reads, model: str, prompt: str, max_tokens: int) -> tuple[float, list]:
     """One streamed completion, read through ``reads(body, headers)``: when it started
-    and its ``(stamp, bytes)`` reads, parsed later by :func:`_parse` (nothing is parsed
+    and its ``(stamp, bytes)`` reads, parsed later by
+    :func:`disagg.bench.router_figures.parse_stream` (nothing is parsed
     while streams run, so the client's CPU stays off the cores the router needs)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "temperature": 0.0, "ignore_eos": True, "stream_options": {"include_usage": True}}
     start = time.monotonic()
     return start, await reads(body, {"x-disagg-timing": "1"})
-
-
-def _parse(start: float, reads: list) -> dict:
-    """A streamed completion's ingress, per-chunk egress, TTFT and token count, from
-    its stamped reads."""
-    out = {"ingress": None, "dispatch": None, "egress": [], "sent": [], "ttft": None, "tokens": 0}
-    buf, done = b"", False
-    for now, data in reads:
-        buf += data
-        while b"\n\n" in buf and not done:
-            event, buf = buf.split(b"\n\n", 1)
-            done = _on_event(event, now, start, out)
-    if not done or out["ingress"] is None or not out["egress"]:
-        raise RuntimeError(f"a stream ended without [DONE] or timing fields: {out}")
-    return out
-
-
-def _on_event(event: bytes, now: float, start: float, out: dict) -> bool:
-    """Record one SSE event; True at ``[DONE]``."""
-    payload = event.removeprefix(b"data: ")
-    if payload == b"[DONE]":
-        return True
-    chunk = json.loads(payload)
-    if "error" in chunk:
-        raise RuntimeError(f"the stream carried an error: {chunk['error']}")
-    if chunk.get("usage"):
-        out["tokens"] = chunk["usage"]["completion_tokens"]
-    timing = chunk.get("disagg_timing")
-    if timing is None:
-        return False
-    if timing["ingress_s"] is not None:
-        out["ingress"] = timing["ingress_s"]
-    if timing.get("dispatch_s") is not None:
-        out["dispatch"] = timing["dispatch_s"]
-    if timing["sent_at"] is not None:
-        out["egress"].append(now - timing["sent_at"])
-        out["sent"].append(timing["sent_at"])
-        if out["ttft"] is None:
-            out["ttft"] = now - start
-    return False
 
 
 async def _level(streams_reads: list, model: str, per_stream: int,
@@ -221,47 +171,6 @@ async def _level(streams_reads: list, model: str, per_stream: int,
     t0 = time.monotonic()
     raw = [r for rs in await asyncio.gather(*(stream(s) for s in range(streams))) for r in rs]
     return raw, time.monotonic() - t0
-
-
-def _fanout(runs: list[dict], streams: int) -> dict:
-    """Per engine step (the chunks the node sent at one ``sent_at``), its first, middle
-    and last stream's egress; the median of each over the steps that reached at least
-    three quarters of ``streams`` (earlier and later steps of a level reach fewer)."""
-    by_step: dict[float, list[float]] = defaultdict(list)
-    for r in runs:
-        for egress, sent in zip(r["egress"], r["sent"]):
-            by_step[sent].append(egress)
-    full = [sorted(v) for v in by_step.values() if len(v) >= max(1, streams * 3 // 4)]
-    if not full:
-        return {"steps": 0}
-    return {"steps": len(full),
-            **{name: round(float(np.median([v[pick(len(v))] for v in full])) * 1e3, 3)
-               for name, pick in (("first", lambda n: 0), ("median", lambda n: n // 2),
-                                  ("last", lambda n: n - 1))}}
-
-
-def _row(streams: int, raw: list, wall: float) -> dict:
-    """One level's figures from its requests' starts and reads."""
-    runs = [_parse(start, reads) for start, reads in raw]
-    ingress = [r["ingress"] for r in runs]
-    egress = [e for r in runs for e in r["egress"]]
-    overhead = [r["ingress"] + float(np.median(r["egress"])) for r in runs]
-    router_only = [r["dispatch"] + float(np.median(r["egress"])) for r in runs]
-    steps = [b - a for r in runs for a, b in zip(r["sent"], r["sent"][1:])]
-    row = {"concurrency": streams, "requests": len(runs),
-           "tokens": sum(r["tokens"] for r in runs), "egress_samples": len(egress),
-           "wall_s": round(wall, 3),
-           "ingress_ms": _ms(ingress, 50, 99), "egress_ms": _ms(egress, 50, 99),
-           "router_overhead_ms": _ms(overhead, 50, 99),
-           "dispatch_ms": _ms([r["dispatch"] for r in runs], 50, 99),
-           "router_only_overhead_ms": _ms(router_only, 50, 99),
-           "ttft_ms": _ms([r["ttft"] for r in runs], 50),
-           "node_step_ms": _ms(steps or [0.0], 50),
-           "step_fanout_ms": _fanout(runs, streams)}
-    row["meets_target"] = row["router_overhead_ms"]["p50"] < TARGET_P50_MS
-    row["router_only_meets_target"] = \
-        row["router_only_overhead_ms"]["p50"] <= ROUTER_ONLY_TARGET_P50_MS
-    return row
 
 
 async def _router_egress(client, urls: list[str]) -> tuple[float, float]:
@@ -312,66 +221,11 @@ class _Client:
         finally:
             if conn is not None:
                 conn.close()
-        return {"probes": probes, **_ms(times, 50, 99)}
+        return {"probes": probes, **percentiles_ms(times, 50, 99)}
 
     def close(self) -> None:
         for c in self.conns:
             c.close()
-
-
-_STAMP = struct.Struct("!d")
-HOP_INTERVAL_S = 0.005     # between a hop's probes: the receiver is asleep when each comes
-
-
-def _hop_sender(port: int, probes: int) -> None:
-    """The sending process of :func:`loopback_hop`: ``probes`` timestamps, one at a time."""
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(probes):
-            time.sleep(HOP_INTERVAL_S)
-            sock.sendall(_STAMP.pack(time.monotonic()))
-
-
-class _HopReceiver(asyncio.Protocol):
-    """The receiving end of :func:`loopback_hop`: each timestamp's age on arrival."""
-
-    def __init__(self, hops: list[float], done: asyncio.Future) -> None:
-        self.hops, self.done, self.buf = hops, done, b""
-
-    def data_received(self, data: bytes) -> None:
-        now = time.monotonic()
-        self.buf += data
-        while len(self.buf) >= _STAMP.size:
-            self.hops.append(now - _STAMP.unpack_from(self.buf)[0])
-            self.buf = self.buf[_STAMP.size:]
-
-    def connection_lost(self, exc) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
-
-
-async def loopback_hop(probes: int) -> dict:
-    """One-way latency, in microseconds, of a timestamp sent by another process over
-    loopback TCP to this event loop (send → ``data_received``): the least a
-    process-to-process hop costs on this machine. The sender is a fresh process."""
-    loop = asyncio.get_running_loop()
-    hops: list[float] = []
-    done = loop.create_future()
-    server = await loop.create_server(lambda: _HopReceiver(hops, done), "127.0.0.1", 0)
-    sender = multiprocessing.get_context("spawn").Process(
-        target=_hop_sender, args=(server.sockets[0].getsockname()[1], probes), daemon=True)
-    try:
-        sender.start()
-        await asyncio.wait_for(done, timeout=60 + probes * HOP_INTERVAL_S * 4)
-    finally:
-        server.close()
-        sender.join(5)
-    if sender.exitcode != 0 or len(hops) != probes:
-        raise RuntimeError(f"the loopback hop sender exited {sender.exitcode} after "
-                           f"{len(hops)} of {probes} probes")
-    us = np.asarray(hops) * 1e6
-    return {"probes": probes, "p50": round(float(np.percentile(us, 50)), 1),
-            "p99": round(float(np.percentile(us, 99)), 1)}
 
 
 def _cpu_seconds(procs: list[psutil.Process]) -> float:
@@ -392,7 +246,7 @@ async def _drive(url: str, router_urls: list[str], router_pids: list[int],
             _log(f"warming up ({a.warmup} requests, {a.client} client)")
             reader = client.readers(1)[0]
             for i in range(a.warmup):
-                _parse(*await _request(reader, model, PROMPTS[i % len(PROMPTS)], a.max_tokens))
+                parse_stream(*await _request(reader, model, PROMPTS[i % len(PROMPTS)], a.max_tokens))
             baseline = await client.health_rtt(a.health_probes)
             _log(f"bare HTTP round trip (GET /health): p50 {baseline['p50']} ms")
             hop = await loopback_hop(a.health_probes)
@@ -405,7 +259,7 @@ async def _drive(url: str, router_urls: list[str], router_pids: list[int],
                 raw, wall = await _level(client.readers(streams), model, a.requests,
                                          a.max_tokens)
                 cpu, mine = _cpu_seconds(routers) - cpu0, _cpu_seconds(me) - mine0
-                row = _row(streams, raw, wall)
+                row = level_figures(streams, raw, wall)
                 (s0, n0), (s1, n1) = before, await _router_egress(http, router_urls)
                 row["router_cpu_us_per_token"] = round(cpu / max(row["tokens"], 1) * 1e6, 1)
                 row["client_cpu_us_per_token"] = round(mine / max(row["tokens"], 1) * 1e6, 1)

@@ -96,7 +96,8 @@ class CostBreakdown:
     disjoint): the decode node's running requests and queued prefill slowing the
     prefill, and the weighted stall the prefill inflicts on the running requests;
     ``local_contention_s`` (part of ``local_ttft_s``): the prefill node's queued
-    prefill slowing a local one the same way (see :mod:`router.policy`).
+    prefill slowing a local one the same way, and the decodes riding along it
+    (see :mod:`router.policy`).
     """
 
     local_ttft_s: float
@@ -184,7 +185,8 @@ class Calibration:
             raise ValueError(f"shared must be in [0, 1], got {shared!r}")
         fit = self.prefill["decode"].get(decode_node)
         tokens = decode_queue + uncached_decode
-        ttft = fit.predict(tokens) + self._ride_along(decode_node, tokens, num_running)
+        ride = self._ride_along(decode_node, tokens, num_running)
+        ttft = fit.predict(tokens) + ride
         stall = self.config.interference_weight * num_running * fit.slope * uncached_decode
         if prefill_node is None:
             return CostBreakdown(ttft, stall, None, None, None)
@@ -192,16 +194,20 @@ class Calibration:
         remote_tokens = prefill_queue + uncached_prefill
         prefill_s = p_fit.predict(remote_tokens)
         # On shared compute the other node's queued prefill runs on the same cores:
-        # moving a prompt from one queue to the other does not skip that work.
-        local_contention = shared * p_fit.slope * prefill_queue
-        contention = shared * (self._ride_along(decode_node, remote_tokens, num_running)
-                               + fit.slope * decode_queue)
+        # moving a prompt from one queue to the other does not skip that work, and the
+        # running decodes ride along all of it (both queues and the prompt), whichever
+        # node computes the prompt.
+        local_contention = shared * p_fit.slope * prefill_queue + (
+            self._ride_along(decode_node, tokens + shared * prefill_queue, num_running) - ride)
+        contention = shared * (
+            self._ride_along(decode_node, remote_tokens + shared * decode_queue, num_running)
+            + fit.slope * decode_queue)
         remote_stall = shared * self.config.interference_weight * num_running * fit.slope * uncached_prefill
         return CostBreakdown(ttft + local_contention, stall, prefill_s,
                              self.link.predict(transfer_bytes), self.remote_overhead.value,
                              contention, remote_stall, local_contention)
 
-    def _ride_along(self, decode_node: str, tokens: int, num_running: int) -> float:
+    def _ride_along(self, decode_node: str, tokens: float, num_running: int) -> float:
         """Seconds the decode node's running requests add to a prefill of ``tokens``
         on its compute: one decode of each per chunk step."""
         if not num_running:

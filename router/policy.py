@@ -9,11 +9,11 @@ no I/O, no clocks, deterministic, meant for one asyncio loop.
 
 The default :class:`CostModel` predicts both paths' time to first token::
 
-    local  = prefill_d(q_d + u_d) + ride(q_d + u_d)                 (TTFT)
+    local  = prefill_d(q_d + u_d) + ride(q_d + u_d + σ · q_p)       (TTFT)
            + σ · q_p · s_per_token_p                                (contention)
            + w · running · u_d · s_per_token_d                      (interference)
     remote = prefill_p(q_p + u_p) + link(bytes lacking on decode) + hop overhead
-           + σ · (ride(q_p + u_p) + q_d · s_per_token_d)            (contention)
+           + σ · (ride(q_p + u_p + σ · q_d) + q_d · s_per_token_d)  (contention)
            + σ · w · running · u_p · s_per_token_d                  (interference)
 
     ride(n) = steps(n) · per_seq_d · running, steps(n) = ceil(n / (chunk - running))
@@ -40,7 +40,10 @@ local chunk step, so the remote path pays the local path's two load terms
 (scaled by σ) on top of the transfer and the hops. Queues are shared the
 same way: the decode node's queued prefill runs on those cores too, so a
 remote prefill waits for it as much as a local one would (and a local one
-for the prefill node's queue). Moving a prompt to the other node's queue
+for the prefill node's queue), and the running decodes ride along both
+queues' chunk steps whichever node computes the prompt (counting the ride
+over one node's queue only made a decode queue that crossed a chunk boundary
+send prompts remote on 2 cores, and lose to ``--policy local``). Moving a prompt to the other node's queue
 skips no work there; measured on 2 cores (``disagg bench serve``), routing
 around a long local queue onto the same cores lost throughput to running
 two engines' threads at once. With σ = 1 and equal calibrated rates, remote

@@ -358,6 +358,23 @@ def test_shared_compute_a_backed_up_decode_queue_is_not_skipped_on_the_same_core
     assert d.route == "local", d.detail                             # both backed up alike
 
 
+@pytest.mark.parametrize("running,q_d,q_p", [(27, 1792, 0), (27, 0, 1792), (8, 4000, 300),
+                                              (0, 3000, 0), (40, 2000, 2100)])
+def test_shared_compute_with_equal_rates_remote_costs_exactly_the_transfer_and_hops(
+        running, q_d, q_p):
+    # both nodes at the same (prior) rates on the same cores: whatever the queues and the
+    # running decodes, the remote path differs from the local one only by what it adds.
+    # (Measured on 2 cores: with the ride-along counted over the decode queue for local
+    # but not for remote, a decode queue crossing a chunk boundary sent prompts remote.)
+    pol = CostModel()
+    b = pol.predict(placed(256, {0, 1}, running=running, q_d=q_d, q_p=q_p))
+    assert b.remote_cost_s - b.local_cost_s == pytest.approx(b.remote_transfer_s + b.remote_overhead_s)
+    d = pol.decide(placed(256, {0, 1}, running=running, q_d=q_d, q_p=q_p))
+    assert d.route == "local", d.detail
+    apart = pol.predict(placed(256, {2, 3}, running=running, q_d=q_d, q_p=q_p))
+    assert apart.local_contention_s == 0.0 and apart.shared_compute_s == 0.0
+
+
 def test_shared_compute_interference_follows_the_calibrated_decode_rate():
     pol = CostModel()
     before = pol.predict(placed(1024, {0, 1}, running=4)).remote_interference_s

@@ -7,7 +7,10 @@ streams the last one wrote ~3 ms after the message arrived on two cores. Here
 the message's handler renders and writes each stream's chunk itself, as it
 delivers the stream's event: :class:`SSEResponse` makes itself every sequence's
 event sink (``Inflight.events``) once its headers are out, and
-:class:`EagerSender` calls the ASGI ``send`` without a task.
+:class:`EagerSender` calls the ASGI ``send`` without a task. The response's end
+(the chunked encoding's last, empty chunk) goes in the same write as its last
+events: every write wakes the client, which on a small machine runs on the
+router's cores.
 
 An ASGI ``send`` is a coroutine, but the server's (uvicorn's) writes to the
 socket and returns without awaiting anything unless the client stopped reading
@@ -70,13 +73,18 @@ class EagerSender:
         self._send, self._on_error = send, on_error
         self._backlog: list[bytes] | None = None     # chunks behind a send that waits
         self._task: asyncio.Task | None = None
+        self.ended = False                           # the body's last chunk was written
 
-    def write(self, body: bytes) -> None:
-        """Send ``body`` (more to come) now, or after the send that is waiting."""
+    def write(self, body: bytes, more: bool = True) -> None:
+        """Send ``body`` now, or after the send that is waiting; ``more=False``: it is the
+        body's last chunk (the server ends the response with it, in the same write)."""
+        if self.ended:
+            raise RuntimeError("the response body has ended; nothing more can be written")
+        self.ended = not more
         if self._backlog is not None:
             self._backlog.append(body)
             return
-        coro = self._send({"type": "http.response.body", "body": body, "more_body": True})
+        coro = self._send({"type": "http.response.body", "body": body, "more_body": more})
         try:
             waiting = coro.send(None)         # an error raised here reaches the caller
         except StopIteration:
@@ -90,8 +98,9 @@ class EagerSender:
             while self._backlog:
                 body = b"".join(self._backlog)
                 self._backlog.clear()
+                # no write follows the last chunk: if it was written, it is in ``body``
                 await self._send({"type": "http.response.body", "body": body,
-                                  "more_body": True})
+                                  "more_body": not self.ended})
             self._backlog = None
         except Exception as exc:
             self._on_error(exc)
@@ -152,7 +161,9 @@ class SSEResponse(Response):
         batch, self._pending = self._pending, []
         try:
             body, sent = self.responder.render(batch)
-            if body:
+            if self.responder.ended:           # the end goes with the last chunk: one write
+                self._writer.write(body, more=False)
+            elif body:
                 self._writer.write(body)
         except Exception as exc:            # a failing stream must not break the caller
             self._fail(exc)                  # (the handler delivering a whole step)
@@ -189,7 +200,6 @@ class SSEResponse(Response):
             if self._ended.done():
                 self._ended.result()          # raises if a write failed
                 await self._writer.drain()
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             gone.cancel()
             if self._writer is not None:

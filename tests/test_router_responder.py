@@ -141,8 +141,9 @@ async def _collect(responder: Responder) -> list[bytes]:
 
     await SSEResponse(responder)({"type": "http"}, receive, send)
     assert messages[0]["type"] == "http.response.start"
-    assert messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
-    writes = [m["body"] for m in messages[1:-1]]
+    assert messages[-1]["type"] == "http.response.body"
+    assert [m["more_body"] for m in messages[1:]] == [True] * (len(messages) - 2) + [False]
+    writes = [m["body"] for m in messages[1:]]                 # the last ends the body too
     assert all(w.endswith(b"\n\n") for w in writes)
     return [e + b"\n\n" for e in b"".join(writes).split(b"\n\n")[:-1]]
 

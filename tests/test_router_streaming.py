@@ -72,6 +72,33 @@ def test_eager_sender_queues_behind_a_send_that_waits_and_keeps_order():
     asyncio.run(run())
 
 
+def test_eager_sender_last_chunk_ends_the_body_in_the_same_send():
+    async def run():
+        sent, gate = [], asyncio.Event()
+
+        async def send(message):
+            if message["body"] == b"slow":
+                await gate.wait()
+            sent.append((message["body"], message["more_body"]))
+
+        direct = EagerSender(send, on_error=pytest.fail)
+        direct.write(b"a")
+        direct.write(b"end", more=False)
+        assert sent == [(b"a", True), (b"end", False)] and direct.ended
+        with pytest.raises(RuntimeError, match="ended"):
+            direct.write(b"late")
+        sent.clear()
+        queued = EagerSender(send, on_error=pytest.fail)
+        queued.write(b"slow")
+        queued.write(b"x")
+        queued.write(b"end", more=False)              # behind the waiting send
+        gate.set()
+        await queued.drain()
+        assert sent == [(b"slow", True), (b"xend", False)]
+
+    asyncio.run(run())
+
+
 def test_eager_sender_errors_reach_the_caller_or_on_error():
     async def run():
         errors, gate = [], asyncio.Event()
@@ -215,11 +242,12 @@ def test_sse_response_writes_each_event_as_it_is_delivered(d, tok):
         assert len(client.writes()) == 2               # written inside deliver itself
         req.deliver(Event([], [], True, "length", " one two"))
         await asyncio.wait_for(task, 5)
+        assert len(client.writes()) == 3               # the end went with the last chunk
+        assert client.messages[-1]["more_body"] is False
         events = b"".join(client.writes()).split(b"\n\n")[:-1]
         assert events[-1] == b"data: [DONE]"
         texts = [json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]]
         assert "".join(texts) == " one two"
-        assert client.messages[-1]["more_body"] is False
 
     asyncio.run(run())
 

@@ -43,10 +43,10 @@ remote prefill waits for it as much as a local one would (and a local one
 for the prefill node's queue), and the running decodes ride along both
 queues' chunk steps whichever node computes the prompt (counting the ride
 over one node's queue only made a decode queue that crossed a chunk boundary
-send prompts remote on 2 cores, and lose to ``--policy local``). Moving a prompt to the other node's queue
-skips no work there; measured on 2 cores (``disagg bench serve``), routing
-around a long local queue onto the same cores lost throughput to running
-two engines' threads at once. With σ = 1 and equal calibrated rates, remote
+send prompts remote on 2 cores, and lose to ``--policy local``). Moving a
+prompt to the other node's queue skips no work there; measured on 2 cores
+(``disagg bench serve``), routing around a long local queue onto the same
+cores lost throughput to running two engines' threads at once. With σ = 1 and equal calibrated rates, remote
 so wins only when the prefill node holds more of the prompt in its prefix
 cache than the transfer and hops cost; on a machine too small to split the
 nodes the router learns to prefill locally (the rates stay online-calibrated

@@ -16,7 +16,7 @@ import socket
 import struct
 import time
 
-import numpy as np
+from disagg.bench.router_figures import percentiles
 
 _STAMP = struct.Struct("!d")
 HOP_INTERVAL_S = 0.005     # between a hop's probes: the receiver is asleep when each comes
@@ -68,6 +68,4 @@ async def loopback_hop(probes: int) -> dict:
     if sender.exitcode != 0 or len(hops) != probes:
         raise RuntimeError(f"the loopback hop sender exited {sender.exitcode} after "
                            f"{len(hops)} of {probes} probes")
-    us = np.asarray(hops) * 1e6
-    return {"probes": probes, "p50": round(float(np.percentile(us, 50)), 1),
-            "p99": round(float(np.percentile(us, 99)), 1)}
+    return {"probes": probes, **percentiles(hops, 50, 99, unit=1e6, digits=1)}

@@ -70,7 +70,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from disagg.bench.loopback_hop import loopback_hop
 from disagg.bench.router_figures import (
-    ROUTER_ONLY_TARGET_P50_MS, TARGET_P50_MS, level_figures, parse_stream, percentiles_ms)
+    ROUTER_ONLY_TARGET_P50_MS, TARGET_P50_MS, level_figures, parse_stream, percentiles)
 from disagg.bench.stamped_http import Connection
 from disagg.cpus import usable_cpus
 
@@ -221,7 +221,7 @@ class _Client:
         finally:
             if conn is not None:
                 conn.close()
-        return {"probes": probes, **percentiles_ms(times, 50, 99)}
+        return {"probes": probes, **percentiles(times, 50, 99)}
 
     def close(self) -> None:
         for c in self.conns:

@@ -17,10 +17,11 @@ TARGET_P50_MS = 5.0              # overhead p50 (ingress + egress), the prototyp
 ROUTER_ONLY_TARGET_P50_MS = 2.0  # router-only p50 at 32 streams, the serving-under-load target
 
 
-def percentiles_ms(values: list[float], *qs: int) -> dict:
-    """Percentiles ``qs`` of ``values`` (seconds) in milliseconds."""
-    arr = np.asarray(values, dtype=float) * 1e3
-    return {f"p{q}": round(float(np.percentile(arr, q)), 3) for q in qs}
+def percentiles(values: list[float], *qs: int, unit: float = 1e3, digits: int = 3) -> dict:
+    """Percentiles ``qs`` of ``values`` (seconds) as ``{"p50": ..., ...}``, in
+    milliseconds rounded to 3 digits by default (``unit=1e6, digits=1``: microseconds)."""
+    arr = np.asarray(values, dtype=float) * unit
+    return {f"p{q}": round(float(np.percentile(arr, q)), digits) for q in qs}
 
 
 def parse_stream(start: float, reads: list) -> dict:
@@ -91,13 +92,13 @@ def level_figures(streams: int, raw: list, wall: float) -> dict:
     row = {"concurrency": streams, "requests": len(runs),
            "tokens": sum(r["tokens"] for r in runs), "egress_samples": len(egress),
            "wall_s": round(wall, 3),
-           "ingress_ms": percentiles_ms(ingress, 50, 99),
-           "egress_ms": percentiles_ms(egress, 50, 99),
-           "router_overhead_ms": percentiles_ms(overhead, 50, 99),
-           "dispatch_ms": percentiles_ms([r["dispatch"] for r in runs], 50, 99),
-           "router_only_overhead_ms": percentiles_ms(router_only, 50, 99),
-           "ttft_ms": percentiles_ms([r["ttft"] for r in runs], 50),
-           "node_step_ms": percentiles_ms(steps or [0.0], 50),
+           "ingress_ms": percentiles(ingress, 50, 99),
+           "egress_ms": percentiles(egress, 50, 99),
+           "router_overhead_ms": percentiles(overhead, 50, 99),
+           "dispatch_ms": percentiles([r["dispatch"] for r in runs], 50, 99),
+           "router_only_overhead_ms": percentiles(router_only, 50, 99),
+           "ttft_ms": percentiles([r["ttft"] for r in runs], 50),
+           "node_step_ms": percentiles(steps or [0.0], 50),
            "step_fanout_ms": _fanout(runs, streams)}
     row["meets_target"] = row["router_overhead_ms"]["p50"] < TARGET_P50_MS
     row["router_only_meets_target"] = \

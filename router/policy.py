@@ -46,10 +46,11 @@ over one node's queue only made a decode queue that crossed a chunk boundary
 send prompts remote on 2 cores, and lose to ``--policy local``). Moving a
 prompt to the other node's queue skips no work there; measured on 2 cores
 (``disagg bench serve``), routing around a long local queue onto the same
-cores lost throughput to running two engines' threads at once. With σ = 1 and equal calibrated rates, remote
-so wins only when the prefill node holds more of the prompt in its prefix
-cache than the transfer and hops cost; on a machine too small to split the
-nodes the router learns to prefill locally (the rates stay online-calibrated
+cores lost throughput to running two engines' threads at once. With σ = 1
+and equal calibrated rates, remote costs exactly the transfer and the hops
+more than local, so it wins only when the prefill node holds more of the
+prompt in its prefix cache than those cost; on a machine too small to split
+the nodes the router learns to prefill locally (the rates stay online-calibrated
 per node, contention included). A decision that the shared-compute terms
 flipped to local has reason "shared_compute_local_faster".
 ``kv_usage``, ``num_waiting`` and ``tp`` are not model inputs: rates are

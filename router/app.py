@@ -134,7 +134,7 @@ def create_app(dispatcher: Dispatcher, registry: CollectorRegistry, tokenizer, m
                             timing=request.headers.get("x-disagg-timing") == "1")
         responder = Responder(dispatcher, reqs, tokenizer, model_name, spec)
         if parsed.stream:
-            return SSEResponse(responder, metrics.router_overhead.labels(direction="egress"),
+            return SSEResponse(responder, metrics.egress_soon,
                                headers={"Cache-Control": "no-cache"})
         try:
             body = await wait_or_disconnect(responder.whole(), request.is_disconnected,

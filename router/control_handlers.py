@@ -323,11 +323,11 @@ class ControlHandlers:
                 req.first_token_at = now
                 met.ttft.observe(now - req.arrival)
             elif req.last_token_at is not None:
-                met.itl.observe(now - req.last_token_at)
+                met.itl_soon.observe(now - req.last_token_at)
             req.last_token_at = now
             req.num_output = max(req.num_output, output_len)
             req.output_ids += ids
-            met.generation_tokens.inc(len(ids))
+            met.generation_tokens_soon.inc(len(ids))
         finished = end is not None and end.finished
         prompt_lps = None
         if end is not None and end.prompt_logprobs is not None:

@@ -58,6 +58,7 @@ class _Sequence:
     finish: str | None = None
     offset: int = 0                                     # completions' next text_offset
     first: bool = True                                  # no chunk sent yet
+    timed: bool = False                                 # a chunk carried the request's times
 
     def cumulative_logprob(self) -> float:
         return sum(lp.logprob for lp in self.logprobs if lp is not None)
@@ -221,11 +222,23 @@ class Responder:
                                      lps, index=i)
         seq.first = False
         if self.spec.timing:      # opt-in latency accounting (x-disagg-timing header)
-            req = seq.req
-            chunk["disagg_timing"] = {"arrival": req.arrival, "ingress_s": req.ingress_s,
-                                      "dispatch_s": req.dispatch_s,
-                                      "sent_at": event.sent_at if event.token_ids else None}
+            chunk["disagg_timing"] = self._timing(seq, event)
         return chunk
+
+    @staticmethod
+    def _timing(seq: _Sequence, event: Event) -> dict:
+        """A chunk's ``disagg_timing``: when the node sent its tokens (None without
+        tokens) and, until a chunk has carried the decode node's receipt, the request's
+        own times (``time.monotonic()`` of the router and node processes). Later chunks
+        carry ``sent_at`` alone: at one chunk per token the instrument should not weigh
+        on the fan-out it measures."""
+        timing = {"sent_at": event.sent_at if event.token_ids else None}
+        if not seq.timed:
+            req = seq.req
+            timing.update(arrival=req.arrival, ingress_s=req.ingress_s,
+                          dispatch_s=req.dispatch_s)
+            seq.timed = req.ingress_s is not None
+        return timing
 
 
 def _finish(event: Event) -> str:

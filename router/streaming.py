@@ -121,8 +121,9 @@ class SSEResponse(Response):
     written by whoever delivers its event (see the module docstring).
 
     Every sequence is aborted if the client leaves, or when the response ends
-    for any reason before they did; ``egress`` (a histogram child, or None) observes,
-    per token-carrying chunk, node sent → bytes handed to the server.
+    for any reason before they did; ``egress`` (a histogram child, a
+    :class:`router.metrics.Deferred`, or None) observes, per token-carrying chunk,
+    node sent → bytes handed to the server.
     """
 
     media_type = "text/event-stream"

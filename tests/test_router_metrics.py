@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.metrics import (
     E2E_BUCKETS, ITL_BUCKETS, NODE_STATES, OVERHEAD_BUCKETS, REQUEST_STATUSES, ROLES, ROUTES,
-    TTFT_BUCKETS, RouterMetrics)
+    TTFT_BUCKETS, Deferred, RouterMetrics)
 
 FAMILIES = {   # exposed family name -> (type, label names)
     "disagg_requests": ("counter", ("route", "status")),
@@ -218,3 +219,60 @@ def test_threads_do_not_lose_updates(reg):
     _, s = _scrape(reg)
     assert s[_key("disagg_fallbacks_total", reason="x")] == 8000
     assert s[_key("disagg_inter_token_latency_seconds_count")] == 8000
+
+
+def test_deferred_updates_wait_for_the_running_callback(reg):
+    """On a loop, a ``Deferred`` holds its updates until the callback that made them has
+    returned, then applies them all; the token path's wrappers feed the real series."""
+    m = RouterMetrics(reg)
+    itl = _key("disagg_inter_token_latency_seconds_count")
+    tokens = _key("disagg_generation_tokens_total")
+    egress = _key("disagg_router_overhead_seconds_count", direction="egress")
+    seen = {}
+
+    async def main():
+        for _ in range(3):
+            m.itl_soon.observe(0.004)
+            m.generation_tokens_soon.inc(2)
+            m.egress_soon.observe(0.001)
+        seen["during"] = {k: _scrape(reg)[1][k] for k in (itl, tokens, egress)}
+        await asyncio.sleep(0)
+        seen["after"] = {k: _scrape(reg)[1][k] for k in (itl, tokens, egress)}
+
+    asyncio.run(main())
+    assert seen["during"] == {itl: 0, tokens: 0, egress: 0}
+    assert seen["after"] == {itl: 3, tokens: 6, egress: 3}
+
+
+def test_deferred_updates_survive_a_loop_that_ends_first(reg):
+    """Updates whose apply was due on a loop that closed before running it are applied
+    with the next loop's."""
+    m = RouterMetrics(reg)
+    loop = asyncio.new_event_loop()
+
+    async def observe():
+        m.itl_soon.observe(0.004)
+        loop.stop()                              # stops before its next turn runs the apply
+
+    task = loop.create_task(observe())
+    loop.run_forever()
+    assert task.done()
+    loop.close()
+    count = _key("disagg_inter_token_latency_seconds_count")
+    assert _scrape(reg)[1][count] == 0
+
+    async def observe_and_yield():
+        m.itl_soon.observe(0.005)
+        await asyncio.sleep(0)
+
+    asyncio.run(observe_and_yield())
+    assert _scrape(reg)[1][count] == 2
+
+
+def test_deferred_applies_at_once_without_a_loop(reg):
+    m = RouterMetrics(reg)
+    Deferred(m.ttft).observe(0.3)
+    Deferred(m.prompt_tokens).inc(7)
+    _, s = _scrape(reg)
+    assert s[_key("disagg_time_to_first_token_seconds_count")] == 1
+    assert s[_key("disagg_prompt_tokens_total")] == 7

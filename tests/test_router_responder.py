@@ -166,3 +166,34 @@ def test_stream_interleaves_choices_with_their_index(dispatcher, tok):
         mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
         assert "".join(c["delta"].get("content", "") for c in mine) == want
         assert mine[0]["delta"]["role"] == "assistant" and mine[-1]["finish_reason"] == reason
+
+
+def test_timing_carries_the_request_times_until_the_receipt_is_known(dispatcher, tok):
+    """``x-disagg-timing``: every chunk has ``sent_at``; the request's own times ride only
+    on the chunks up to the first that knows the decode node's receipt."""
+    (req,) = sequences([ids(tok, "Hi")], copies=1)
+    req.arrival, req.dispatch_s = 10.0, 0.001
+    toks = ids(tok, " one two three four")
+    req.deliver(Event(toks[:1], [None], sent_at=11.0))        # a remote first token: no receipt
+    events = [Event(toks[1:2], [None], sent_at=11.1), Event(toks[2:3], [None], sent_at=11.2),
+              Event(toks[3:], [None] * (len(toks) - 3), True, "stop", " one two three four",
+                    sent_at=11.3)]
+
+    async def run() -> list[bytes]:
+        responder = Responder(dispatcher, [req], tok, "m", ResponseSpec(chat=False, timing=True))
+        collected = asyncio.ensure_future(_collect(responder))
+        await asyncio.sleep(0)
+        req.ingress_s = 0.002                                 # the decode node got it
+        for event in events:
+            req.deliver(event)
+            await asyncio.sleep(0)
+        return await collected
+
+    chunks = [json.loads(e[6:]) for e in asyncio.run(run())[:-1]]
+    timings = [c["disagg_timing"] for c in chunks]
+    assert [t["sent_at"] for t in timings] == [11.0, 11.1, 11.2, 11.3]
+    request_times = {"arrival": 10.0, "ingress_s": None, "dispatch_s": 0.001}
+    assert timings[0] == {"sent_at": 11.0, **request_times}
+    assert timings[1] == {"sent_at": 11.1, **request_times, "ingress_s": 0.002}
+    assert timings[2:] == [{"sent_at": 11.2}, {"sent_at": 11.3}]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == " one two three four"

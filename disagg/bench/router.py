@@ -4,7 +4,8 @@ Starts a router and one decode node as processes (:class:`LocalCluster`,
 policy ``local``, no prefill node), so every request goes HTTP → router →
 decode node and tokens come back decode node → router → HTTP. Requests carry
 ``x-disagg-timing: 1``, which makes every SSE chunk carry
-``disagg_timing = {arrival, ingress_s, dispatch_s, sent_at}`` (``time.monotonic()`` of
+``disagg_timing = {sent_at}``, and a request's first chunks (until the decode node's
+receipt is known) also ``arrival, ingress_s, dispatch_s`` (``time.monotonic()`` of
 processes on this host, so comparable)::
 
     ingress  = decode node received the Generate − router's HTTP arrival

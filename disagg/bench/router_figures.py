@@ -52,7 +52,7 @@ def _on_event(event: bytes, now: float, start: float, out: dict) -> bool:
     timing = chunk.get("disagg_timing")
     if timing is None:
         return False
-    if timing["ingress_s"] is not None:
+    if timing.get("ingress_s") is not None:      # the request's times: its first chunks
         out["ingress"] = timing["ingress_s"]
     if timing.get("dispatch_s") is not None:
         out["dispatch"] = timing["dispatch_s"]

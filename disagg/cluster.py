@@ -10,6 +10,7 @@ deployments through :class:`LocalCluster`::
         c.start_node("prefill", tp=1)  # and bring up another
         c.restart_node("prefill-0")    # or the same one again (same name and node id)
         c.kill("router"); c.restart_router()   # a new router on the same control address
+                                               # (restart_router(1): worker router-1)
 
 With ``router_workers`` > 1 the router is that many processes sharing the HTTP
 port (``router --reuse-port``; named ``router``, ``router-1``, ...), each with
@@ -195,19 +196,25 @@ class LocalCluster:
             time.sleep(0.05)
         return json.loads(ready.read_text())
 
-    def restart_router(self, wait_nodes: bool = True) -> None:
-        """Start a new router process on the addresses of the old one (the control
-        address the nodes were given, the same HTTP port), after the old one exited
-        (``RuntimeError`` if it still runs). With ``wait_nodes``, return once every
-        node still running registered with it again (they do so by themselves).
-        With several router workers this restarts the first (``router``)."""
-        old = self.procs.get("router")
+    def restart_router(self, worker: int = 0, wait_nodes: bool = True) -> None:
+        """Start router worker ``worker`` (default the first, ``router``) again on the
+        addresses of the old process (the control address the nodes were given, the
+        shared HTTP port; a new own port, in ``router_urls``), after it exited
+        (``RuntimeError`` if it still runs, ``ValueError`` for no such worker). With
+        ``wait_nodes``, return once every node still running registered with it again
+        (they do so by themselves)."""
+        if not 0 <= worker < len(self.router_controls):
+            raise ValueError(f"no router worker {worker}: the cluster has "
+                             f"{len(self.router_controls)}")
+        name = self.router_name(worker)
+        old = self.procs.get(name)
         if old is not None and old.poll() is None:
-            raise RuntimeError("the router is still running; kill or stop it first")
+            raise RuntimeError(f"{name} is still running; kill or stop it first")
         deadline = time.monotonic() + self.config.startup_timeout_s
-        info = self._start_router(0, self.control_address, self._http_port(), deadline)
-        self.router_urls[0] = info["own_http"]
-        self.router_uplink_ports[0] = info["uplink_port"]
+        info = self._start_router(worker, self.router_controls[worker], self._http_port(),
+                                  deadline)
+        self.router_urls[worker] = info["own_http"]
+        self.router_uplink_ports[worker] = info["uplink_port"]
         if wait_nodes:
             alive = [r for n, (r, _) in self._nodes.items()
                      if n in self.procs and self.procs[n].poll() is None]

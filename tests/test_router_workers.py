@@ -1,5 +1,5 @@
 """Router workers: router processes sharing one HTTP port (``--reuse-port``), each also
-reachable alone (``--own-port``) — real processes, no nodes needed."""
+reachable alone (``--own-port``) — real processes; the last test adds a decode node."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import needs_smollm2
 from disagg.cluster import ClusterConfig, LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,3 +88,29 @@ def test_cluster_config_checks_router_workers():
     with pytest.raises(ValueError, match="router_workers"):
         ClusterConfig(router_workers=0)
     assert LocalCluster.router_name(0) == "router" and LocalCluster.router_name(2) == "router-2"
+
+
+@needs_smollm2
+def test_one_worker_restarts_on_its_control_address_and_the_node_rejoins_it(tmp_path):
+    config = ClusterConfig(num_prefill=0, num_decode=1, policy="local", router_workers=2,
+                           log_dir=str(tmp_path), node_args=("--kv-cache-memory", "64MiB"))
+    with LocalCluster(config) as c:
+        c.start()
+        control, shared = c.router_controls[1], c.http_url
+        old_id = c.health(c.router_urls[1])["router_id"]
+        with pytest.raises(RuntimeError, match="router-1 is still running"):
+            c.restart_router(1)
+        with pytest.raises(ValueError, match="no router worker 2"):
+            c.restart_router(2)
+        c.kill("router-1")
+        c.restart_router(1)                    # returns once the node registered again
+        assert (c.router_controls[1], c.http_url) == (control, shared)
+        health = c.health(c.router_urls[1])
+        assert health["router_id"] != old_id and health["decode_nodes"] == 1
+        assert c.health()["decode_nodes"] == 1                 # the other worker kept it
+        model = httpx.get(c.router_urls[1] + "/v1/models", timeout=10).json()["data"][0]["id"]
+        r = httpx.post(c.router_urls[1] + "/v1/completions", timeout=120, json={
+            "model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0.0,
+            "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4

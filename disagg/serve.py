@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -160,6 +161,27 @@ class _ServeCluster(LocalCluster):
         return super().start_node(role, tp, wait)
 
 
+READY_LINE = "disagg serve ready: "
+"""Start of the ready output's line: the OpenAI base URL follows; everything printed
+about the deployment's addresses comes before it."""
+
+WORKERS_LINE = "router workers share the port; each one's metrics: "
+"""Start of the ready output's line that lists each router worker's own ``/metrics``
+(only with ``--router-workers`` > 1): ``N`` + this + ``NAME (pid P) URL/metrics, ...``."""
+
+_WORKER_METRICS = re.compile(r"\S+ \(pid \d+\) (\S+)/metrics")
+
+
+def worker_urls(output: str) -> list[str]:
+    """Each router worker's own base URL, from ``disagg serve``'s output (its line
+    starting ``N`` + :data:`WORKERS_LINE`); empty when it runs one router."""
+    for line in output.splitlines():
+        head, sep, rest = line.partition(WORKERS_LINE)
+        if sep and head.strip().isdigit():
+            return _WORKER_METRICS.findall(rest)
+    return []
+
+
 def curl_example(base_url: str, model: str, api_key: bool) -> str:
     """A ready-to-paste chat request against ``base_url`` (``.../v1``)."""
     body = json.dumps({"model": model, "max_tokens": 32, "messages": [
@@ -258,14 +280,14 @@ def run_serve(a: argparse.Namespace) -> int:
         base = f"{cluster.http_url}/v1"
         name = served_model_name(config.model)
         _say(f"all nodes registered in {time.monotonic() - t0:.1f} s")
-        print(f"disagg serve ready: {base}  (model {name}; router pid {procs['router'].pid}, "
-              f"prefill pid {procs['prefill-0'].pid}, decode pid {procs['decode-0'].pid})",
-              file=sys.stderr, flush=True)
-        if config.router_workers > 1:
+        if config.router_workers > 1:         # before the ready line: read once that is out
             own = ", ".join(f"{n} (pid {procs[n].pid}) {url}/metrics"
                             for n, url in zip(cluster.router_names(), cluster.router_urls))
-            print(f"  {config.router_workers} router workers share the port; each one's "
-                  f"metrics: {own}", file=sys.stderr, flush=True)
+            print(f"  {config.router_workers} {WORKERS_LINE}{own}", file=sys.stderr,
+                  flush=True)
+        print(f"{READY_LINE}{base}  (model {name}; router pid {procs['router'].pid}, "
+              f"prefill pid {procs['prefill-0'].pid}, decode pid {procs['decode-0'].pid})",
+              file=sys.stderr, flush=True)
         print(f"  try: {curl_example(base, name, bool(config.api_key))}", file=sys.stderr, flush=True)
         print("  Ctrl-C stops all three; a node that dies is started again.", file=sys.stderr,
               flush=True)

@@ -2,7 +2,9 @@
 
 The one-command deployment: it starts the three processes through
 :class:`~disagg.cluster.LocalCluster` (their output goes to this terminal),
-prints one ready line with the OpenAI base URL, then supervises them:
+prints one ready line with the OpenAI base URL (:data:`READY_LINE`; with several
+router workers, the line listing each one's own ``/metrics`` comes just before it),
+then supervises them:
 
 - a node exits on its own: say which one and its exit code, and start it again
   under the same name (node id) after a back-off (:class:`RestartBackoff`: 1 s,

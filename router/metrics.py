@@ -91,8 +91,9 @@ class Deferred:
     observations and its token count are held here instead (an append, against
     ~1.5 us for one of ``prometheus_client``'s locked observations on an idle core
     here, more beside the engine), so the next stream's bytes go out sooner, and
-    applied together in one callback scheduled for right after. Outside a running loop an update is applied at once. A
-    scrape sees the values one loop turn late, never lost.
+    applied together in one callback scheduled for right after. Outside a running
+    loop an update is applied at once. A scrape sees the values one loop turn
+    late, never lost.
     """
 
     __slots__ = ("_metric", "_values", "_count", "_due_on")

@@ -15,8 +15,11 @@ deployments through :class:`LocalCluster`::
 With ``router_workers`` > 1 the router is that many processes sharing the HTTP
 port (``router --reuse-port``; named ``router``, ``router-1``, ...), each with
 its own control address, and every node is given all of them; ``http_url`` is
-the shared port, ``router_urls`` each worker's own listener (its ``/health``
-and ``/metrics``).
+the shared port, ``router_urls`` each worker's own listener (its ``/health``).
+The workers share a fresh metrics directory in the cluster's temporary
+directory (``PROMETHEUS_MULTIPROC_DIR``), so ``/metrics`` at any of their
+addresses counts every worker's requests; a single router is started without
+that variable, whatever the environment says.
 
 Each child's output goes to ``log_dir/NAME.log`` (or is inherited when
 ``log_dir`` is None, as ``disagg serve`` does). Ports are chosen by the OS.
@@ -35,6 +38,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from router.metrics import MULTIPROC_DIR_ENV
 from transport.base import KINDS
 
 
@@ -116,12 +120,17 @@ class LocalCluster:
     _nodes: dict = field(default_factory=dict)      # node name → (role, tp)
     _tmp: tempfile.TemporaryDirectory | None = None
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str | None] | None = None
+               ) -> subprocess.Popen:
+        """Start ``python -m ARGS`` as ``name``; ``env`` adds to (None: removes from)
+        this process's environment."""
         out = None
         if self.config.log_dir is not None:
             Path(self.config.log_dir).mkdir(parents=True, exist_ok=True)
             out = open(Path(self.config.log_dir) / f"{name}.log", "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        env = {k: v for k, v in dict(os.environ, PYTHONUNBUFFERED="1",
+                                     TOKENIZERS_PARALLELISM="false", **(env or {})).items()
+               if v is not None}
         proc = subprocess.Popen([sys.executable, "-m", *args], stdout=out,
                                 stderr=subprocess.STDOUT if out else None, env=env)
         if out is not None:
@@ -181,8 +190,12 @@ class LocalCluster:
                 "--control-address", control_address, "--policy", c.policy,
                 "--max-inflight", str(c.max_inflight), "--node-timeout-s", str(c.node_timeout_s),
                 "--ready-file", str(ready)]
+        metrics_dir = None                    # one router: its own registry
         if c.router_workers > 1:
             args += ["--reuse-port", "--own-port", "0"]
+            shared = Path(self._tmp.name) / "router-metrics"
+            shared.mkdir(exist_ok=True)           # empty until the first worker counts
+            metrics_dir = str(shared)
         for opt in c.policy_options:
             args += ["--policy-option", opt]
         if c.api_key:
@@ -190,7 +203,7 @@ class LocalCluster:
         if c.reject_ttft_slo_s is not None:
             args += ["--reject-ttft-slo-s", repr(c.reject_ttft_slo_s)]
         args += list(c.router_args)
-        router = self._spawn(name, args)
+        router = self._spawn(name, args, {MULTIPROC_DIR_ENV: metrics_dir})
         while not ready.exists():
             self._check_alive(router, name, deadline)
             time.sleep(0.05)

@@ -3,7 +3,7 @@
 The one-command deployment: it starts the three processes through
 :class:`~disagg.cluster.LocalCluster` (their output goes to this terminal),
 prints one ready line with the OpenAI base URL (:data:`READY_LINE`; with several
-router workers, the line listing each one's own ``/metrics`` comes just before it),
+router workers, the line listing each one's own address comes just before it),
 then supervises them:
 
 - a node exits on its own: say which one and its exit code, and start it again
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -79,8 +78,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "exceeds S seconds, once the cost model has measured a few (default: off)")
     p.add_argument("--router-workers", type=int, default=1,
                    help="router processes sharing the HTTP port (SO_REUSEPORT), each with its "
-                        "own node table, calibration and /metrics (read at the address each "
-                        "prints); more than one spreads the per-stream work of many "
+                        "own node table and calibration; /metrics counts every worker's "
+                        "requests; more than one spreads the per-stream work of many "
                         "concurrent streams over cores (default 1)")
     p.add_argument("--startup-timeout-s", type=float, default=180.0,
                    help="give up if the nodes have not registered by then")
@@ -167,21 +166,10 @@ READY_LINE = "disagg serve ready: "
 """Start of the ready output's line: the OpenAI base URL follows; everything printed
 about the deployment's addresses comes before it."""
 
-WORKERS_LINE = "router workers share the port; each one's metrics: "
-"""Start of the ready output's line that lists each router worker's own ``/metrics``
-(only with ``--router-workers`` > 1): ``N`` + this + ``NAME (pid P) URL/metrics, ...``."""
-
-_WORKER_METRICS = re.compile(r"\S+ \(pid \d+\) (\S+)/metrics")
-
-
-def worker_urls(output: str) -> list[str]:
-    """Each router worker's own base URL, from ``disagg serve``'s output (its line
-    starting ``N`` + :data:`WORKERS_LINE`); empty when it runs one router."""
-    for line in output.splitlines():
-        head, sep, rest = line.partition(WORKERS_LINE)
-        if sep and head.strip().isdigit():
-            return _WORKER_METRICS.findall(rest)
-    return []
+WORKERS_LINE = "router workers share the port, and /metrics counts them all; each one alone: "
+"""Start of the ready output's line that lists each router worker's own address, where
+its ``/health`` (its node table) is read (only with ``--router-workers`` > 1): ``N`` +
+this + ``NAME (pid P) URL, ...``."""
 
 
 def curl_example(base_url: str, model: str, api_key: bool) -> str:
@@ -283,7 +271,7 @@ def run_serve(a: argparse.Namespace) -> int:
         name = served_model_name(config.model)
         _say(f"all nodes registered in {time.monotonic() - t0:.1f} s")
         if config.router_workers > 1:         # before the ready line: read once that is out
-            own = ", ".join(f"{n} (pid {procs[n].pid}) {url}/metrics"
+            own = ", ".join(f"{n} (pid {procs[n].pid}) {url}"
                             for n, url in zip(cluster.router_names(), cluster.router_urls))
             print(f"  {config.router_workers} {WORKERS_LINE}{own}", file=sys.stderr,
                   flush=True)

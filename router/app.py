@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from router.dispatch import Dispatcher
 from router.errors import ProtocolError, bad
+from router.metrics import WorkersView
 from router.openapi_schema import install_openapi
 from router.model_limits import check_context, check_model, check_token_ids, default_max_tokens
 from router.protocol import parse_request
@@ -53,10 +54,11 @@ def _prompt_chars(parsed, chat: bool) -> int:
     return sum(len(p) for p in parsed.prompt if isinstance(p, str))
 
 
-def create_app(dispatcher: Dispatcher, registry: CollectorRegistry, tokenizer, model_name: str,
-               api_key: str | None = None, max_inflight: int = 256,
+def create_app(dispatcher: Dispatcher, registry: CollectorRegistry | WorkersView, tokenizer,
+               model_name: str, api_key: str | None = None, max_inflight: int = 256,
                retry_after_s: int = 1) -> FastAPI:
-    """The HTTP app serving ``model_name`` through ``dispatcher``."""
+    """The HTTP app serving ``model_name`` through ``dispatcher``; ``/metrics`` serves
+    ``registry`` (the router's own, or every worker's sum through a :class:`WorkersView`)."""
     if max_inflight < 1:
         raise ValueError(f"max_inflight must be >= 1, got {max_inflight!r}")
 

@@ -9,9 +9,13 @@ Router workers: several router processes started with ``--reuse-port`` on the
 same ``--port`` share that HTTP port (SO_REUSEPORT: the kernel hands each new
 connection to one of them), each with its own control address, and every node
 is given all of them (``--router A,B,...``) — the router replicas of
-``README.md``, on one host. Each worker keeps its own node table, calibration
-and metrics; ``--own-port`` gives it a second listener of its own (``own_http``)
-through which its ``/health`` and ``/metrics`` can be read.
+``README.md``, on one host. Each worker keeps its own node table and
+calibration; ``--own-port`` gives it a second listener of its own
+(``own_http``) through which its ``/health`` can be read. Started with
+``PROMETHEUS_MULTIPROC_DIR`` naming one directory, empty before the first
+starts, the workers' ``/metrics`` all serve the counters and histograms summed
+over every worker (:class:`router.metrics.WorkersView`); without it each serves
+its own.
 
 SIGTERM / SIGINT drain the HTTP side: no new connections, requests in flight
 (streams too) run to their end for up to ``--drain-timeout-s``, then the rest
@@ -141,7 +145,7 @@ async def serve_router(a: argparse.Namespace) -> None:
     from disagg.model.tokenizer import load_model_tokenizer
     from router.app import create_app
     from router.dispatch import Dispatcher
-    from router.metrics import RouterMetrics
+    from router.metrics import RouterMetrics, WorkersView, shared_metrics_dir
     from router.migration import MigrationConfig
     from router.nodes import NodeRegistry
     from router.policy import make_policy
@@ -158,6 +162,7 @@ async def serve_router(a: argparse.Namespace) -> None:
         migration = MigrationConfig(a.max_migrations, a.migration_wait_s)
     except ValueError as exc:
         raise ValueError(f"--max-migrations / --migration-wait-s: {exc}") from None
+    shared_dir = shared_metrics_dir()           # before the first metric exists
     name = a.served_model_name or served_model_name(a.model)
     tokenizer = load_model_tokenizer(a.model)      # no torch in this process
     policy = make_policy(a.policy, **_policy_options(a.policy_option))
@@ -166,7 +171,8 @@ async def serve_router(a: argparse.Namespace) -> None:
                             RouterMetrics(registry), a.control_address, migration,
                             a.reject_ttft_slo_s,
                             None if a.uplink_port == -1 else a.uplink_port)
-    app = create_app(dispatcher, registry, tokenizer, name, a.api_key, a.max_inflight)
+    exposed = registry if shared_dir is None else WorkersView(registry, shared_dir)
+    app = create_app(dispatcher, exposed, tokenizer, name, a.api_key, a.max_inflight)
     server = _server_class()(uvicorn.Config(app, host=a.host, port=a.port, loop="none",
                                            log_level="warning", lifespan="on",
                                            timeout_graceful_shutdown=a.drain_timeout_s))

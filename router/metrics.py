@@ -13,13 +13,29 @@ Usage::
 Names, label names, help texts and bucket bounds are part of the contract with
 dashboards (``deploy/grafana/disagg-dashboard.json``): change them only
 together.
+
+Several router workers on one host (``router --reuse-port``, ``disagg serve
+--router-workers N``) share one ``/metrics`` through ``prometheus_client``'s
+multiprocess mode: each worker is started with ``PROMETHEUS_MULTIPROC_DIR``
+(:data:`MULTIPROC_DIR_ENV`) naming the same directory, empty before the first
+one starts, so every counter and histogram update also lands in that worker's
+file there, and :class:`WorkersView` serves the sum over every worker's file
+from whichever worker answers. A worker that stopped leaves its counts in the
+sum, so counters never go back when one is restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""``prometheus_client``'s environment variable for multiprocess mode: the directory
+where every router worker of one deployment keeps its counts (read at import)."""
 
 ROUTES = ("local", "remote", "fallback")
 """Where a request's prefill ran: on the decode node, on a prefill node, or
@@ -133,6 +149,56 @@ class Deferred:
         if self._count:
             count, self._count = self._count, 0.0
             self._metric.inc(count)
+
+
+NODE_COUNTERS = ("disagg_node_restarts", "disagg_kv_transfer_bytes")
+"""Counters every router worker keeps alike, from every node's own registrations and
+heartbeats (not from its own requests): with several workers they are shown from the
+answering worker, since a sum would count each event once per worker."""
+
+
+def shared_metrics_dir() -> Path | None:
+    """The directory router workers share their counts in (:data:`MULTIPROC_DIR_ENV`), or
+    None when unset (one router: its own registry is the whole story).
+
+    Raises ValueError when it is set but not a directory (``prometheus_client`` would
+    fail at the first metric with a bare FileNotFoundError)."""
+    path = os.environ.get(MULTIPROC_DIR_ENV)
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        raise ValueError(f"{MULTIPROC_DIR_ENV}={path!r} is not a directory: create it (empty) "
+                         "before starting the router workers that share it")
+    return Path(path)
+
+
+class WorkersView:
+    """What ``/metrics`` shows when router workers share :func:`shared_metrics_dir`:
+    the counters and histograms of requests summed over all workers' files, and this
+    worker's own ``registry`` for the rest.
+
+    From the answering worker, on purpose: the gauges and :data:`NODE_COUNTERS`. The
+    node gauges (``disagg_nodes``, ``disagg_queue_depth``, what each node holds and
+    registered with) and node counters are the same in every worker, which all get
+    every node's messages; a node's series goes as soon as the node does (a
+    multiprocess file cannot forget one). ``disagg_parked_requests`` and the cost
+    model's gauges are the answering worker's own. Pass it where a registry is read
+    (``generate_latest(view)``)."""
+
+    def __init__(self, registry: CollectorRegistry, directory: Path) -> None:
+        self.registry = registry
+        self.directory = directory
+
+    def collect(self):
+        """The summed families from every worker's file, then this worker's own."""
+        files = sorted(str(p) for pattern in ("counter_*.db", "histogram_*.db")
+                       for p in self.directory.glob(pattern))
+        for family in MultiProcessCollector.merge(files, accumulate=True):
+            if family.name not in NODE_COUNTERS:
+                yield family
+        for family in self.registry.collect():
+            if family.type == "gauge" or family.name in NODE_COUNTERS:
+                yield family
 
 
 class RouterMetrics:

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from disagg.replay.loadgen import TargetConfig, replay, replay_async, request_body
-from disagg.replay.server_metrics import scrape, scrape_sum, server_delta
+from disagg.replay.server_metrics import scrape, server_delta
 from disagg.replay.shaping import ShapedRequest
 
 # The first prompt id picks the server's behaviour.
@@ -165,31 +165,6 @@ def test_server_metrics_delta(server):
     assert delta["routes"] == {"remote": 2} and delta["statuses"] == {"ok": 2}
     assert delta["kv_bytes"] == 2000 and delta["fallbacks"] == 0
     assert server_delta(None, before) is None
-
-
-def test_scrape_sum_adds_every_router_workers_counters():
-    """Two real routers' ``/metrics`` (prometheus_client's own HTTP servers), summed."""
-    from prometheus_client import CollectorRegistry, start_http_server
-    from router.metrics import RouterMetrics
-    urls, servers = [], []
-    for routed in (3, 4):
-        registry = CollectorRegistry()
-        m = RouterMetrics(registry)
-        m.requests.labels(route="local", status="ok").inc(routed)
-        m.kv_transfer_bytes.inc(100 * routed)
-        server, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
-        servers.append(server)
-        urls.append(f"http://127.0.0.1:{server.server_port}")
-    try:
-        delta = server_delta({}, scrape_sum(urls))
-        assert delta["routes"] == {"local": 7} and delta["kv_bytes"] == 700
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        assert scrape_sum([*urls, f"http://127.0.0.1:{port}"]) is None   # one is not a router
-    finally:
-        for server in servers:
-            server.shutdown()
 
 
 def test_scrape_is_none_for_other_servers():

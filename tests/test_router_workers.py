@@ -14,18 +14,25 @@ import httpx
 import pytest
 
 from conftest import needs_smollm2
+from prometheus_client.multiprocess import MultiProcessCollector
+from serving_helpers import metric, metrics
 from disagg.cluster import ClusterConfig, LocalCluster
+from router.metrics import MULTIPROC_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _start(tmp: Path, name: str, port: int, *flags: str) -> tuple[subprocess.Popen, Path]:
+def _start(tmp: Path, name: str, port: int, *flags: str,
+           metrics_dir: Path | None = None) -> tuple[subprocess.Popen, Path]:
     ready = tmp / f"{name}.json"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env.pop(MULTIPROC_DIR_ENV, None)
+    if metrics_dir is not None:
+        env[MULTIPROC_DIR_ENV] = str(metrics_dir)
     proc = subprocess.Popen(
         [sys.executable, "-m", "router", "--port", str(port), "--control-address",
          "tcp://127.0.0.1:*", "--ready-file", str(ready), *flags],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"),
-        env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"), env=env)
     return proc, ready
 
 
@@ -69,6 +76,57 @@ def test_two_workers_share_the_port_and_each_is_reachable_alone(tmp_path):
             proc.wait()
 
 
+def _errors_404(counter_file: Path) -> float:
+    """One worker's own count of 404 answers, read from its multiprocess file."""
+    return sum(s.value for family in MultiProcessCollector.merge([str(counter_file)])
+               for s in family.samples
+               if s.name == "disagg_http_errors_total" and s.labels == {"status": "404"})
+
+
+def test_workers_sharing_a_metrics_directory_each_serve_the_sum(tmp_path):
+    shared_dir = tmp_path / "metrics"
+    shared_dir.mkdir()
+    procs = []
+    try:
+        first, ready = _start(tmp_path, "a", 0, "--reuse-port", "--own-port", "0",
+                              metrics_dir=shared_dir)
+        procs.append(first)
+        a = _ready(first, ready, tmp_path / "a.log")
+        port = int(a["http"].rsplit(":", 1)[1])
+        second, ready = _start(tmp_path, "b", port, "--reuse-port", "--own-port", "0",
+                               metrics_dir=shared_dir)
+        procs.append(second)
+        b = _ready(second, ready, tmp_path / "b.log")
+        # an unknown model: every completion is a counted 404, whichever worker takes it
+        for _ in range(24):
+            r = httpx.post(a["http"] + "/v1/completions", timeout=30,
+                           json={"model": "x", "prompt": "Hi", "max_tokens": 1})
+            assert r.status_code == 404, r.text
+        own = sorted(shared_dir.glob("counter_*.db"))
+        assert [f.name for f in own] == sorted(f"counter_{p.pid}.db" for p in procs)
+        assert all(_errors_404(f) >= 1 for f in own)        # both workers took some
+        for url in (a["http"], a["own_http"], b["own_http"]):
+            got = metrics(url)
+            assert got[("disagg_http_errors_total", frozenset({("status", "404")}))] == 24
+            assert got[("disagg_time_to_first_token_seconds_count", frozenset())] == 0
+            # gauges come from the answering worker: one series each, not one per worker
+            assert got[("disagg_nodes", frozenset({("role", "decode"), ("state", "up")}))] == 0
+            text = httpx.get(url + "/metrics", timeout=10).text
+            assert text.count('disagg_nodes{role="decode",state="up"}') == 1
+            assert "pid=" not in text
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_metrics_directory_that_is_not_one_is_refused(tmp_path):
+    router, _ = _start(tmp_path, "a", 0, metrics_dir=tmp_path / "missing")
+    assert router.wait(timeout=60) == 2
+    log = (tmp_path / "a.log").read_text()
+    assert f"{MULTIPROC_DIR_ENV}='{tmp_path / 'missing'}' is not a directory" in log, log
+
+
 def test_a_taken_port_is_refused_without_reuse_port(tmp_path):
     first, ready = _start(tmp_path, "a", 0, "--reuse-port")
     try:
@@ -98,6 +156,11 @@ def test_one_worker_restarts_on_its_control_address_and_the_node_rejoins_it(tmp_
         c.start()
         control, shared = c.router_controls[1], c.http_url
         old_id = c.health(c.router_urls[1])["router_id"]
+        model = httpx.get(c.router_urls[1] + "/v1/models", timeout=10).json()["data"][0]["id"]
+        body = {"model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0.0,
+                "ignore_eos": True}
+        assert httpx.post(c.router_urls[1] + "/v1/completions", timeout=120,
+                          json=body).status_code == 200
         with pytest.raises(RuntimeError, match="router-1 is still running"):
             c.restart_router(1)
         with pytest.raises(ValueError, match="no router worker 2"):
@@ -108,9 +171,10 @@ def test_one_worker_restarts_on_its_control_address_and_the_node_rejoins_it(tmp_
         health = c.health(c.router_urls[1])
         assert health["router_id"] != old_id and health["decode_nodes"] == 1
         assert c.health()["decode_nodes"] == 1                 # the other worker kept it
-        model = httpx.get(c.router_urls[1] + "/v1/models", timeout=10).json()["data"][0]["id"]
-        r = httpx.post(c.router_urls[1] + "/v1/completions", timeout=120, json={
-            "model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0.0,
-            "ignore_eos": True})
+        r = httpx.post(c.router_urls[1] + "/v1/completions", timeout=120, json=body)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 4
+        # the workers share their counts: the killed process's request still counts
+        for url in (c.router_urls[0], c.router_urls[1]):
+            assert metric(url, "disagg_requests_total", route="local", status="ok") == 2
+            assert metric(url, "disagg_generation_tokens_total") == 8

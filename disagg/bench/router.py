@@ -174,18 +174,15 @@ async def _level(streams_reads: list, model: str, per_stream: int,
     return raw, time.monotonic() - t0
 
 
-async def _router_egress(client, urls: list[str]) -> tuple[float, float]:
-    """The routers' own egress histogram (node sent → bytes handed to the socket), summed
-    over every router worker's own address: sum, count."""
-    total, count = 0.0, 0.0
-    for url in urls:
-        text = (await client.get(url + "/metrics")).text
-        found = {s.name: s.value for family in text_string_to_metric_families(text)
-                 if family.name == "disagg_router_overhead_seconds"
-                 for s in family.samples if s.labels.get("direction") == "egress"}
-        total += found.get("disagg_router_overhead_seconds_sum", 0.0)
-        count += found.get("disagg_router_overhead_seconds_count", 0.0)
-    return total, count
+async def _router_egress(client, url: str) -> tuple[float, float]:
+    """The router's own egress histogram (node sent → bytes handed to the socket), over
+    every router worker (their shared ``/metrics``): sum, count."""
+    text = (await client.get(url + "/metrics")).text
+    found = {s.name: s.value for family in text_string_to_metric_families(text)
+             if family.name == "disagg_router_overhead_seconds"
+             for s in family.samples if s.labels.get("direction") == "egress"}
+    return (found.get("disagg_router_overhead_seconds_sum", 0.0),
+            found.get("disagg_router_overhead_seconds_count", 0.0))
 
 
 class _Client:
@@ -234,8 +231,8 @@ def _cpu_seconds(procs: list[psutil.Process]) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in procs)
 
 
-async def _drive(url: str, router_urls: list[str], router_pids: list[int],
-                 a: argparse.Namespace, levels: list[int]) -> dict:
+async def _drive(url: str, router_pids: list[int], a: argparse.Namespace,
+                 levels: list[int]) -> dict:
     import httpx
     conns = max(levels) + 4
     limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
@@ -255,13 +252,13 @@ async def _drive(url: str, router_urls: list[str], router_pids: list[int],
             results = {}
             for streams in levels:
                 _log(f"concurrency {streams}: {streams * a.requests} requests...")
-                before = await _router_egress(http, router_urls)
+                before = await _router_egress(http, url)
                 cpu0, mine0 = _cpu_seconds(routers), _cpu_seconds(me)
                 raw, wall = await _level(client.readers(streams), model, a.requests,
                                          a.max_tokens)
                 cpu, mine = _cpu_seconds(routers) - cpu0, _cpu_seconds(me) - mine0
                 row = level_figures(streams, raw, wall)
-                (s0, n0), (s1, n1) = before, await _router_egress(http, router_urls)
+                (s0, n0), (s1, n1) = before, await _router_egress(http, url)
                 row["router_cpu_us_per_token"] = round(cpu / max(row["tokens"], 1) * 1e6, 1)
                 row["client_cpu_us_per_token"] = round(mine / max(row["tokens"], 1) * 1e6, 1)
                 row["egress_router_side_ms_mean"] = round((s1 - s0) / (n1 - n0) * 1e3, 3) \
@@ -307,8 +304,7 @@ def run_router_bench(a: argparse.Namespace) -> dict:
         cluster.start()
         _log(f"cluster up in {time.monotonic() - t0:.1f} s")
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            measured = runner.run(_drive(cluster.http_url, cluster.router_urls,
-                                         cluster.router_pids(), a, levels))
+            measured = runner.run(_drive(cluster.http_url, cluster.router_pids(), a, levels))
         ok = True
     finally:
         cluster.stop()

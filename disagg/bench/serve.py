@@ -40,7 +40,7 @@ and server log in ``<out stem>-runs/``)::
      "ratios": {"2": {"disagg/vllm": {request_throughput, ..., itl_p50_ms}}}}
 
 ``server`` (disagg sides only) is what the router's ``/metrics`` counted during
-that client run (summed over every router worker's own ``/metrics`` with
+that client run (every router worker's counts with
 ``--disagg-serve-args='--router-workers N'``), its two warm-up requests included
 (:func:`disagg.replay.server_metrics.server_delta`): how many requests the
 default routed local and remote, fall-backs, KV bytes moved.
@@ -67,8 +67,7 @@ from pathlib import Path
 import disagg
 from disagg.bench.args import parse_names
 from disagg.bench.server_process import Server, free_port, healthy, log_tail
-from disagg.replay.server_metrics import scrape_sum, server_delta
-from disagg.serve import READY_LINE, worker_urls
+from disagg.replay.server_metrics import scrape, server_delta
 
 SERVERS = ("vllm", "disagg", "disagg-local", "disagg-remote")
 DISAGG_POLICY = {"disagg": None, "disagg-local": "local", "disagg-remote": "remote"}
@@ -243,19 +242,6 @@ def _say(msg: str) -> None:
     print(f"[bench serve] {msg}", file=sys.stderr, flush=True)
 
 
-def _routers(server: Server, timeout_s: float = 60.0) -> list[str]:
-    """A healthy ``disagg serve``'s router URLs whose ``/metrics`` count its requests:
-    each worker's own with several, else its base URL (read from its output once the
-    ready line is out: ``/health`` answers once the first worker has its nodes)."""
-    deadline = time.monotonic() + timeout_s
-    while READY_LINE not in (text := server.log.read_text()):
-        if server.proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{server.side} printed no ready line; the end of its "
-                               f"log:\n{log_tail(server.log)}")
-        time.sleep(0.2)
-    return worker_urls(text) or [server.url]
-
-
 def _run_client(vllm_python: Path, args: list[str], base_url: str, run_dir: Path, tag: str,
                 timeout_s: float) -> dict:
     """One client run: our metrics from its result file, or ``{"error": ...}``."""
@@ -320,16 +306,15 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
     order: list[str] = []
     failures: list[str] = []
 
-    def bench_rates(side: str, round_: int, base: str, routers: list[str]) -> None:
-        """Every rate against ``base``; ``routers``: the URLs whose /metrics count its
-        requests (each router worker's own, or ``base``)."""
+    def bench_rates(side: str, round_: int, base: str) -> None:
+        """Every rate against ``base``."""
         for rate in a.rates:
             tag = f"{side}-rate{rate_key(rate)}-r{round_}"
             _say(f"client run {tag}: {a.num_prompts} prompts at {rate_key(rate)} req/s, {base}")
-            before = scrape_sum(routers)       # None for a server that is not disagg
+            before = scrape(base)       # None for a server that is not disagg
             got = _run_client(vllm_python, client_args(a, model_dir, name, rate), base,
                               run_dir, tag, a.client_timeout_s)
-            delta = server_delta(before, scrape_sum(routers))
+            delta = server_delta(before, scrape(base))
             if delta is not None and "error" not in got:
                 got["server"] = delta
                 _say(f"client run {tag}: routes {delta['routes']}, "
@@ -345,15 +330,14 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
                 order.append(side)
                 if side == "vllm" and a.peer_url:
                     servers[side] = {"url": a.peer_url.rstrip("/"), "started_by_bench": False}
-                    bench_rates(side, round_, servers[side]["url"], [servers[side]["url"]])
+                    bench_rates(side, round_, servers[side]["url"])
                     continue
                 port = free_port()
                 cmd, env = server_command(side, a, port, model_dir, name, vllm_python)
                 server = Server(side, cmd, env, port, run_dir / f"{side}-r{round_}-server.log")
                 try:
                     startup = server.start(a.server_timeout_s)
-                    routers = _routers(server) if side != "vllm" else [server.url]
-                    bench_rates(side, round_, server.url, routers)
+                    bench_rates(side, round_, server.url)
                 finally:
                     server.stop()
                 entry = servers.setdefault(side, {"command": shlex.join(cmd), "env": env,

@@ -35,21 +35,6 @@ def scrape(base_url: str, headers: dict[str, str] | None = None,
     return samples
 
 
-def scrape_sum(base_urls: list[str], headers: dict[str, str] | None = None,
-               timeout_s: float = 10.0) -> Samples | None:
-    """Every sample of several routers' ``/metrics`` summed (router workers each count
-    their own requests), for :func:`server_delta`'s counters; None when any of them is
-    not a disagg router."""
-    total: Samples = {}
-    for url in base_urls:
-        samples = scrape(url, headers, timeout_s)
-        if samples is None:
-            return None
-        for key, value in samples.items():
-            total[key] = total.get(key, 0.0) + value
-    return total
-
-
 def _total(samples: Samples, name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
 

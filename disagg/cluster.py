@@ -18,8 +18,8 @@ its own control address, and every node is given all of them; ``http_url`` is
 the shared port, ``router_urls`` each worker's own listener (its ``/health``).
 The workers share a fresh metrics directory in the cluster's temporary
 directory (``PROMETHEUS_MULTIPROC_DIR``), so ``/metrics`` at any of their
-addresses counts every worker's requests; a single router is started without
-that variable, whatever the environment says.
+addresses counts every worker's requests; a single router, and every node, is
+started without that variable, whatever the environment says.
 
 Each child's output goes to ``log_dir/NAME.log`` (or is inherited when
 ``log_dir`` is None, as ``disagg serve`` does). Ports are chosen by the OS.
@@ -260,7 +260,8 @@ class LocalCluster:
             "--kv-transport", self.config.kv_transport,
             "--kv-address", f"tcp://{self.config.host}:*",
             "--nice", str(self.config.node_nice), *turns, *self.config.node_args,
-            *(self.config.prefill_args if role == "prefill" else self.config.decode_args)])
+            *(self.config.prefill_args if role == "prefill" else self.config.decode_args)],
+            {MULTIPROC_DIR_ENV: None})             # a node's /metrics is its own
         deadline = time.monotonic() + self.config.startup_timeout_s
         for url in self.router_urls if wait else ():
             while self.health(url).get("nodes", {}).get(name, {}).get("pid") != proc.pid:

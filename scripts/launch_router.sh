@@ -19,6 +19,9 @@
 #   DISAGG_DRAIN_TIMEOUT_S    on SIGTERM, let requests in flight finish for up to this many
 #                             seconds, then exit (default 30)
 #   DISAGG_LOG_LEVEL          INFO, DEBUG, ...
+#   PROMETHEUS_MULTIPROC_DIR  several workers on one port (--reuse-port): the same directory,
+#                             empty before the first starts, for each; /metrics then counts
+#                             every worker's requests (prometheus_client's multiprocess mode)
 #   DISAGG_PYTHON             the interpreter (default: $REPO/.venv/bin/python, else python3)
 #
 # Two machines: router + decode on 10.0.0.5, prefill on 10.0.0.6:

@@ -149,7 +149,10 @@ def test_cluster_config_checks_router_workers():
 
 
 @needs_smollm2
-def test_one_worker_restarts_on_its_control_address_and_the_node_rejoins_it(tmp_path):
+def test_one_worker_restarts_on_its_control_address_and_the_node_rejoins_it(tmp_path,
+                                                                           monkeypatch):
+    # the cluster gives its workers a directory of its own, its node none, whatever is set
+    monkeypatch.setenv(MULTIPROC_DIR_ENV, str(tmp_path / "not-a-directory"))
     config = ClusterConfig(num_prefill=0, num_decode=1, policy="local", router_workers=2,
                            log_dir=str(tmp_path), node_args=("--kv-cache-memory", "64MiB"))
     with LocalCluster(config) as c:

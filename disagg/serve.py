@@ -72,7 +72,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=env("DISAGG_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (env DISAGG_API_KEY)")
     p.add_argument("--max-inflight", type=int, default=256,
-                   help="requests in flight before new ones get 429")
+                   help="requests in flight before new ones get 429 (per router worker)")
     p.add_argument("--reject-ttft-slo-s", type=float, default=None, metavar="S",
                    help="refuse at once (429) requests whose predicted time to first token "
                         "exceeds S seconds, once the cost model has measured a few (default: off)")

@@ -270,7 +270,7 @@ def run_serve(a: argparse.Namespace) -> int:
         base = f"{cluster.http_url}/v1"
         name = served_model_name(config.model)
         _say(f"all nodes registered in {time.monotonic() - t0:.1f} s")
-        if config.router_workers > 1:         # before the ready line: read once that is out
+        if config.router_workers > 1:         # addresses come before the ready line
             own = ", ".join(f"{n} (pid {procs[n].pid}) {url}"
                             for n, url in zip(cluster.router_names(), cluster.router_urls))
             print(f"  {config.router_workers} {WORKERS_LINE}{own}", file=sys.stderr,

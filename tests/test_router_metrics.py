@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.metrics import (
-    E2E_BUCKETS, ITL_BUCKETS, NODE_STATES, OVERHEAD_BUCKETS, REQUEST_STATUSES, ROLES, ROUTES,
-    TTFT_BUCKETS, Deferred, RouterMetrics)
+    E2E_BUCKETS, ITL_BUCKETS, NODE_COUNTERS, NODE_STATES, OVERHEAD_BUCKETS, REQUEST_STATUSES,
+    ROLES, ROUTES, TTFT_BUCKETS, Deferred, RouterMetrics)
 
 FAMILIES = {   # exposed family name -> (type, label names)
     "disagg_requests": ("counter", ("route", "status")),
@@ -83,6 +83,12 @@ def test_every_family_name_type_and_labels(reg):
         if kind == "counter":    # exposed names keep today's ``_total`` spelling
             assert f"# TYPE {name}_total counter" in text
     assert not any(name.endswith("_created") for name, _ in samples)
+
+
+def test_node_counters_name_counter_families():
+    # router workers show these from one worker instead of summing them: a renamed
+    # family would silently be summed again
+    assert all(FAMILIES[name][0] == "counter" for name in NODE_COUNTERS)
 
 
 def test_pre_created_series_are_zero(reg):

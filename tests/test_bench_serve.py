@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from disagg.bench.serve import (METRICS, WARMUP_REQUESTS, add_serve_bench_args, best_run,
-                                check_args, client_args, ratios, round_order,
-                                run_serve_bench, server_command, summarize)
+                                check_args, client_args, rate_key, rate_seed, ratios,
+                                round_order, run_serve_bench, server_command, summarize)
 from disagg.cli import build_parser, main
 from tests.conftest import needs_smollm2
 
@@ -114,8 +114,10 @@ def test_server_commands_and_one_client_command_for_all():
         assert ("--policy" in cmd) == (policy is not None)
         if policy:
             assert cmd[-2:] == ["--policy", policy]
-    args = client_args(a, model, "M", 2.0)
+    assert [rate_seed(a, r) for r in a.rates] == [a.seed, a.seed + 1, a.seed + 2]
+    args = client_args(a, model, "M", rate_key(2.0), str(rate_seed(a, 2.0)))
     assert args[args.index("--request-rate") + 1] == "2"
+    assert args[args.index("--seed") + 1] == str(a.seed + 1)   # 2 is the second rate
     assert args[args.index("--backend") + 1] == "vllm" and "--ignore-eos" in args
     assert "--base-url" not in args     # the only per-server part, added per run
 
@@ -174,13 +176,14 @@ def test_vllm_client_against_disagg_serve_end_to_end(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report == json.loads(out.read_text()) and report["ok"], report
     assert report["run_order"] == ["disagg", "disagg-local"] and report["rates"] == ["4"]
+    assert report["client"]["seeds"] == {"4": 0} and "--seed '<seed>'" in report["client"]["args"]
     for side in ("disagg", "disagg-local"):
         got = report["results"][side]["4"]
         assert got["completed"] == 4 and got["failed"] == 0, got
         assert got["request_throughput"] > 0 and got["ttft_p50_ms"] > 0 and got["itl_p50_ms"] > 0
         assert "--policy local" in report["servers"]["disagg-local"]["command"]
-        # the routers' own count of what they served during the run (both workers'
-        # /metrics summed): the 4 prompts and the client's warm-up requests
+        # the routers' own count of what they served during the run (the shared port's
+        # /metrics counts both workers): the 4 prompts and the client's warm-up requests
         assert sum(got["server"]["routes"].values()) == 4 + WARMUP_REQUESTS, got["server"]
     assert set(report["results"]["disagg-local"]["4"]["server"]["routes"]) == {"local"}
     assert report["ratios"]["4"]["disagg/disagg-local"]["request_throughput"] > 0

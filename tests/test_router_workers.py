@@ -3,11 +3,6 @@ reachable alone (``--own-port``) — real processes; the last test adds a decode
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,34 +10,10 @@ import pytest
 
 from conftest import needs_smollm2
 from prometheus_client.multiprocess import MultiProcessCollector
+from router_helpers import router_ready, start_router
 from serving_helpers import metric, metrics
 from disagg.cluster import ClusterConfig, LocalCluster
 from router.metrics import MULTIPROC_DIR_ENV
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _start(tmp: Path, name: str, port: int, *flags: str,
-           metrics_dir: Path | None = None) -> tuple[subprocess.Popen, Path]:
-    ready = tmp / f"{name}.json"
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    env.pop(MULTIPROC_DIR_ENV, None)
-    if metrics_dir is not None:
-        env[MULTIPROC_DIR_ENV] = str(metrics_dir)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router", "--port", str(port), "--control-address",
-         "tcp://127.0.0.1:*", "--ready-file", str(ready), *flags],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"), env=env)
-    return proc, ready
-
-
-def _ready(proc: subprocess.Popen, ready: Path, log: Path) -> dict:
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    return json.loads(ready.read_text())
 
 
 def _router_id(url: str) -> str:
@@ -53,13 +24,13 @@ def _router_id(url: str) -> str:
 def test_two_workers_share_the_port_and_each_is_reachable_alone(tmp_path):
     procs = []
     try:
-        first, ready = _start(tmp_path, "a", 0, "--reuse-port", "--own-port", "0")
+        first, ready = start_router(tmp_path, "a", 0, "--reuse-port", "--own-port", "0")
         procs.append(first)
-        a = _ready(first, ready, tmp_path / "a.log")
+        a = router_ready(first, ready, tmp_path / "a.log")
         port = int(a["http"].rsplit(":", 1)[1])
-        second, ready = _start(tmp_path, "b", port, "--reuse-port", "--own-port", "0")
+        second, ready = start_router(tmp_path, "b", port, "--reuse-port", "--own-port", "0")
         procs.append(second)
-        b = _ready(second, ready, tmp_path / "b.log")
+        b = router_ready(second, ready, tmp_path / "b.log")
         assert a["http"] == b["http"] and len({a["own_http"], b["own_http"], a["http"]}) == 3
         assert a["control"] != b["control"]
         ids = {_router_id(a["own_http"]), _router_id(b["own_http"])}
@@ -88,15 +59,15 @@ def test_workers_sharing_a_metrics_directory_each_serve_the_sum(tmp_path):
     shared_dir.mkdir()
     procs = []
     try:
-        first, ready = _start(tmp_path, "a", 0, "--reuse-port", "--own-port", "0",
+        first, ready = start_router(tmp_path, "a", 0, "--reuse-port", "--own-port", "0",
                               metrics_dir=shared_dir)
         procs.append(first)
-        a = _ready(first, ready, tmp_path / "a.log")
+        a = router_ready(first, ready, tmp_path / "a.log")
         port = int(a["http"].rsplit(":", 1)[1])
-        second, ready = _start(tmp_path, "b", port, "--reuse-port", "--own-port", "0",
+        second, ready = start_router(tmp_path, "b", port, "--reuse-port", "--own-port", "0",
                                metrics_dir=shared_dir)
         procs.append(second)
-        b = _ready(second, ready, tmp_path / "b.log")
+        b = router_ready(second, ready, tmp_path / "b.log")
         # an unknown model: every completion is a counted 404, whichever worker takes it
         for _ in range(24):
             r = httpx.post(a["http"] + "/v1/completions", timeout=30,
@@ -121,19 +92,19 @@ def test_workers_sharing_a_metrics_directory_each_serve_the_sum(tmp_path):
 
 
 def test_a_metrics_directory_that_is_not_one_is_refused(tmp_path):
-    router, _ = _start(tmp_path, "a", 0, metrics_dir=tmp_path / "missing")
+    router, _ = start_router(tmp_path, "a", 0, metrics_dir=tmp_path / "missing")
     assert router.wait(timeout=60) == 2
     log = (tmp_path / "a.log").read_text()
     assert f"{MULTIPROC_DIR_ENV}='{tmp_path / 'missing'}' is not a directory" in log, log
 
 
 def test_a_taken_port_is_refused_without_reuse_port(tmp_path):
-    first, ready = _start(tmp_path, "a", 0, "--reuse-port")
+    first, ready = start_router(tmp_path, "a", 0, "--reuse-port")
     try:
-        a = _ready(first, ready, tmp_path / "a.log")
+        a = router_ready(first, ready, tmp_path / "a.log")
         assert a["own_http"] == a["http"]                  # no --own-port: one listener
         port = int(a["http"].rsplit(":", 1)[1])
-        other, _ = _start(tmp_path, "b", port)             # not a worker: must not share it
+        other, _ = start_router(tmp_path, "b", port)             # not a worker: must not share it
         assert other.wait(timeout=60) != 0
         assert "address already in use" in (tmp_path / "b.log").read_text().lower()
     finally:

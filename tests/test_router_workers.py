@@ -60,12 +60,12 @@ def test_workers_sharing_a_metrics_directory_each_serve_the_sum(tmp_path):
     procs = []
     try:
         first, ready = start_router(tmp_path, "a", 0, "--reuse-port", "--own-port", "0",
-                              metrics_dir=shared_dir)
+                                    metrics_dir=shared_dir)
         procs.append(first)
         a = router_ready(first, ready, tmp_path / "a.log")
         port = int(a["http"].rsplit(":", 1)[1])
         second, ready = start_router(tmp_path, "b", port, "--reuse-port", "--own-port", "0",
-                               metrics_dir=shared_dir)
+                                     metrics_dir=shared_dir)
         procs.append(second)
         b = router_ready(second, ready, tmp_path / "b.log")
         # an unknown model: every completion is a counted 404, whichever worker takes it
@@ -104,7 +104,7 @@ def test_a_taken_port_is_refused_without_reuse_port(tmp_path):
         a = router_ready(first, ready, tmp_path / "a.log")
         assert a["own_http"] == a["http"]                  # no --own-port: one listener
         port = int(a["http"].rsplit(":", 1)[1])
-        other, _ = start_router(tmp_path, "b", port)             # not a worker: must not share it
+        other, _ = start_router(tmp_path, "b", port)       # not a worker: must not share it
         assert other.wait(timeout=60) != 0
         assert "address already in use" in (tmp_path / "b.log").read_text().lower()
     finally:

@@ -95,6 +95,9 @@ def test_serve_restarts_a_dead_node_and_exits_1_when_a_router_worker_dies():
         texts = {httpx.post(url + "/completions", json=dict(body, max_tokens=1),
                             timeout=120).json()["choices"][0]["text"] for _ in range(16)}
         assert len(texts) == 1
+        # the shared port reaches both workers (each new connection goes to one of them)
+        assert len({httpx.get(base + "/health", timeout=30).json()["router_id"]
+                    for _ in range(16)}) == 2
         # each worker's /metrics counts both workers' requests (a shared metrics directory)
         served = [metric(u, "disagg_requests_total", route="local", status="ok")
                   for u in (base, *own)]

@@ -67,13 +67,13 @@ import time
 import urllib.parse
 
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
 from disagg.bench.loopback_hop import loopback_hop
 from disagg.bench.router_figures import (
     ROUTER_ONLY_TARGET_P50_MS, TARGET_P50_MS, level_figures, parse_stream, percentiles)
 from disagg.bench.stamped_http import Connection
 from disagg.cpus import usable_cpus
+from disagg.replay.server_metrics import scrape
 
 PROMPTS = ("The capital of France is", "Write a haiku about the sea.", "Once upon a time",
            "List three prime numbers:", "Explain what a router does in one sentence.",
@@ -174,15 +174,16 @@ async def _level(streams_reads: list, model: str, per_stream: int,
     return raw, time.monotonic() - t0
 
 
-async def _router_egress(client, url: str) -> tuple[float, float]:
+def _router_egress(url: str) -> tuple[float, float]:
     """The router's own egress histogram (node sent → bytes handed to the socket), over
-    every router worker (their shared ``/metrics``): sum, count."""
-    text = (await client.get(url + "/metrics")).text
-    found = {s.name: s.value for family in text_string_to_metric_families(text)
-             if family.name == "disagg_router_overhead_seconds"
-             for s in family.samples if s.labels.get("direction") == "egress"}
-    return (found.get("disagg_router_overhead_seconds_sum", 0.0),
-            found.get("disagg_router_overhead_seconds_count", 0.0))
+    every router worker (their shared ``/metrics``): sum, count. Read between levels,
+    never while streams run."""
+    samples = scrape(url)
+    if samples is None:
+        raise RuntimeError(f"{url}/metrics did not answer as a disagg router")
+    egress = frozenset({("direction", "egress")})
+    return (samples.get(("disagg_router_overhead_seconds_sum", egress), 0.0),
+            samples.get(("disagg_router_overhead_seconds_count", egress), 0.0))
 
 
 class _Client:
@@ -252,13 +253,13 @@ async def _drive(url: str, router_pids: list[int], a: argparse.Namespace,
             results = {}
             for streams in levels:
                 _log(f"concurrency {streams}: {streams * a.requests} requests...")
-                before = await _router_egress(http, url)
+                before = _router_egress(url)
                 cpu0, mine0 = _cpu_seconds(routers), _cpu_seconds(me)
                 raw, wall = await _level(client.readers(streams), model, a.requests,
                                          a.max_tokens)
                 cpu, mine = _cpu_seconds(routers) - cpu0, _cpu_seconds(me) - mine0
                 row = level_figures(streams, raw, wall)
-                (s0, n0), (s1, n1) = before, await _router_egress(http, url)
+                (s0, n0), (s1, n1) = before, _router_egress(url)
                 row["router_cpu_us_per_token"] = round(cpu / max(row["tokens"], 1) * 1e6, 1)
                 row["client_cpu_us_per_token"] = round(mine / max(row["tokens"], 1) * 1e6, 1)
                 row["egress_router_side_ms_mean"] = round((s1 - s0) / (n1 - n0) * 1e3, 3) \

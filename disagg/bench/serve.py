@@ -325,7 +325,7 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
         for rate in a.rates:
             tag = f"{side}-rate{rate_key(rate)}-r{round_}"
             _say(f"client run {tag}: {a.num_prompts} prompts at {rate_key(rate)} req/s, {base}")
-            before = scrape(base)       # None for a server that is not disagg
+            before = scrape(base)              # None for a server that is not disagg
             got = _run_client(vllm_python, client_args(a, model_dir, name, rate_key(rate),
                                                        str(rate_seed(a, rate))), base,
                               run_dir, tag, a.client_timeout_s)

@@ -22,6 +22,10 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 #: how weights are filled: "auto" reads the model's safetensors, "dummy" = random
 #: weights at the model's real shapes (speed tests only)
 LOAD_FORMATS = ("auto", "dummy")
+#: how long a step waits for its compute turn before it computes without it: well
+#: over the longest step the embedded model takes on a small machine (a 2,048-token
+#: prefill chunk on 2 cores: a few seconds), so only a stuck holder is passed over
+DEFAULT_COMPUTE_TURN_WAIT_S = 10.0
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -125,6 +129,8 @@ class EngineConfig:
         shared with the other engines on these cores: each step's compute waits
         for its turn, so the engines' thread teams never run at once (``None``:
         no turns; for engines on cores of their own).
+    compute_turn_wait_s: how long a step waits for its turn before it computes
+        without it (a holder that is stopped or hung must not freeze this engine).
     """
 
     model: str = "default"
@@ -150,6 +156,7 @@ class EngineConfig:
     kv_layerwise: bool = True
     cpu_kernels: bool = True
     compute_turns: str | None = None
+    compute_turn_wait_s: float = DEFAULT_COMPUTE_TURN_WAIT_S
 
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -168,6 +175,7 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        check_wait_s("compute_turn_wait_s", self.compute_turn_wait_s)
         if self.compute_turns is not None and (not isinstance(self.compute_turns, str)
                                                or not self.compute_turns.strip()):
             raise ValueError(f"compute_turns must be None or a file path prefix, got "
@@ -196,6 +204,14 @@ class EngineConfig:
     def torch_dtype(self):
         import torch
         return getattr(torch, self.dtype)
+
+
+def check_wait_s(name: str, value) -> None:
+    """``ValueError`` unless ``value`` is a finite number of seconds > 0 (a bound on a
+    wait; ``name`` is what the message calls it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
 
 
 def _positive(name: str, value) -> None:

@@ -77,6 +77,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "forward pass at a time, alternating when both are busy. disagg "
                         "serve sets it when its nodes share cores (env DISAGG_COMPUTE_TURNS; "
                         "default: no turns)")
+    p.add_argument("--compute-turn-wait-s", type=float, default=d.compute_turn_wait_s,
+                   metavar="SECONDS",
+                   help="with --compute-turns: a step that has waited this long for its "
+                        "turn computes without it, and later steps do not wait until the "
+                        "holder lets go (a stopped or hung engine must not freeze this one)")
 
 
 def engine_config_from_args(a: argparse.Namespace, **overrides) -> EngineConfig:
@@ -89,6 +94,6 @@ def engine_config_from_args(a: argparse.Namespace, **overrides) -> EngineConfig:
               enable_prefix_caching=not a.no_prefix_caching,
               attention_backend=a.attention_backend, load_format=a.load_format,
               torch_threads=a.torch_threads, cpu_kernels=not a.no_cpu_kernels,
-              compute_turns=a.compute_turns)
+              compute_turns=a.compute_turns, compute_turn_wait_s=a.compute_turn_wait_s)
     kw.update(overrides)
     return EngineConfig(**kw)

@@ -1,11 +1,13 @@
 """Engines sharing cores take turns at compute: real processes on one turn lock
-never overlap, alternate when both want the next turn, and a dead holder never
-blocks the others; an engine given a turn lock waits for its turn to step and
-generates the same tokens."""
+never overlap, alternate when both want the next turn, a dead holder never
+blocks the others and a stopped one only for the wait bound; an engine given a
+turn lock waits for its turn to step and generates the same tokens."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,7 +21,7 @@ import pytest
 from conftest import hf_greedy, random_prompts
 from disagg.config import EngineConfig
 from disagg.engine import LLMEngine
-from disagg.engine.compute_turns import ComputeTurns
+from disagg.engine.compute_turns import ComputeTurns, turn_holders
 from disagg.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +104,63 @@ def test_a_killed_holder_does_not_block_the_others(tmp_path):
         holder.wait()
 
 
+def _turn_is_free(path: str) -> bool:
+    fd = os.open(path + ".turn", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)                     # (drops the lock if this took it)
+    return True
+
+
+def test_a_stopped_holder_is_passed_over_after_the_bound_then_turns_resume(tmp_path, caplog):
+    path = str(tmp_path / "turns")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\n"
+         "from disagg.engine.compute_turns import ComputeTurns\n"
+         "t = ComputeTurns(sys.argv[1]); t.__enter__(); print('held', flush=True)\n"
+         "sys.stdin.readline(); t.__exit__(None, None, None); print('let go', flush=True)\n"
+         "sys.stdin.readline()", path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    turns = ComputeTurns(path, max_wait_s=0.5)
+    caplog.set_level(logging.WARNING, logger="disagg.engine")
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGSTOP)          # alive, holding the turn, going nowhere
+        t0 = time.monotonic()
+        with turns:                                 # waits the bound, then goes without
+            assert holder.pid in turn_holders(path)
+        assert 0.5 <= time.monotonic() - t0 < 5 and turns.skipped == 1
+        t0 = time.monotonic()
+        with turns:                                 # still stuck: no second wait
+            pass
+        assert time.monotonic() - t0 < 0.25 and turns.skipped == 2
+        assert "not granted in 0.5 s" in caplog.text
+
+        holder.send_signal(signal.SIGCONT)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "let go"
+        deadline = time.monotonic() + 10            # the waiter thread takes the freed turn
+        while True:                                 # and hands it back: turns resume
+            skipped = turns.skipped
+            with turns:
+                if turns.skipped == skipped:
+                    assert os.getpid() in turn_holders(path) and not _turn_is_free(path)
+                    break
+            assert time.monotonic() < deadline, "turns never resumed after the holder let go"
+            time.sleep(0.02)
+        assert _turn_is_free(path)                  # and the turn ends with the step
+        assert "free again: taking turns again" in caplog.text
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+        turns.close()
+
+
 def test_bad_paths_are_refused(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         ComputeTurns(str(tmp_path / "missing" / "turns"))
@@ -109,6 +168,11 @@ def test_bad_paths_are_refused(tmp_path):
         ComputeTurns("")
     with pytest.raises(ValueError, match="compute_turns"):
         EngineConfig(compute_turns="")
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="max_wait_s"):
+            ComputeTurns(str(tmp_path / "turns"), max_wait_s=bad)
+        with pytest.raises(ValueError, match="compute_turn_wait_s"):
+            EngineConfig(compute_turn_wait_s=bad)
 
 
 def test_an_engine_steps_only_in_its_turn_and_tokens_are_unchanged(tiny_llama, tmp_path):

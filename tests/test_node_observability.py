@@ -56,9 +56,10 @@ def test_metrics_follow_steps_and_load(node):
     metrics.update({**IDLE_LOAD, "queued_prefill_tokens": 70, "num_running": 5,
                     "num_waiting": 4, "num_requests": 11, "num_waiting_for_kv": 2,
                     "num_used_blocks": 40, "kv_usage": 0.4, "num_kv_sends": 1, "num_pinned": 0},
-                   {"bytes_sent": 0, "bytes_received": 4096}, turn_wait_s=0.25)
+                   {"bytes_sent": 0, "bytes_received": 4096}, turn_wait_s=0.25, turns_skipped=2)
     got = scrape(url)
     assert val(got, "disagg_engine_compute_turn_wait_seconds_total") == 0.25
+    assert val(got, "disagg_engine_compute_turns_skipped_total") == 2
     assert val(got, "disagg_engine_steps_total") == 3
     assert val(got, "disagg_engine_prefill_tokens_total") == 64
     assert val(got, "disagg_engine_decode_tokens_total") == 8
@@ -84,10 +85,12 @@ def test_metrics_follow_steps_and_load(node):
     assert val(got, "disagg_engine_pinned_requests") == 0
     assert val(got, "disagg_engine_kv_transfer_bytes_total", direction="received") == 4096
 
-    metrics.update(IDLE_LOAD, {"bytes_sent": 0, "bytes_received": 4096}, turn_wait_s=0.75)
+    metrics.update(IDLE_LOAD, {"bytes_sent": 0, "bytes_received": 4096}, turn_wait_s=0.75,
+                   turns_skipped=5)
     got = scrape(url)
     assert val(got, "disagg_engine_running_requests") == 0           # gauges follow
     assert val(got, "disagg_engine_compute_turn_wait_seconds_total") == 0.75
+    assert val(got, "disagg_engine_compute_turns_skipped_total") == 5
     assert val(got, "disagg_engine_kv_transfer_bytes_total", direction="received") == 4096
 
 

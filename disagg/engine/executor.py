@@ -39,7 +39,8 @@ class Executor:
         #: True while an overlapped step's compute runs on the model thread
         self.model_running = False
         #: the turn lock shared with engines on the same cores (None: no turns)
-        self.compute_turns = ComputeTurns(config.compute_turns) if config.compute_turns else None
+        self.compute_turns = ComputeTurns(config.compute_turns, config.compute_turn_wait_s) \
+            if config.compute_turns else None
         if config.tensor_parallel_size > 1:
             self.workers = TPWorkers(config, model_config, model_dir, num_blocks, worker_factory)
             infos = self.workers.wait_ready()

@@ -144,6 +144,10 @@ class NodeMetrics:
             "disagg_engine_compute_turn_wait_seconds",
             "Seconds this node's steps waited for their turn at compute on cores it shares "
             "with another node (--compute-turns; stays 0 without turns).", **kw)
+        self.turns_skipped = Counter(
+            "disagg_engine_compute_turns_skipped",
+            "Steps computed without their turn because the other node on these cores held "
+            "it past --compute-turn-wait-s (stopped, hung or in a very long step).", **kw)
         self.kv_capacity_blocks = Gauge(
             "disagg_engine_kv_capacity_blocks", "KV cache blocks the engine has in all.", **kw)
         self.kv_capacity_blocks.set(num_kv_blocks)
@@ -168,16 +172,19 @@ class NodeMetrics:
         self.prefill_tokens.inc(prefill_tokens)
         self.decode_tokens.inc(decodes)
 
-    def update(self, load: dict, kv_stats: dict, turn_wait_s: float = 0.0) -> None:
+    def update(self, load: dict, kv_stats: dict, turn_wait_s: float = 0.0,
+               turns_skipped: int = 0) -> None:
         """Set the gauges from the engine's ``load()`` (every key of ``LOAD_GAUGES``)
         and advance the counters from its running totals: ``load["num_preemptions"]``,
-        ``kv_stats["bytes_sent"]`` / ``["bytes_received"]`` and ``turn_wait_s`` (the
-        engine's ``compute_turns.waited_s``). Raises KeyError if a key is missing (the
-        engine's ``load()`` and ``kv_stats`` always have them)."""
+        ``kv_stats["bytes_sent"]`` / ``["bytes_received"]``, ``turn_wait_s`` and
+        ``turns_skipped`` (the engine's ``compute_turns.waited_s`` and ``.skipped``).
+        Raises KeyError if a key is missing (the engine's ``load()`` and ``kv_stats``
+        always have them)."""
         for key, gauge in self.load_gauges.items():
             gauge.set(load[key])
         self._advance(self.preemptions, PREEMPTIONS_KEY, load[PREEMPTIONS_KEY])
         self._advance(self.turn_wait_seconds, "turn_wait_s", turn_wait_s)
+        self._advance(self.turns_skipped, "turns_skipped", turns_skipped)
         for direction, key in KV_DIRECTIONS:
             self._advance(self.kv_transfer_bytes.labels(direction=direction), key, kv_stats[key])
 

@@ -223,7 +223,8 @@ class NodeServer:
                     self.beats.update(load, stats["bytes_sent"], stats["bytes_received"])
                     if self.metrics is not None:
                         turns = self.engine.executor.compute_turns
-                        self.metrics.update(load, stats, turns.waited_s if turns else 0.0)
+                        self.metrics.update(load, stats, turns.waited_s if turns else 0.0,
+                                            turns.skipped if turns else 0)
         finally:
             self.send(m.Deregister(self.node_id))      # the router recovers what is left
             stop.set()

@@ -49,9 +49,12 @@ def test_chaos_no_failed_requests_exact_outputs_no_leaks(tmp_path):
     # one CI run saw three requests stopped on decode-1, moved to decode-0, stopped there
     # too, and give up at the default budget of 3 migrations. The property under test is
     # that every fault is survived, so the budget is sized to the storm, not the default.
+    # Three engines on CI's two cores, without turns: one torch thread each, or their
+    # OpenMP teams spin against each other (the no-fault pass alone took 37 to 72 s
+    # with a team per core, 23 s with one thread each).
     cfg = ClusterConfig(num_prefill=1, num_decode=2, policy="threshold",
                         policy_options=("min_remote_tokens=128",), log_dir=str(tmp_path),
-                        node_args=("--kv-cache-memory", "64MiB"),
+                        node_args=("--kv-cache-memory", "64MiB", "--torch-threads", "1"),
                         router_args=("--max-migrations", "8"))
     requests = open_loop_requests(SEED)
     with LocalCluster(cfg) as cluster:

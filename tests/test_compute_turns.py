@@ -124,7 +124,7 @@ def test_a_stopped_holder_is_passed_over_after_the_bound_then_turns_resume(tmp_p
          "sys.stdin.readline(); t.__exit__(None, None, None); print('let go', flush=True)\n"
          "sys.stdin.readline()", path],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    turns = ComputeTurns(path, max_wait_s=0.5)
+    turns = ComputeTurns(path, max_wait_s=1.0)
     caplog.set_level(logging.WARNING, logger="disagg.engine")
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -132,12 +132,12 @@ def test_a_stopped_holder_is_passed_over_after_the_bound_then_turns_resume(tmp_p
         t0 = time.monotonic()
         with turns:                                 # waits the bound, then goes without
             assert holder.pid in turn_holders(path)
-        assert 0.5 <= time.monotonic() - t0 < 5 and turns.skipped == 1
+        assert 1.0 <= time.monotonic() - t0 < 6 and turns.skipped == 1
         t0 = time.monotonic()
         with turns:                                 # still stuck: no second wait
             pass
-        assert time.monotonic() - t0 < 0.25 and turns.skipped == 2
-        assert "not granted in 0.5 s" in caplog.text
+        assert time.monotonic() - t0 < 0.5 and turns.skipped == 2
+        assert "not granted in 1 s" in caplog.text
 
         holder.send_signal(signal.SIGCONT)
         holder.stdin.write("\n")

@@ -190,14 +190,14 @@ class Calibration:
         stall = self.config.interference_weight * num_running * fit.slope * uncached_decode
         if prefill_node is None:
             return CostBreakdown(ttft, stall, None, None, None)
-        p_fit = self.prefill["prefill"].get(prefill_node)
+        p_intercept, p_slope = self._prefill_node_fit(prefill_node, fit, shared)
         remote_tokens = prefill_queue + uncached_prefill
-        prefill_s = p_fit.predict(remote_tokens)
+        prefill_s = p_intercept + p_slope * remote_tokens
         # On shared compute the other node's queued prefill runs on the same cores:
         # moving a prompt from one queue to the other does not skip that work, and the
         # running decodes ride along all of it (both queues and the prompt), whichever
         # node computes the prompt.
-        local_contention = shared * p_fit.slope * prefill_queue + (
+        local_contention = shared * p_slope * prefill_queue + (
             self._ride_along(decode_node, tokens + shared * prefill_queue, num_running) - ride)
         contention = shared * (
             self._ride_along(decode_node, remote_tokens + shared * decode_queue, num_running)
@@ -206,6 +206,21 @@ class Calibration:
         return CostBreakdown(ttft + local_contention, stall, prefill_s,
                              self.link.predict(transfer_bytes), self.remote_overhead.value,
                              contention, remote_stall, local_contention)
+
+    def _prefill_node_fit(self, prefill_node: str, decode_fit: AffineEstimate,
+                          shared: float) -> tuple[float, float]:
+        """The prefill node's prefill ``(overhead, seconds per token)``: its own fit once it
+        has a measurement. Before, the share ``shared`` of its compute that is the decode
+        node's runs at the rate measured there, the rest at the prior: on one machine's
+        cores the prior alone (a faster machine's rate) made remote look cheaper than
+        local as soon as the decode node's first local prefills had taught it the real
+        rate, and sent the first prompts of every fresh deployment remote on 2 cores."""
+        table = self.prefill["prefill"]
+        own = table.get(prefill_node)
+        if not shared or str(prefill_node) in table.per_key:
+            return own.intercept, own.slope
+        return (shared * decode_fit.intercept + (1.0 - shared) * own.intercept,
+                shared * decode_fit.slope + (1.0 - shared) * own.slope)
 
     def _ride_along(self, decode_node: str, tokens: float, num_running: int) -> float:
         """Seconds the decode node's running requests add to a prefill of ``tokens``

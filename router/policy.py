@@ -51,7 +51,10 @@ and equal calibrated rates, remote costs exactly the transfer and the hops
 more than local, so it wins only when the prefill node holds more of the
 prompt in its prefix cache than those cost; on a machine too small to split
 the nodes the router learns to prefill locally (the rates stay online-calibrated
-per node, contention included). A decision that the shared-compute terms
+per node, contention included). A prefill node without a measurement of its own
+is predicted at the decode node's measured rate for the share σ of its compute
+that is the decode node's (the same cores run at the same rate), at the prior
+for the rest. A decision that the shared-compute terms
 flipped to local has reason "shared_compute_local_faster".
 ``kv_usage``, ``num_waiting`` and ``tp`` are not model inputs: rates are
 learned per node, which absorbs TP and hardware differences.

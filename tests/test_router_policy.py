@@ -384,6 +384,28 @@ def test_shared_compute_interference_follows_the_calibrated_decode_rate():
     assert after > 3 * before
 
 
+def test_shared_compute_an_unmeasured_prefill_node_runs_at_the_decode_nodes_measured_rate():
+    # Measured on 2 cores slower than the priors: the decode node's first local prefills
+    # taught it the machine's rate while the prefill node kept its prior, so the first
+    # prompts of every fresh deployment went remote, onto the same cores.
+    pol = CostModel()
+    for _ in range(6):
+        pol.observe_prefill("decode", "d0", 256, 1.3)
+    local = pol.predict(placed(256, {0, 1})).local_ttft_s
+    same = pol.predict(placed(256, {0, 1}))
+    assert same.remote_prefill_s == pytest.approx(local)
+    assert same.remote_cost_s - same.local_cost_s == pytest.approx(
+        same.remote_transfer_s + same.remote_overhead_s)
+    assert pol.decide(placed(256, {0, 1})).route == "local"
+    prior = pol.predict(placed(256, {2, 3})).remote_prefill_s      # cores of its own: the prior
+    assert prior < local and pol.decide(placed(256, {2, 3})).route == "remote"
+    half = pol.predict(placed(256, {1, 2})).remote_prefill_s       # half of them shared
+    assert half == pytest.approx((local + prior) / 2)
+    pol.observe_prefill("prefill", "p0", 256, 0.2)                 # measured: its own fit counts
+    measured = pol.predict(placed(256, {0, 1})).remote_prefill_s
+    assert measured < prior and pol.decide(placed(256, {0, 1})).route == "remote"
+
+
 def test_compute_checks():
     with pytest.raises(ValueError, match="device"):
         Compute(device="tpu")

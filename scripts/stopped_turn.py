@@ -14,8 +14,8 @@ the decode node waits for it.
 
 Prints (JSON with ``--json``) the running stream's longest gap between two tokens and
 its end, the stopped prefill's request and a request sent during the stop (each from
-its send to its last token, seconds), and how many decode steps went without their turn
-(the node's log). ``--turn-wait-s 1e9`` is the behaviour before the bound.
+its send to its last token, seconds), and how many times the decode node gave up waiting
+for its turn (its log). ``--turn-wait-s 1e9`` is the behaviour before the bound.
 """
 
 from __future__ import annotations
@@ -64,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-prompt", type=int, default=900, help="tokens of the stopped prefill's prompt")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    if not a.stop_s > 0 or not a.long_prompt > 0:
-        p.error("--stop-s and --long-prompt must be > 0")
+    if not 0 < a.turn_wait_s < float("inf") or not a.stop_s > 0 or not a.long_prompt > 0:
+        p.error("--turn-wait-s must be finite, and it, --stop-s and --long-prompt > 0")
     rng = random.Random(0)
-    prompt = lambda n: [rng.randrange(3, 49152) for _ in range(n)]     # noqa: E731
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(3, 49152) for _ in range(n)]
     logs = tempfile.mkdtemp(prefix="stopped-turn-")
     cfg = ClusterConfig(policy="remote", compute_turns=True, node_timeout_s=1.5, log_dir=logs,
                         decode_args=("--compute-turn-wait-s", repr(a.turn_wait_s)))
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         while not running.get("tokens"):           # the stream is decoding
             time.sleep(0.01)
         caught_at = None
-        for attempt in range(5):                   # until a prefill is seen in its turn
+        for _ in range(5):                         # until a prefill is seen in its turn
             held.clear()
             t = threading.Thread(target=_stream, args=(url, model, prompt(a.long_prompt), 8, held))
             t.start()

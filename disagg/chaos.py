@@ -22,14 +22,17 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from disagg.cluster import LocalCluster
+from disagg.engine.compute_turns import turn_holders
 from router.metrics import NODE_HOLDINGS
 
 log = logging.getLogger("disagg.chaos")
@@ -171,6 +174,20 @@ class FaultInjector:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not register again within 60 s of SIGCONT")
             time.sleep(0.1)
+
+
+def stop_in_turn(proc: subprocess.Popen, turns_path: str, watching: Callable[[], bool]) -> bool:
+    """SIGSTOP ``proc`` at a moment it holds the compute turn at ``turns_path``, so it
+    stays stopped holding it; look while ``watching()`` is true. False (``proc`` left
+    running) if it never held the turn meanwhile."""
+    while watching():
+        if proc.pid in turn_holders(turns_path):
+            proc.send_signal(signal.SIGSTOP)
+            if proc.pid in turn_holders(turns_path):
+                return True
+            proc.send_signal(signal.SIGCONT)      # it let go just before the stop
+        time.sleep(0.002)
+    return False
 
 
 def node_holdings(base_url: str) -> dict[str, dict[str, float]]:

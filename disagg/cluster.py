@@ -241,6 +241,13 @@ class LocalCluster:
         self._spawn_node(name, wait)
         return name
 
+    @property
+    def turns_path(self) -> str | None:
+        """The nodes' compute-turn lock (``--compute-turns``), None without turns."""
+        if not self.config.compute_turns or self._tmp is None:
+            return None
+        return str(Path(self._tmp.name) / "compute-turns")
+
     def restart_node(self, name: str, wait: bool = True) -> None:
         """Start node ``name`` again, with the same node id, role and TP, after its process
         exited (``RuntimeError`` if it still runs; ``KeyError`` for a name never started)."""
@@ -252,8 +259,7 @@ class LocalCluster:
 
     def _spawn_node(self, name: str, wait: bool) -> None:
         role, tp = self._nodes[name]
-        turns = ["--compute-turns", str(Path(self._tmp.name) / "compute-turns")] \
-            if self.config.compute_turns else []
+        turns = ["--compute-turns", self.turns_path] if self.turns_path else []
         proc = self._spawn(name, [
             f"{role}_node", "--router", ",".join(self.router_controls), "--node-id", name,
             "--model", self.config.model, "--tp", str(tp),

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import httpx
 
+from disagg.chaos import stop_in_turn
 from disagg.cluster import ClusterConfig, LocalCluster
-from disagg.engine.compute_turns import turn_holders
 from disagg.model.resolve import served_model_name
 
 
@@ -78,31 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     with LocalCluster(cfg) as cluster:
         cluster.start()
         url, model = cluster.http_url, served_model_name(cfg.model)
-        prefill = cluster.procs["prefill-0"]
-        args = list(prefill.args)
-        path = args[args.index("--compute-turns") + 1]
+        prefill, path = cluster.procs["prefill-0"], cluster.turns_path
         running, held, during = {}, {}, {}
         threads = [threading.Thread(target=_stream, args=(url, model, prompt(16), 256, running))]
         threads[0].start()
         while not running.get("tokens"):           # the stream is decoding
             time.sleep(0.01)
-        caught_at = None
+        caught = False
         for _ in range(5):                         # until a prefill is seen in its turn
             held.clear()
             t = threading.Thread(target=_stream, args=(url, model, prompt(a.long_prompt), 8, held))
             t.start()
-            while caught_at is None and t.is_alive():
-                if prefill.pid in turn_holders(path):
-                    prefill.send_signal(signal.SIGSTOP)
-                    if prefill.pid in turn_holders(path):
-                        caught_at = time.monotonic()
-                    else:
-                        prefill.send_signal(signal.SIGCONT)
-                time.sleep(0.002)
             threads.append(t)
-            if caught_at is not None:
+            caught = stop_in_turn(prefill, path, t.is_alive)
+            if caught:
                 break
-        if caught_at is None:
+        if not caught:
             print("[stopped turn] never caught the prefill node in its turn", file=sys.stderr)
             return 1
         print(f"[stopped turn] prefill node stopped in its turn; continuing it in {a.stop_s:g} s",

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_smollm2, random_prompts
+from disagg.chaos import stop_in_turn
 from disagg.engine.compute_turns import turn_holders
 from serving_helpers import (
     greedy_tokens, metric, metrics, reference, running_cluster, wait_metric)
@@ -78,23 +79,15 @@ def test_a_prefill_node_stopped_in_its_turn_does_not_freeze_the_decode_node(shar
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     url, prefill = shared_cores.http_url, shared_cores.procs["prefill-0"]
-    args = list(prefill.args)
-    path = args[args.index("--compute-turns") + 1]
+    path = shared_cores.turns_path
     long_prompts = random_prompts(6, 49152, 700, 800, seed=21)
     short = random_prompts(1, 49152, 20, 30, seed=22)[0]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         caught = None
         for prompt in long_prompts:          # until a prefill is caught holding its turn
             future = pool.submit(greedy_tokens, url, prompt, 8)
-            while caught is None and not future.done():
-                if prefill.pid in turn_holders(path):
-                    prefill.send_signal(signal.SIGSTOP)
-                    if prefill.pid in turn_holders(path):
-                        caught = prompt
-                    else:                    # it let go just before the stop
-                        prefill.send_signal(signal.SIGCONT)
-                time.sleep(0.002)
-            if caught is not None:
+            if stop_in_turn(prefill, path, lambda: not future.done()):
+                caught = prompt
                 break
             future.result(timeout=120)
         assert caught is not None, "the prefill node was never caught in its compute turn"

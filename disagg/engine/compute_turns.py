@@ -137,10 +137,12 @@ class ComputeTurns:
                     self._state = _HELD
                     self._cond.notify_all()
                     continue
-                self._state = _IDLE        # _LATE: the step went on without it
+                # _LATE: the step went on without it. Said before the next step can see
+                # _IDLE, so the warning comes before any turn taken again.
+                log.warning("compute turn %s free again: taking turns again (%d step(s) "
+                            "went without one in all)", self.path, self.skipped)
+                self._state = _IDLE
             fcntl.flock(self._turn, fcntl.LOCK_UN)
-            log.warning("compute turn %s free again: taking turns again (%d step(s) went "
-                        "without one in all)", self.path, self.skipped)
 
     def close(self) -> None:
         """Close the lock files (idempotent; the files stay for the other engines). A

@@ -17,6 +17,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 
 def _say(msg: str) -> None:
     print(f"[server] {msg}", file=sys.stderr, flush=True)
@@ -81,14 +83,54 @@ class Server:
     def _pin(self) -> None:
         os.sched_setaffinity(0, self.cpus)     # in the child, before exec
 
-    def stop(self) -> None:
-        """SIGTERM to its process group, SIGKILL after 60 s."""
-        if self.proc is None or self.proc.poll() is not None:
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """SIGTERM to its process group, then wait until every process of the group is
+        gone (a server's children, such as vLLM's engine process, can outlive its main
+        process and would share the next server's cores); SIGKILL to the group after
+        ``timeout_s``."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        if not group_members(pgid):
+            self.proc.wait()
             return
         _say(f"stopping {self.side}")
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        _signal_group(pgid, signal.SIGTERM)
+        if not _wait_group_gone(self.proc, timeout_s):
+            _say(f"{self.side}: processes {sorted(group_members(pgid))} still running "
+                 f"{timeout_s:.0f} s after SIGTERM: SIGKILL")
+            _signal_group(pgid, signal.SIGKILL)
+            _wait_group_gone(self.proc, 30.0)
+        self.proc.wait()
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    members = []
+    for proc in psutil.process_iter(["status"]):
         try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except ProcessLookupError:
+            pass                                   # ended while listed
+    return members
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass                                       # already gone
+
+
+def _wait_group_gone(leader: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for every process of ``leader``'s group to end (reaping
+    the leader, whose zombie would otherwise stay a member); True once none is left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        leader.poll()
+        if not group_members(leader.pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)

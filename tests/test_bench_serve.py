@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from disagg.bench.serve import (METRICS, WARMUP_REQUESTS, add_serve_bench_args, best_run,
-                                check_args, client_args, rate_key, rate_seed, ratios,
+                                check_args, client_args, rate_key, rate_seed, ratios, rounds,
                                 round_order, run_serve_bench, server_command, summarize)
 from disagg.cli import build_parser, main
 from tests.conftest import needs_smollm2
@@ -145,6 +145,25 @@ def test_summary_best_run_and_ratios_on_saved_results():
     assert ratios({"disagg": results["disagg"]}, ["2"]) == {"2": {}}
 
 
+def test_rounds_compare_the_runs_of_the_same_round():
+    def run(rnd, rps):
+        return summarize(_saved(rps, 1.0, 1.0)) | {"round": rnd}
+    runs = {"disagg": {"2": [run(0, 1.0), run(1, 0.9), run(2, 1.2)], "4": [run(0, 2.0)]},
+            "disagg-local": {"2": [run(0, 0.8), run(1, 1.0), run(2, 1.2)], "4": []},
+            "vllm": {"2": [run(1, 0.5)], "4": [run(0, 1.0)]}}
+    r = rounds(runs, ["2", "4"])
+    local = r["2"]["disagg/disagg-local"]
+    assert local["per_round"] == [1.25, 0.9, 1.0]          # a tie counts as level
+    assert local["side_ahead"] == 2 and local["rounds"] == 3
+    assert local["median_ratio"] == 1.0                     # 1.0 / 1.0
+    assert r["2"]["disagg/vllm"] == {"per_round": [1.8], "side_ahead": 1, "rounds": 1,
+                                     "median_ratio": 2.0}   # rounds 0 and 2 had no vLLM run
+    assert r["4"]["disagg/disagg-local"] == {"per_round": [], "side_ahead": 0, "rounds": 0,
+                                             "median_ratio": None}
+    assert r["4"]["disagg/vllm"]["per_round"] == [2.0]
+    assert set(r["2"]) == {"disagg/vllm", "disagg-local/vllm", "disagg/disagg-local"}
+
+
 @needs_peer
 def test_metric_names_are_the_ones_vllms_client_writes():
     """Our METRICS keys against the real client source: plain keys literally, the
@@ -187,5 +206,7 @@ def test_vllm_client_against_disagg_serve_end_to_end(tmp_path, capsys):
         assert sum(got["server"]["routes"].values()) == 4 + WARMUP_REQUESTS, got["server"]
     assert set(report["results"]["disagg-local"]["4"]["server"]["routes"]) == {"local"}
     assert report["ratios"]["4"]["disagg/disagg-local"]["request_throughput"] > 0
+    assert report["rounds"]["4"]["disagg/disagg-local"]["rounds"] == 1
+    assert report["results"]["disagg"]["4"]["round"] == 0
     runs = Path(report["runs_dir"])
     assert (runs / "disagg-rate4-r0.json").exists() and (runs / "disagg-r0-server.log").exists()

@@ -42,7 +42,8 @@ and server log in ``<out stem>-runs/``)::
                               ttft_p99_ms, tpot_p50_ms, itl_p50_ms, e2el_p50_ms,
                               completed, failed, duration_s,
                               server: {routes, fallbacks, kv_bytes, ...}}}},
-     "ratios": {"2": {"disagg/vllm": {request_throughput, ..., itl_p50_ms}}}}
+     "ratios": {"2": {"disagg/vllm": {request_throughput, ..., itl_p50_ms}}},
+     "rounds": {"2": {"disagg/vllm": {per_round, side_ahead, rounds, median_ratio}}}}
 
 ``server`` (disagg sides only) is what the router's ``/metrics`` counted during
 that client run (every router worker's counts with
@@ -52,7 +53,8 @@ default routed local and remote, fall-backs, KV bytes moved.
 
 A ratio is side / reference: above 1 is better for the throughputs, below 1
 for the latencies. Every disagg side is compared with vllm, and ``disagg`` with
-each of its own fixed modes present.
+each of its own fixed modes present. ``rounds`` compares the same pairs round by
+round (request throughput; :func:`rounds`); each result names its ``round``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -230,18 +233,51 @@ def best_run(runs: list[dict]) -> dict | None:
     return max(done, key=lambda r: r["request_throughput"]) if done else None
 
 
+def _pairs(sides) -> list[tuple[str, str]]:
+    """(side, reference) pairs compared: every disagg side against vllm, and disagg
+    against disagg-local and disagg-remote."""
+    pairs = [(s, "vllm") for s in sides if s != "vllm" and "vllm" in sides]
+    return pairs + [("disagg", m) for m in ("disagg-local", "disagg-remote")
+                    if "disagg" in sides and m in sides]
+
+
 def ratios(results: dict[str, dict[str, dict | None]], rates: list[str]) -> dict:
-    """Per rate, ``"side/reference"`` → side's metric / reference's for RATIO_KEYS:
-    every disagg side against vllm, and disagg against disagg-local and disagg-remote."""
-    pairs = [(s, "vllm") for s in results if s != "vllm" and "vllm" in results]
-    pairs += [("disagg", m) for m in ("disagg-local", "disagg-remote")
-              if "disagg" in results and m in results]
+    """Per rate, ``"side/reference"`` → side's metric / reference's for RATIO_KEYS
+    (the pairs of :func:`_pairs`)."""
     out: dict[str, dict] = {}
     for rate in rates:
         row = {}
-        for side, ref in pairs:
+        for side, ref in _pairs(results):
             mine, theirs = results[side].get(rate), results[ref].get(rate)
             row[f"{side}/{ref}"] = {k: _ratio(mine, theirs, k) for k in RATIO_KEYS}
+        out[rate] = row
+    return out
+
+
+def rounds(runs: dict[str, dict[str, list[dict]]], rates: list[str]) -> dict:
+    """Per rate and ``"side/reference"`` pair, round by round: the request-throughput
+    ratio of the two runs of each round both completed (``per_round``, in round order),
+    how many of those rounds the side was at least level (``side_ahead``) and the ratio
+    of the two sides' median runs. Where the best-of ratio's two runs may come from
+    different rounds of a drifting machine, these say how often each side won the same
+    round. Runs carry their ``round``."""
+    out: dict[str, dict] = {}
+    for rate in rates:
+        row = {}
+        for side, ref in _pairs(runs):
+            mine = {r["round"]: r["request_throughput"] for r in runs[side][rate]
+                    if r.get("request_throughput")}
+            theirs = {r["round"]: r["request_throughput"] for r in runs[ref][rate]
+                      if r.get("request_throughput")}
+            both = sorted(set(mine) & set(theirs))
+            per_round = [round(mine[i] / theirs[i], 3) for i in both]
+            row[f"{side}/{ref}"] = {
+                "per_round": per_round,
+                "side_ahead": sum(mine[i] >= theirs[i] for i in both),
+                "rounds": len(both),
+                "median_ratio": (round(statistics.median(mine.values())
+                                       / statistics.median(theirs.values()), 3)
+                                 if mine and theirs else None)}
         out[rate] = row
     return out
 
@@ -337,7 +373,7 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
             if "error" in got:
                 failures.append(f"{tag}: {got['error']}")
             else:
-                runs[side][rate_key(rate)].append(got)
+                runs[side][rate_key(rate)].append(got | {"round": round_})
 
     try:
         for round_ in range(a.repeats):
@@ -378,6 +414,7 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
         "ok": not failures and all(v and v["failed"] == 0 for s in results.values()
                                    for v in s.values()),
         "failed_runs": failures, "results": results, "ratios": ratios(results, rates),
+        "rounds": rounds(runs, rates),
         "runs_dir": None if tmp else str(run_dir),
     }
     if a.out:

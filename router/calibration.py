@@ -217,7 +217,7 @@ class Calibration:
         rate, and sent the first prompts of every fresh deployment remote on 2 cores."""
         table = self.prefill["prefill"]
         own = table.get(prefill_node)
-        if not shared or str(prefill_node) in table.per_key:
+        if not shared or prefill_node in table.per_key:
             return own.intercept, own.slope
         return (shared * decode_fit.intercept + (1.0 - shared) * own.intercept,
                 shared * decode_fit.slope + (1.0 - shared) * own.slope)

@@ -34,6 +34,7 @@ import httpx
 
 from disagg.chaos import stop_in_turn
 from disagg.cluster import ClusterConfig, LocalCluster
+from disagg.config import DEFAULT_COMPUTE_TURN_WAIT_S, check_wait_s
 from disagg.model.resolve import served_model_name
 
 
@@ -58,14 +59,18 @@ def _seconds(out: dict) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--turn-wait-s", type=float, default=10.0,
+    p.add_argument("--turn-wait-s", type=float, default=DEFAULT_COMPUTE_TURN_WAIT_S,
                    help="the decode node's --compute-turn-wait-s")
     p.add_argument("--stop-s", type=float, default=20.0, help="how long the prefill node stays stopped")
     p.add_argument("--long-prompt", type=int, default=900, help="tokens of the stopped prefill's prompt")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    if not 0 < a.turn_wait_s < float("inf") or not a.stop_s > 0 or not a.long_prompt > 0:
-        p.error("--turn-wait-s must be finite, and it, --stop-s and --long-prompt > 0")
+    try:
+        check_wait_s("--turn-wait-s", a.turn_wait_s)
+    except ValueError as exc:
+        p.error(str(exc))
+    if not a.stop_s > 0 or not a.long_prompt > 0:
+        p.error("--stop-s and --long-prompt must be > 0")
     rng = random.Random(0)
 
     def prompt(n: int) -> list[int]:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from disagg.bench.serve import (METRICS, WARMUP_REQUESTS, add_serve_bench_args, best_run,
-                                check_args, client_args, rate_key, rate_seed, ratios, rounds,
-                                round_order, run_serve_bench, server_command, summarize)
+from disagg.bench.serve import (WARMUP_REQUESTS, add_serve_bench_args, check_args,
+                                client_args, rate_key, rate_seed, round_order, run_serve_bench,
+                                server_command)
+from disagg.bench.serve_report import METRICS, best_run, ratios, rounds, summarize
 from disagg.cli import build_parser, main
 from tests.conftest import needs_smollm2
 

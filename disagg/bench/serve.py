@@ -54,7 +54,8 @@ default routed local and remote, fall-backs, KV bytes moved.
 A ratio is side / reference: above 1 is better for the throughputs, below 1
 for the latencies. Every disagg side is compared with vllm, and ``disagg`` with
 each of its own fixed modes present. ``rounds`` compares the same pairs round by
-round (request throughput; :func:`rounds`); each result names its ``round``.
+round (request throughput); each result names its ``round``. The arithmetic of the
+report is in :mod:`disagg.bench.serve_report`.
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ import json
 import math
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +74,7 @@ from pathlib import Path
 
 import disagg
 from disagg.bench.args import parse_names
+from disagg.bench.serve_report import best_run, ratios, rounds, summarize
 from disagg.bench.server_process import Server, free_port, healthy, log_tail
 from disagg.replay.server_metrics import scrape, server_delta
 
@@ -81,14 +82,6 @@ SERVERS = ("vllm", "disagg", "disagg-local", "disagg-remote")
 DISAGG_POLICY = {"disagg": None, "disagg-local": "local", "disagg-remote": "remote"}
 VLLM_KVCACHE_GIB = "4"          # VLLM_CPU_KVCACHE_SPACE unless the environment sets it
 WARMUP_REQUESTS = 2             # untimed, before every client run, on every server
-# The client's saved JSON key → ours (the names vllm/benchmarks/serve.py writes).
-METRICS = {"request_throughput": "request_throughput", "output_throughput": "output_throughput",
-           "median_ttft_ms": "ttft_p50_ms", "p99_ttft_ms": "ttft_p99_ms",
-           "median_tpot_ms": "tpot_p50_ms", "median_itl_ms": "itl_p50_ms",
-           "median_e2el_ms": "e2el_p50_ms", "completed": "completed", "failed": "failed",
-           "duration": "duration_s"}
-RATIO_KEYS = ("request_throughput", "output_throughput", "ttft_p50_ms", "ttft_p99_ms",
-              "tpot_p50_ms", "itl_p50_ms")
 CLIENT_SCRIPT = ("import argparse, sys\n"
                  "from vllm.benchmarks.serve import add_cli_args, main\n"
                  "p = argparse.ArgumentParser(); add_cli_args(p)\n"
@@ -220,72 +213,6 @@ def server_command(side: str, a: argparse.Namespace, port: int, model_dir: Path,
     return ([sys.executable, "-m", "disagg.cli", "serve", "--host", "127.0.0.1",
              "--port", str(port), "--dtype", a.dtype, *shlex.split(a.disagg_serve_args),
              *(["--policy", policy] if policy else [])], {})
-
-
-def summarize(result: dict) -> dict:
-    """Our metrics from one ``vllm bench serve`` saved result (its JSON keys, see METRICS)."""
-    return {ours: result.get(theirs) for theirs, ours in METRICS.items()}
-
-
-def best_run(runs: list[dict]) -> dict | None:
-    """The run with the highest request throughput (``None`` when none completed)."""
-    done = [r for r in runs if r.get("request_throughput")]
-    return max(done, key=lambda r: r["request_throughput"]) if done else None
-
-
-def _pairs(sides) -> list[tuple[str, str]]:
-    """(side, reference) pairs compared: every disagg side against vllm, and disagg
-    against disagg-local and disagg-remote."""
-    pairs = [(s, "vllm") for s in sides if s != "vllm" and "vllm" in sides]
-    return pairs + [("disagg", m) for m in ("disagg-local", "disagg-remote")
-                    if "disagg" in sides and m in sides]
-
-
-def ratios(results: dict[str, dict[str, dict | None]], rates: list[str]) -> dict:
-    """Per rate, ``"side/reference"`` → side's metric / reference's for RATIO_KEYS
-    (the pairs of :func:`_pairs`)."""
-    out: dict[str, dict] = {}
-    for rate in rates:
-        row = {}
-        for side, ref in _pairs(results):
-            mine, theirs = results[side].get(rate), results[ref].get(rate)
-            row[f"{side}/{ref}"] = {k: _ratio(mine, theirs, k) for k in RATIO_KEYS}
-        out[rate] = row
-    return out
-
-
-def rounds(runs: dict[str, dict[str, list[dict]]], rates: list[str]) -> dict:
-    """Per rate and ``"side/reference"`` pair, round by round: the request-throughput
-    ratio of the two runs of each round both completed (``per_round``, in round order),
-    how many of those rounds the side was at least level (``side_ahead``) and the ratio
-    of the two sides' median runs. Where the best-of ratio's two runs may come from
-    different rounds of a drifting machine, these say how often each side won the same
-    round. Runs carry their ``round``."""
-    out: dict[str, dict] = {}
-    for rate in rates:
-        row = {}
-        for side, ref in _pairs(runs):
-            mine = {r["round"]: r["request_throughput"] for r in runs[side][rate]
-                    if r.get("request_throughput")}
-            theirs = {r["round"]: r["request_throughput"] for r in runs[ref][rate]
-                      if r.get("request_throughput")}
-            both = sorted(set(mine) & set(theirs))
-            per_round = [round(mine[i] / theirs[i], 3) for i in both]
-            row[f"{side}/{ref}"] = {
-                "per_round": per_round,
-                "side_ahead": sum(mine[i] >= theirs[i] for i in both),
-                "rounds": len(both),
-                "median_ratio": (round(statistics.median(mine.values())
-                                       / statistics.median(theirs.values()), 3)
-                                 if mine and theirs else None)}
-        out[rate] = row
-    return out
-
-
-def _ratio(mine: dict | None, theirs: dict | None, key: str) -> float | None:
-    if not mine or not theirs or not mine.get(key) or not theirs.get(key):
-        return None
-    return round(mine[key] / theirs[key], 3)
 
 
 def _say(msg: str) -> None:

@@ -12,7 +12,7 @@ run otherwise, in the same report.
                     series ``--peer-name`` (default ``peer``)
 
 Pinning sets vLLM's CPU affinity mask before it runs (see
-:class:`disagg.bench.serve.Server`); every process it starts inherits the
+:class:`disagg.bench.server_process.Server`); every process it starts inherits the
 mask, and vLLM's default ``VLLM_CPU_OMP_THREADS_BIND=auto`` picks its OpenMP
 cores from inside it (one per physical core, one reserved for its scheduler
 process), so the peer uses exactly the experiment's cores. Otherwise vLLM runs

@@ -13,7 +13,8 @@ import pytest
 from disagg.bench.serve import (WARMUP_REQUESTS, add_serve_bench_args, check_args,
                                 client_args, rate_key, rate_seed, round_order, run_serve_bench,
                                 server_command)
-from disagg.bench.serve_report import METRICS, best_run, ratios, rounds, summarize
+from disagg.bench.serve_report import (METRICS, RATIO_KEYS, best_run, control, ratios, rounds,
+                                       summarize, verdicts)
 from disagg.cli import build_parser, main
 from tests.conftest import needs_smollm2
 
@@ -92,7 +93,9 @@ def test_rounds_rotate_the_server_order():
     (("--disagg-serve-args", "--port 9000"), "--port"),
     (("--disagg-serve-args", "--policy=local"), "disagg-local"),
     (("--vllm-serve-args", "--model x"), "--model"),
-    (("--vllm-serve-args", "--dtype bfloat16"), "--dtype")])
+    (("--vllm-serve-args", "--dtype bfloat16"), "--dtype"),
+    (("--servers", "vllm,disagg", "--control", "disagg-local"), "one of --servers"),
+    (("--control", "vllm", "--peer-url", "http://127.0.0.1:1"), "drop --peer-url")])
 def test_bad_flags_are_refused_before_anything_starts(argv, match):
     with pytest.raises(ValueError, match=match):
         check_args(_args(*argv))
@@ -115,6 +118,10 @@ def test_server_commands_and_one_client_command_for_all():
         assert ("--policy" in cmd) == (policy is not None)
         if policy:
             assert cmd[-2:] == ["--policy", policy]
+    # a control side runs its server's very command
+    assert server_command("disagg-local#2", a, 1234, model, "M", Path("/p")) == \
+        server_command("disagg-local", a, 1234, model, "M", Path("/p"))
+    assert server_command("vllm#2", a, 1, model, "M", Path("/p"))[0][0] == "/p"
     assert [rate_seed(a, r) for r in a.rates] == [a.seed, a.seed + 1, a.seed + 2]
     args = client_args(a, model, "M", rate_key(2.0), str(rate_seed(a, 2.0)))
     assert args[args.index("--request-rate") + 1] == "2"
@@ -165,6 +172,39 @@ def test_rounds_compare_the_runs_of_the_same_round():
     assert set(r["2"]) == {"disagg/vllm", "disagg-local/vllm", "disagg/disagg-local"}
 
 
+def test_the_control_band_is_the_widest_gap_of_the_same_server_and_judges_the_others():
+    def run(rnd, rps, ttft=100.0, tpot=50.0):
+        return summarize(_saved(rps, ttft, tpot)) | {"round": rnd}
+    runs = {"disagg-local": {"2": [run(0, 1.00), run(1, 1.10, ttft=90.0)]},
+            "disagg-local#2": {"2": [run(0, 0.96), run(1, 1.12, ttft=99.0)]},
+            "disagg": {"2": [run(0, 1.02), run(1, 1.11)]},
+            "disagg-remote": {"2": [run(0, 0.90, tpot=30.0), run(1, 1.00, tpot=40.0)]}}
+    results = {s: {"2": best_run(r["2"])} for s, r in runs.items()}
+    c = control(runs, results, ["2"], "disagg-local#2")
+    assert c["side"] == "disagg-local#2" and c["of"] == "disagg-local"
+    # best-of 1.12/1.10, round 0 0.96/1.00, round 1 1.12/1.10: the widest is 1/0.96
+    assert c["band"]["request_throughput"] == round(1 / 0.96 - 1, 3) == 0.042
+    assert c["band"]["ttft_p50_ms"] == 0.1                  # 99/90, best-of and round 1
+    assert c["band"]["tpot_p50_ms"] == 0.0 and c["samples"] == 3
+    table = ratios(results, ["2"])
+    assert "disagg-local#2/disagg-local" in table["2"]          # compared, but not judged
+    assert "disagg-local#2/vllm" not in table["2"]
+    v = verdicts(table, c["band"])["2"]
+    assert set(v) == {"disagg/disagg-local", "disagg/disagg-remote"}
+    assert set(v["disagg/disagg-local"]) == set(RATIO_KEYS)
+    assert v["disagg/disagg-local"]["request_throughput"] == "level"    # 1.11/1.10
+    # best runs: default 1.11 req/s against remote 1.00: ahead by more than the band;
+    # the default's TPOT 50 ms against remote's 40: behind (higher latency) beyond 0.0
+    assert v["disagg/disagg-remote"]["request_throughput"] == "ahead"
+    assert v["disagg/disagg-remote"]["tpot_p50_ms"] == "behind"
+    assert v["disagg/disagg-remote"]["ttft_p50_ms"] == "level"          # both 100 ms
+    assert verdicts(table, {k: None for k in RATIO_KEYS})["2"]["disagg/disagg-local"] == \
+        {k: None for k in RATIO_KEYS}
+    lone = control({"disagg#2": {"2": []}, "disagg": {"2": []}},
+                   {"disagg#2": {"2": None}, "disagg": {"2": None}}, ["2"], "disagg#2")
+    assert lone["band"]["request_throughput"] is None and lone["samples"] == 0
+
+
 @needs_peer
 def test_metric_names_are_the_ones_vllms_client_writes():
     """Our METRICS keys against the real client source: plain keys literally, the
@@ -190,23 +230,30 @@ def test_vllm_client_against_disagg_serve_end_to_end(tmp_path, capsys):
     """The real client against the real ``disagg serve``, in its default and local modes."""
     out = tmp_path / "serve.json"
     rc = main(["bench", "serve", "--servers", "disagg,disagg-local", "--rates", "4",
+               "--control", "disagg-local",
                "--num-prompts", "4", "--input-len", "32", "--output-len", "4",
                "--disagg-serve-args=--kv-cache-memory 64MiB --router-workers 2",
                "--out", str(out), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report == json.loads(out.read_text()) and report["ok"], report
-    assert report["run_order"] == ["disagg", "disagg-local"] and report["rates"] == ["4"]
+    assert report["run_order"] == ["disagg", "disagg-local", "disagg-local#2"]
+    assert report["rates"] == ["4"] and "--control disagg-local" in report["command"]
     assert report["client"]["seeds"] == {"4": 0} and "--seed '<seed>'" in report["client"]["args"]
-    for side in ("disagg", "disagg-local"):
+    for side in ("disagg", "disagg-local", "disagg-local#2"):
         got = report["results"][side]["4"]
         assert got["completed"] == 4 and got["failed"] == 0, got
         assert got["request_throughput"] > 0 and got["ttft_p50_ms"] > 0 and got["itl_p50_ms"] > 0
         assert "--policy local" in report["servers"]["disagg-local"]["command"]
+        assert "--policy local" in report["servers"]["disagg-local#2"]["command"]
         # the routers' own count of what they served during the run (the shared port's
         # /metrics counts both workers): the 4 prompts and the client's warm-up requests
         assert sum(got["server"]["routes"].values()) == 4 + WARMUP_REQUESTS, got["server"]
     assert set(report["results"]["disagg-local"]["4"]["server"]["routes"]) == {"local"}
     assert report["ratios"]["4"]["disagg/disagg-local"]["request_throughput"] > 0
+    band = report["control"]["band"]["request_throughput"]
+    assert report["control"]["samples"] == 2 and band >= 0       # best-of and round 0
+    assert report["verdicts"]["4"]["disagg/disagg-local"]["request_throughput"] in \
+        ("ahead", "level", "behind")
     assert report["rounds"]["4"]["disagg/disagg-local"]["rounds"] == 1
     assert report["results"]["disagg"]["4"]["round"] == 0
     runs = Path(report["runs_dir"])

@@ -19,6 +19,14 @@ every rate reused the first rate's prompts). Servers (``--servers``):
     disagg-local   disagg serve --policy local   (every prefill on the decode node)
     disagg-remote  disagg serve --policy remote  (every prefill on the prefill node)
 
+``--control NAME`` adds an A/A control: server NAME (one of ``--servers``) is
+started a second time in every round as its own side, ``NAME#2``, with the very
+same command. The two are the same deployment, so how far apart they come out is
+what this machine's drift does to one comparison in this run. The report's
+``control`` gives that spread per metric (``band``), and ``verdicts`` calls every
+other pair ahead, behind or level (within the band) on each metric: "never below"
+can then be checked against the noise measured in the same run, not guessed.
+
 Only one server runs at a time (two on a 2-core machine would take each
 other's cores; a ``--peer-url`` server stays up, idle, while the others run).
 The run is ``--repeats`` rounds; each round starts every server in turn, runs
@@ -43,7 +51,10 @@ and server log in ``<out stem>-runs/``)::
                               completed, failed, duration_s,
                               server: {routes, fallbacks, kv_bytes, ...}}}},
      "ratios": {"2": {"disagg/vllm": {request_throughput, ..., itl_p50_ms}}},
-     "rounds": {"2": {"disagg/vllm": {per_round, side_ahead, rounds, median_ratio}}}}
+     "rounds": {"2": {"disagg/vllm": {per_round, side_ahead, rounds, median_ratio}}},
+     "control": {"side": "disagg-local#2", "of": "disagg-local", "samples": n,
+                 "band": {request_throughput: 0.03, ...}},              (with --control)
+     "verdicts": {"2": {"disagg/disagg-local": {request_throughput: "level", ...}}}}
 
 ``server`` (disagg sides only) is what the router's ``/metrics`` counted during
 that client run (every router worker's counts with
@@ -74,7 +85,8 @@ from pathlib import Path
 
 import disagg
 from disagg.bench.args import parse_names
-from disagg.bench.serve_report import best_run, ratios, rounds, summarize
+from disagg.bench.serve_report import (best_run, control, control_side, ratios, rounds,
+                                       server_of, summarize, verdicts)
 from disagg.bench.server_process import Server, free_port, healthy, log_tail
 from disagg.replay.server_metrics import scrape, server_delta
 
@@ -121,6 +133,10 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
                    help="the client's prompt seed at the first rate (+1 at each next rate)")
     p.add_argument("--servers", type=parse_servers, default="vllm,disagg",
                    help=f"which servers, in order: {', '.join(SERVERS)} (comma-separated)")
+    p.add_argument("--control", default=None, metavar="SERVER",
+                   help="an A/A control: start SERVER (one of --servers) a second time in "
+                        "every round, as side SERVER#2; the report's band of how far the two "
+                        "came apart then decides which other differences are more than noise")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds; each starts every server once and runs every rate on it; "
                         "each server's best run per rate counts")
@@ -153,6 +169,12 @@ def check_args(a: argparse.Namespace) -> None:
                  "client_timeout_s"):
         if getattr(a, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    if a.control is not None and a.control not in a.servers:
+        raise ValueError(f"--control {a.control!r} must be one of --servers "
+                         f"({','.join(a.servers)}): it is that server started twice")
+    if a.control == "vllm" and a.peer_url:
+        raise ValueError("--control vllm starts vLLM a second time; with --peer-url none is "
+                         "started: pick another server or drop --peer-url")
     if a.peer_url and "vllm" not in a.servers:
         raise ValueError("--peer-url is the vllm server; add vllm to --servers")
     if a.peer_url and not a.peer_url.startswith(("http://", "https://")):
@@ -201,7 +223,7 @@ def client_args(a: argparse.Namespace, model_dir: Path, name: str, rate: str,
 def server_command(side: str, a: argparse.Namespace, port: int, model_dir: Path, name: str,
                    vllm_python: Path) -> tuple[list[str], dict[str, str]]:
     """The command and the environment additions that start ``side`` on ``port``."""
-    if side == "vllm":
+    if server_of(side) == "vllm":
         env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE",
                                                         VLLM_KVCACHE_GIB),
                "HF_HUB_OFFLINE": "1"}
@@ -209,7 +231,7 @@ def server_command(side: str, a: argparse.Namespace, port: int, model_dir: Path,
                  "--model", str(model_dir), "--served-model-name", name,
                  "--host", "127.0.0.1", "--port", str(port), "--dtype", a.dtype,
                  "--gpu-memory-utilization", "0.5", *shlex.split(a.vllm_serve_args)], env)
-    policy = DISAGG_POLICY[side]
+    policy = DISAGG_POLICY[server_of(side)]
     return ([sys.executable, "-m", "disagg.cli", "serve", "--host", "127.0.0.1",
              "--port", str(port), "--dtype", a.dtype, *shlex.split(a.disagg_serve_args),
              *(["--policy", policy] if policy else [])], {})
@@ -279,7 +301,8 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
     run_dir = (Path(tmp.name) if tmp else Path(a.out).with_name(Path(a.out).stem + "-runs")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     servers: dict[str, dict] = {}
-    runs: dict[str, dict[str, list[dict]]] = {s: {r: [] for r in rates} for s in a.servers}
+    sides = [*a.servers, *([control_side(a.control)] if a.control else [])]
+    runs: dict[str, dict[str, list[dict]]] = {s: {r: [] for r in rates} for s in sides}
     order: list[str] = []
     failures: list[str] = []
 
@@ -304,7 +327,7 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
 
     try:
         for round_ in range(a.repeats):
-            for side in round_order(list(a.servers), round_):
+            for side in round_order(sides, round_):
                 order.append(side)
                 if side == "vllm" and a.peer_url:
                     servers[side] = {"url": a.peer_url.rstrip("/"), "started_by_bench": False}
@@ -324,9 +347,11 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    results = {s: {r: best_run(runs[s][r]) for r in rates} for s in a.servers}
+    results = {s: {r: best_run(runs[s][r]) for r in rates} for s in sides}
+    table = ratios(results, rates)
+    noise = control(runs, results, rates, control_side(a.control)) if a.control else None
     for side, entry in servers.items():
-        entry["version"] = (f"disagg {disagg.__version__}" if side != "vllm"
+        entry["version"] = (f"disagg {disagg.__version__}" if server_of(side) != "vllm"
                             else _server_version(entry["url"]) if a.peer_url
                             else _peer_version(vllm_python))
     report = {
@@ -340,8 +365,9 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
         "servers": servers, "rates": rates, "repeats": a.repeats, "run_order": order,
         "ok": not failures and all(v and v["failed"] == 0 for s in results.values()
                                    for v in s.values()),
-        "failed_runs": failures, "results": results, "ratios": ratios(results, rates),
-        "rounds": rounds(runs, rates),
+        "failed_runs": failures, "results": results, "ratios": table,
+        "rounds": rounds(runs, rates), "control": noise,
+        "verdicts": verdicts(table, noise["band"]) if noise else None,
         "runs_dir": None if tmp else str(run_dir),
     }
     if a.out:
@@ -355,6 +381,8 @@ def _flags(a: argparse.Namespace) -> list[str]:
              "--num-prompts", str(a.num_prompts), "--input-len", str(a.input_len),
              "--output-len", str(a.output_len), "--seed", str(a.seed),
              "--servers", ",".join(a.servers), "--repeats", str(a.repeats), "--dtype", a.dtype]
+    if a.control:
+        words += ["--control", a.control]
     for flag, value in (("--peer-url", a.peer_url), ("--disagg-serve-args", a.disagg_serve_args),
                         ("--vllm-serve-args", a.vllm_serve_args)):
         if value:

@@ -1,14 +1,17 @@
 """What ``disagg bench serve``'s runs add up to: each client run's figures, each
-server's best run per rate, and the ratios between servers, best against best and
-round by round (the report's ``results``, ``ratios`` and ``rounds``; see
-:mod:`disagg.bench.serve`).
+server's best run per rate, the ratios between servers, best against best and
+round by round, and, with a control, how far apart two identical deployments came
+out and which differences exceed that (the report's ``results``, ``ratios``,
+``rounds``, ``control`` and ``verdicts``; see :mod:`disagg.bench.serve`).
 
-The pairs compared are every disagg side against vllm, and ``disagg`` (the default
-policy) against its own fixed modes, ``disagg-local`` and ``disagg-remote``.
+The pairs compared are every disagg side against vllm, ``disagg`` (the default
+policy) against its own fixed modes, ``disagg-local`` and ``disagg-remote``, and a
+control side (``NAME#2``: server NAME started a second time) against NAME.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 
 # The client's saved JSON key → ours (the names vllm/benchmarks/serve.py writes).
@@ -19,6 +22,19 @@ METRICS = {"request_throughput": "request_throughput", "output_throughput": "out
            "duration": "duration_s"}
 RATIO_KEYS = ("request_throughput", "output_throughput", "ttft_p50_ms", "ttft_p99_ms",
               "tpot_p50_ms", "itl_p50_ms")
+HIGHER_IS_BETTER = frozenset({"request_throughput", "output_throughput"})
+CONTROL_SUFFIX = "#2"
+"""A control side's name is its server's name and this: ``disagg-local#2``."""
+
+
+def control_side(server: str) -> str:
+    """The name of the control side that starts ``server`` a second time."""
+    return server + CONTROL_SUFFIX
+
+
+def server_of(side: str) -> str:
+    """The server a side starts: ``disagg-local#2`` → ``disagg-local``; others unchanged."""
+    return side.removesuffix(CONTROL_SUFFIX)
 
 
 def summarize(result: dict) -> dict:
@@ -33,11 +49,13 @@ def best_run(runs: list[dict]) -> dict | None:
 
 
 def _pairs(sides) -> list[tuple[str, str]]:
-    """(side, reference) pairs compared: every disagg side against vllm, and disagg
-    against disagg-local and disagg-remote."""
-    pairs = [(s, "vllm") for s in sides if s != "vllm" and "vllm" in sides]
-    return pairs + [("disagg", m) for m in ("disagg-local", "disagg-remote")
-                    if "disagg" in sides and m in sides]
+    """(side, reference) pairs compared: every disagg side against vllm, disagg
+    against disagg-local and disagg-remote, and a control side against its server."""
+    pairs = [(s, "vllm") for s in sides
+             if s != "vllm" and "vllm" in sides and not s.endswith(CONTROL_SUFFIX)]
+    pairs += [("disagg", m) for m in ("disagg-local", "disagg-remote")
+              if "disagg" in sides and m in sides]
+    return pairs + [(s, server_of(s)) for s in sides if s.endswith(CONTROL_SUFFIX)]
 
 
 def ratios(results: dict[str, dict[str, dict | None]], rates: list[str]) -> dict:
@@ -79,6 +97,57 @@ def rounds(runs: dict[str, dict[str, list[dict]]], rates: list[str]) -> dict:
                                  if mine and theirs else None)}
         out[rate] = row
     return out
+
+
+def control(runs: dict[str, dict[str, list[dict]]], results: dict[str, dict[str, dict | None]],
+            rates: list[str], side: str) -> dict:
+    """How far apart two identical deployments came out: for the control ``side``
+    against its server, per metric of RATIO_KEYS, the largest relative difference
+    (``band``) among their best-of ratios (every rate) and the ratios of their runs of
+    the same round (every rate and round). A ratio r differs by ``max(r, 1/r) - 1``.
+    ``band`` is ``None`` for a metric no ratio could be formed for. ``samples`` counts
+    the ratios."""
+    server = server_of(side)
+    found: dict[str, list[float]] = {k: [] for k in RATIO_KEYS}
+    for rate in rates:
+        pairs = [(results[side].get(rate), results[server].get(rate))]
+        mine = {r["round"]: r for r in runs[side][rate]}
+        theirs = {r["round"]: r for r in runs[server][rate]}
+        pairs += [(mine[i], theirs[i]) for i in sorted(set(mine) & set(theirs))]
+        for a, b in pairs:
+            for key in RATIO_KEYS:
+                r = _ratio(a, b, key)
+                if r is not None:
+                    found[key].append(r)
+    return {"side": side, "of": server,
+            "band": {k: (round(math.exp(max(abs(math.log(r)) for r in v)) - 1, 3)
+                         if v else None) for k, v in found.items()},
+            "samples": len(found["request_throughput"])}
+
+
+def verdicts(table: dict[str, dict[str, dict]], band: dict[str, float | None]) -> dict:
+    """Per rate and pair of the :func:`ratios` ``table`` (the control's own pair left
+    out), per metric: ``"ahead"`` or ``"behind"`` where the side's best-of ratio is
+    better or worse than 1 by more than the control's ``band``, else ``"level"``
+    (``None`` without a ratio or a band). Better is higher for the throughputs and
+    lower for the latencies."""
+    out: dict[str, dict] = {}
+    for rate, row in table.items():
+        out[rate] = {}
+        for pair, figures in row.items():
+            if pair.split("/")[0].endswith(CONTROL_SUFFIX):
+                continue
+            out[rate][pair] = {k: _verdict(figures.get(k), band.get(k), k in HIGHER_IS_BETTER)
+                               for k in RATIO_KEYS}
+    return out
+
+
+def _verdict(r: float | None, band: float | None, higher_is_better: bool) -> str | None:
+    if r is None or band is None:
+        return None
+    if max(r, 1 / r) - 1 <= band + 1e-9:
+        return "level"
+    return "ahead" if (r > 1) == higher_is_better else "behind"
 
 
 def _ratio(mine: dict | None, theirs: dict | None, key: str) -> float | None:

@@ -189,7 +189,7 @@ def test_the_control_band_is_the_widest_gap_of_the_same_server_and_judges_the_ot
     table = ratios(results, ["2"])
     assert "disagg-local#2/disagg-local" in table["2"]          # compared, but not judged
     assert "disagg-local#2/vllm" not in table["2"]
-    v = verdicts(table, c["band"])["2"]
+    v = verdicts(table, c)["2"]
     assert set(v) == {"disagg/disagg-local", "disagg/disagg-remote"}
     assert set(v["disagg/disagg-local"]) == set(RATIO_KEYS)
     assert v["disagg/disagg-local"]["request_throughput"] == "level"    # 1.11/1.10
@@ -198,7 +198,7 @@ def test_the_control_band_is_the_widest_gap_of_the_same_server_and_judges_the_ot
     assert v["disagg/disagg-remote"]["request_throughput"] == "ahead"
     assert v["disagg/disagg-remote"]["tpot_p50_ms"] == "behind"
     assert v["disagg/disagg-remote"]["ttft_p50_ms"] == "level"          # both 100 ms
-    assert verdicts(table, {k: None for k in RATIO_KEYS})["2"]["disagg/disagg-local"] == \
+    assert verdicts(table, c | {"band": {k: None for k in RATIO_KEYS}})["2"]["disagg/disagg-local"] == \
         {k: None for k in RATIO_KEYS}
     lone = control({"disagg#2": {"2": []}, "disagg": {"2": []}},
                    {"disagg#2": {"2": None}, "disagg": {"2": None}}, ["2"], "disagg#2")

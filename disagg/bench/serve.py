@@ -367,7 +367,7 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
                                    for v in s.values()),
         "failed_runs": failures, "results": results, "ratios": table,
         "rounds": rounds(runs, rates), "control": noise,
-        "verdicts": verdicts(table, noise["band"]) if noise else None,
+        "verdicts": verdicts(table, noise) if noise else None,
         "runs_dir": None if tmp else str(run_dir),
     }
     if a.out:

@@ -11,7 +11,6 @@ control side (``NAME#2``: server NAME started a second time) against NAME.
 
 from __future__ import annotations
 
-import math
 import statistics
 
 # The client's saved JSON key → ours (the names vllm/benchmarks/serve.py writes).
@@ -82,18 +81,15 @@ def rounds(runs: dict[str, dict[str, list[dict]]], rates: list[str]) -> dict:
     for rate in rates:
         row = {}
         for side, ref in _pairs(runs):
-            mine = {r["round"]: r["request_throughput"] for r in runs[side][rate]
-                    if r.get("request_throughput")}
-            theirs = {r["round"]: r["request_throughput"] for r in runs[ref][rate]
-                      if r.get("request_throughput")}
-            both = sorted(set(mine) & set(theirs))
-            per_round = [round(mine[i] / theirs[i], 3) for i in both]
+            done = [[r for r in runs[s][rate] if r.get("request_throughput")] for s in (side, ref)]
+            both = _same_round(*done)
+            mine, theirs = ([r["request_throughput"] for r in d] for d in done)
             row[f"{side}/{ref}"] = {
-                "per_round": per_round,
-                "side_ahead": sum(mine[i] >= theirs[i] for i in both),
+                "per_round": [_ratio(a, b, "request_throughput") for a, b in both],
+                "side_ahead": sum(a["request_throughput"] >= b["request_throughput"]
+                                  for a, b in both),
                 "rounds": len(both),
-                "median_ratio": (round(statistics.median(mine.values())
-                                       / statistics.median(theirs.values()), 3)
+                "median_ratio": (round(statistics.median(mine) / statistics.median(theirs), 3)
                                  if mine and theirs else None)}
         out[rate] = row
     return out
@@ -104,48 +100,53 @@ def control(runs: dict[str, dict[str, list[dict]]], results: dict[str, dict[str,
     """How far apart two identical deployments came out: for the control ``side``
     against its server, per metric of RATIO_KEYS, the largest relative difference
     (``band``) among their best-of ratios (every rate) and the ratios of their runs of
-    the same round (every rate and round). A ratio r differs by ``max(r, 1/r) - 1``.
-    ``band`` is ``None`` for a metric no ratio could be formed for. ``samples`` counts
-    the ratios."""
+    the same round (every rate and round), as :func:`_gap`. ``band`` is ``None`` for a
+    metric no ratio could be formed for. ``samples`` counts the ratios."""
     server = server_of(side)
     found: dict[str, list[float]] = {k: [] for k in RATIO_KEYS}
     for rate in rates:
-        pairs = [(results[side].get(rate), results[server].get(rate))]
-        mine = {r["round"]: r for r in runs[side][rate]}
-        theirs = {r["round"]: r for r in runs[server][rate]}
-        pairs += [(mine[i], theirs[i]) for i in sorted(set(mine) & set(theirs))]
+        pairs = [(results[side].get(rate), results[server].get(rate)),
+                 *_same_round(runs[side][rate], runs[server][rate])]
         for a, b in pairs:
             for key in RATIO_KEYS:
                 r = _ratio(a, b, key)
                 if r is not None:
                     found[key].append(r)
     return {"side": side, "of": server,
-            "band": {k: (round(math.exp(max(abs(math.log(r)) for r in v)) - 1, 3)
-                         if v else None) for k, v in found.items()},
+            "band": {k: round(max(map(_gap, v)), 3) if v else None for k, v in found.items()},
             "samples": len(found["request_throughput"])}
 
 
-def verdicts(table: dict[str, dict[str, dict]], band: dict[str, float | None]) -> dict:
-    """Per rate and pair of the :func:`ratios` ``table`` (the control's own pair left
-    out), per metric: ``"ahead"`` or ``"behind"`` where the side's best-of ratio is
-    better or worse than 1 by more than the control's ``band``, else ``"level"``
-    (``None`` without a ratio or a band). Better is higher for the throughputs and
-    lower for the latencies."""
-    out: dict[str, dict] = {}
-    for rate, row in table.items():
-        out[rate] = {}
-        for pair, figures in row.items():
-            if pair.split("/")[0].endswith(CONTROL_SUFFIX):
-                continue
-            out[rate][pair] = {k: _verdict(figures.get(k), band.get(k), k in HIGHER_IS_BETTER)
-                               for k in RATIO_KEYS}
-    return out
+def verdicts(table: dict[str, dict[str, dict]], noise: dict) -> dict:
+    """Per rate and pair of the :func:`ratios` ``table`` (the pair of the
+    :func:`control` ``noise`` left out), per metric: ``"ahead"`` or ``"behind"``
+    where the side's best-of ratio is better or worse than 1 by more than the
+    control's band, else ``"level"`` (``None`` without a ratio or a band). Better is
+    higher for the throughputs and lower for the latencies."""
+    own, band = f"{noise['side']}/{noise['of']}", noise["band"]
+    return {rate: {pair: {k: _verdict(figures.get(k), band.get(k), k in HIGHER_IS_BETTER)
+                          for k in RATIO_KEYS}
+                   for pair, figures in row.items() if pair != own}
+            for rate, row in table.items()}
+
+
+def _same_round(mine: list[dict], theirs: list[dict]) -> list[tuple[dict, dict]]:
+    """The pairs of runs of the same round (each run carries its ``round``), in
+    round order."""
+    by_round = {r["round"]: r for r in theirs}
+    return sorted(((r, by_round[r["round"]]) for r in mine if r["round"] in by_round),
+                  key=lambda pair: pair[0]["round"])
+
+
+def _gap(r: float) -> float:
+    """How far a ratio is from 1, either way: 1.25 and 0.8 are both 0.25."""
+    return max(r, 1 / r) - 1
 
 
 def _verdict(r: float | None, band: float | None, higher_is_better: bool) -> str | None:
     if r is None or band is None:
         return None
-    if max(r, 1 / r) - 1 <= band + 1e-9:
+    if _gap(r) <= band + 1e-9:
         return "level"
     return "ahead" if (r > 1) == higher_is_better else "behind"
 

@@ -84,9 +84,9 @@ import urllib.request
 from pathlib import Path
 
 import disagg
+from disagg.bench.aa_control import control_name, series_of
 from disagg.bench.args import parse_names
-from disagg.bench.serve_report import (best_run, control, control_side, ratios, rounds,
-                                       server_of, summarize, verdicts)
+from disagg.bench.serve_report import best_run, control, ratios, rounds, summarize, verdicts
 from disagg.bench.server_process import Server, free_port, healthy, log_tail
 from disagg.replay.server_metrics import scrape, server_delta
 
@@ -223,7 +223,7 @@ def client_args(a: argparse.Namespace, model_dir: Path, name: str, rate: str,
 def server_command(side: str, a: argparse.Namespace, port: int, model_dir: Path, name: str,
                    vllm_python: Path) -> tuple[list[str], dict[str, str]]:
     """The command and the environment additions that start ``side`` on ``port``."""
-    if server_of(side) == "vllm":
+    if series_of(side) == "vllm":
         env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE",
                                                         VLLM_KVCACHE_GIB),
                "HF_HUB_OFFLINE": "1"}
@@ -231,7 +231,7 @@ def server_command(side: str, a: argparse.Namespace, port: int, model_dir: Path,
                  "--model", str(model_dir), "--served-model-name", name,
                  "--host", "127.0.0.1", "--port", str(port), "--dtype", a.dtype,
                  "--gpu-memory-utilization", "0.5", *shlex.split(a.vllm_serve_args)], env)
-    policy = DISAGG_POLICY[server_of(side)]
+    policy = DISAGG_POLICY[series_of(side)]
     return ([sys.executable, "-m", "disagg.cli", "serve", "--host", "127.0.0.1",
              "--port", str(port), "--dtype", a.dtype, *shlex.split(a.disagg_serve_args),
              *(["--policy", policy] if policy else [])], {})
@@ -301,7 +301,7 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
     run_dir = (Path(tmp.name) if tmp else Path(a.out).with_name(Path(a.out).stem + "-runs")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     servers: dict[str, dict] = {}
-    sides = [*a.servers, *([control_side(a.control)] if a.control else [])]
+    sides = [*a.servers, *([control_name(a.control)] if a.control else [])]
     runs: dict[str, dict[str, list[dict]]] = {s: {r: [] for r in rates} for s in sides}
     order: list[str] = []
     failures: list[str] = []
@@ -349,9 +349,9 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
             tmp.cleanup()
     results = {s: {r: best_run(runs[s][r]) for r in rates} for s in sides}
     table = ratios(results, rates)
-    noise = control(runs, results, rates, control_side(a.control)) if a.control else None
+    noise = control(runs, results, rates, control_name(a.control)) if a.control else None
     for side, entry in servers.items():
-        entry["version"] = (f"disagg {disagg.__version__}" if server_of(side) != "vllm"
+        entry["version"] = (f"disagg {disagg.__version__}" if series_of(side) != "vllm"
                             else _server_version(entry["url"]) if a.peer_url
                             else _peer_version(vllm_python))
     report = {

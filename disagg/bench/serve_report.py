@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import statistics
 
+from disagg.bench.aa_control import band, is_control, series_of, verdict
+
 # The client's saved JSON key → ours (the names vllm/benchmarks/serve.py writes).
 METRICS = {"request_throughput": "request_throughput", "output_throughput": "output_throughput",
            "median_ttft_ms": "ttft_p50_ms", "p99_ttft_ms": "ttft_p99_ms",
@@ -22,18 +24,6 @@ METRICS = {"request_throughput": "request_throughput", "output_throughput": "out
 RATIO_KEYS = ("request_throughput", "output_throughput", "ttft_p50_ms", "ttft_p99_ms",
               "tpot_p50_ms", "itl_p50_ms")
 HIGHER_IS_BETTER = frozenset({"request_throughput", "output_throughput"})
-CONTROL_SUFFIX = "#2"
-"""A control side's name is its server's name and this: ``disagg-local#2``."""
-
-
-def control_side(server: str) -> str:
-    """The name of the control side that starts ``server`` a second time."""
-    return server + CONTROL_SUFFIX
-
-
-def server_of(side: str) -> str:
-    """The server a side starts: ``disagg-local#2`` → ``disagg-local``; others unchanged."""
-    return side.removesuffix(CONTROL_SUFFIX)
 
 
 def summarize(result: dict) -> dict:
@@ -50,11 +40,10 @@ def best_run(runs: list[dict]) -> dict | None:
 def _pairs(sides) -> list[tuple[str, str]]:
     """(side, reference) pairs compared: every disagg side against vllm, disagg
     against disagg-local and disagg-remote, and a control side against its server."""
-    pairs = [(s, "vllm") for s in sides
-             if s != "vllm" and "vllm" in sides and not s.endswith(CONTROL_SUFFIX)]
+    pairs = [(s, "vllm") for s in sides if s != "vllm" and "vllm" in sides and not is_control(s)]
     pairs += [("disagg", m) for m in ("disagg-local", "disagg-remote")
               if "disagg" in sides and m in sides]
-    return pairs + [(s, server_of(s)) for s in sides if s.endswith(CONTROL_SUFFIX)]
+    return pairs + [(s, series_of(s)) for s in sides if is_control(s)]
 
 
 def ratios(results: dict[str, dict[str, dict | None]], rates: list[str]) -> dict:
@@ -100,9 +89,9 @@ def control(runs: dict[str, dict[str, list[dict]]], results: dict[str, dict[str,
     """How far apart two identical deployments came out: for the control ``side``
     against its server, per metric of RATIO_KEYS, the largest relative difference
     (``band``) among their best-of ratios (every rate) and the ratios of their runs of
-    the same round (every rate and round), as :func:`_gap`. ``band`` is ``None`` for a
+    the same round (every rate and round), as :func:`disagg.bench.aa_control.band`. ``band`` is ``None`` for a
     metric no ratio could be formed for. ``samples`` counts the ratios."""
-    server = server_of(side)
+    server = series_of(side)
     found: dict[str, list[float]] = {k: [] for k in RATIO_KEYS}
     for rate in rates:
         pairs = [(results[side].get(rate), results[server].get(rate)),
@@ -113,7 +102,7 @@ def control(runs: dict[str, dict[str, list[dict]]], results: dict[str, dict[str,
                 if r is not None:
                     found[key].append(r)
     return {"side": side, "of": server,
-            "band": {k: round(max(map(_gap, v)), 3) if v else None for k, v in found.items()},
+            "band": {k: band(v) for k, v in found.items()},
             "samples": len(found["request_throughput"])}
 
 
@@ -123,8 +112,8 @@ def verdicts(table: dict[str, dict[str, dict]], noise: dict) -> dict:
     where the side's best-of ratio is better or worse than 1 by more than the
     control's band, else ``"level"`` (``None`` without a ratio or a band). Better is
     higher for the throughputs and lower for the latencies."""
-    own, band = f"{noise['side']}/{noise['of']}", noise["band"]
-    return {rate: {pair: {k: _verdict(figures.get(k), band.get(k), k in HIGHER_IS_BETTER)
+    own, widths = f"{noise['side']}/{noise['of']}", noise["band"]
+    return {rate: {pair: {k: verdict(figures.get(k), widths.get(k), k in HIGHER_IS_BETTER)
                           for k in RATIO_KEYS}
                    for pair, figures in row.items() if pair != own}
             for rate, row in table.items()}
@@ -136,19 +125,6 @@ def _same_round(mine: list[dict], theirs: list[dict]) -> list[tuple[dict, dict]]
     by_round = {r["round"]: r for r in theirs}
     return sorted(((r, by_round[r["round"]]) for r in mine if r["round"] in by_round),
                   key=lambda pair: pair[0]["round"])
-
-
-def _gap(r: float) -> float:
-    """How far a ratio is from 1, either way: 1.25 and 0.8 are both 0.25."""
-    return max(r, 1 / r) - 1
-
-
-def _verdict(r: float | None, band: float | None, higher_is_better: bool) -> str | None:
-    if r is None or band is None:
-        return None
-    if _gap(r) <= band + 1e-9:
-        return "level"
-    return "ahead" if (r > 1) == higher_is_better else "behind"
 
 
 def _ratio(mine: dict | None, theirs: dict | None, key: str) -> float | None:

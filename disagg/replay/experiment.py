@@ -14,6 +14,11 @@ stopped before the next mode starts::
     vllm            not a default: the peer series, vllm serve on every core (or
                     any server at --peer-url); see ``peer``
 
+``--control MODE`` deploys MODE a second time after every other series, as
+series ``MODE#2`` with the very same configuration: an A/A control. The report
+then judges the conditional series' ratios to every other series against how far
+the two identical deployments came apart (:mod:`disagg.replay.mode_ratios`).
+
 The router and the load generator are not pinned: they run beside the nodes
 in every mode alike. Every node and the peer run ``--dtype`` (auto: resolved
 once here, float32 on CPUs without native bfloat16). One report folder
@@ -26,11 +31,13 @@ the summary sets each mode's against the peer's.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from disagg.bench.aa_control import control_name, series_of
 from disagg.cluster import ClusterConfig, LocalCluster
 from disagg.config import resolve_dtype
 from disagg.cpus import parse_cpus, usable_cpus
@@ -71,6 +78,10 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="requests sent (not measured) after each deployment starts")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per request")
     p.add_argument("--out", default="results/experiment", help="report folder")
+    p.add_argument("--control", default=None, metavar="MODE", choices=MODES,
+                   help="an A/A control: deploy MODE (one of --modes) a second time after "
+                        "every other series, as series MODE#2; the report judges the "
+                        "conditional series against how far the two came apart")
     add_peer_args(p)
     add_shaping_args(p, defaults=EXPERIMENT_SHAPING)
 
@@ -141,6 +152,10 @@ def _title(series: list[str]) -> str:
 def run_experiment(a: argparse.Namespace) -> int:
     """Run every mode at every rate; write the side-by-side report."""
     modes, peer = series_plan(a, MODES)     # refuses a missing peer environment first
+    if a.control is not None:
+        if a.control not in modes:
+            raise ValueError(f"--control {a.control!r} must be one of --modes ({a.modes!r})")
+        modes = [*modes, control_name(a.control)]
     peer_model = served_model(peer.url, {}) if peer and peer.url else None
     dtype = resolve_dtype(a.dtype, "cpu")
     cpus = sorted(parse_cpus(a.cpus)) if a.cpus else usable_cpus()
@@ -169,7 +184,7 @@ def run_experiment(a: argparse.Namespace) -> int:
         return 130 if interrupted else 1
     meta = {"command": " ".join(["disagg", *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": _git_commit(),
-            "cpus": cpus, "modes": modes, "model": a.model, "dtype": dtype,
+            "cpus": cpus, "modes": modes, "control": a.control, "model": a.model, "dtype": dtype,
             "peer": None if peer is None else {"name": peer.name, "url": peer.url,
                                                "vllm_python": peer.vllm_python
                                                and str(peer.vllm_python)},
@@ -178,23 +193,43 @@ def run_experiment(a: argparse.Namespace) -> int:
             "wall_time_s": round(time.monotonic() - t_start, 1)}
     measured = list(dict.fromkeys(r.series for r in records))
     against = peer.name if peer is not None and peer.name in measured else None
-    write_report(out, records, meta, a.attainment_target, title=_title(measured), peer=against)
+    twin = control_name(a.control) if a.control and control_name(a.control) in measured else None
+    write_report(out, records, meta, a.attainment_target, title=_title(measured), peer=against,
+                 control=twin)
     if against is not None:
         for line in peer_lines(peer_comparison(records, a.attainment_target, against), against,
                                a.attainment_target):
             print(f"[experiment] {line[2:].replace('**', '')}", file=sys.stderr)
+    if twin is not None:
+        _print_verdicts(json.loads((out / "summary.json").read_text()))
     print(f"[experiment] report written to {out}/report.md", file=sys.stderr)
     return 130 if interrupted else 0
 
 
-def _run_mode(mode: str, a: argparse.Namespace, dtype: str, cpus: list[int], runs, slo,
+def _run_mode(series: str, a: argparse.Namespace, dtype: str, cpus: list[int], runs, slo,
               out: Path, records: list[RunRecord]) -> bool:
-    """Deploy ``mode``, warm it up, replay every rate; True when interrupted."""
-    with LocalCluster(mode_config(mode, a, cpus, out / "logs", dtype)) as cluster:
+    """Deploy ``series``' mode (a control series: its mode again, logs under
+    ``logs/control``), warm it up, replay every rate; True when interrupted."""
+    mode = series_of(series)
+    logs = out / "logs" / ("control" if mode != series else "")
+    with LocalCluster(mode_config(mode, a, cpus, logs, dtype)) as cluster:
         cluster.start()
         target = TargetConfig(base_url=cluster.http_url, model=served_model(cluster.http_url, {}),
                               timeout_s=a.timeout_s)
-        return _run_rates(mode, target, a, runs, slo, records)
+        return _run_rates(series, target, a, runs, slo, records)
+
+
+def _print_verdicts(summary: dict) -> None:
+    """One line per rate and pair of the report's verdicts (stderr)."""
+    noise = summary["control"]
+    widths = ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f} %'}"
+                       for k, v in noise["band"].items())
+    print(f"[experiment] control band ({noise['side']} against {noise['of']}): {widths}",
+          file=sys.stderr)
+    for rate, row in summary["verdicts"].items():
+        for pair, marks in row.items():
+            text = ", ".join(f"{k} {v or 'n/a'}" for k, v in marks.items())
+            print(f"[experiment] {pair} @ {rate} req/s: {text}", file=sys.stderr)
 
 
 def _run_peer(peer: PeerConfig, model: str | None, a: argparse.Namespace, dtype: str,

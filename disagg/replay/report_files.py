@@ -7,7 +7,10 @@ One layout for both ``disagg replay`` (one series, one or more rates) and
       results/SERIES@RATE.jsonl   every request of that run (raw, RequestResult)
       summary.json                meta + every run's summary + the rate sweep
       report.md                   per rate a side-by-side table; the sweep table; with
-                                  a peer series, each series' best rate against the peer's
+                                  a peer series, each series' best rate against the peer's;
+                                  the default series' ratios to the others per rate, judged
+                                  against a control series where there is one
+                                  (:mod:`disagg.replay.mode_ratios`)
       ttft_cdf.png  tpot_cdf.png  CDFs, one panel per rate, one curve per series
       goodput_vs_rate.png         goodput and SLO attainment against offered rate
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from disagg.replay.loadgen import ReplayRun
+from disagg.replay.mode_ratios import comparison_lines, control_band, mode_ratios, mode_verdicts
 from disagg.replay.report import markdown_table, write_jsonl, write_summary_json
 
 FILES = ("summary.json", "report.md", "ttft_cdf.png", "tpot_cdf.png", "goodput_vs_rate.png")
@@ -109,9 +113,10 @@ def peer_lines(comparison: dict[str, dict], peer: str, target: float) -> list[st
 
 def write_report(out_dir: str | Path, records: list[RunRecord], meta: dict,
                  attainment_target: float = 0.9, title: str = "Replay report",
-                 peer: str | None = None) -> Path:
+                 peer: str | None = None, control: str | None = None) -> Path:
     """Write every file of the layout above; returns ``out_dir``. ``peer`` names the
-    series every other one is set against (its highest rate at the attainment target)."""
+    series every other one is set against (its highest rate at the attainment target);
+    ``control`` the control series (``MODE#2``) whose band judges the ratios."""
     from disagg.replay.plots import goodput_vs_rate, latency_cdfs   # matplotlib: slow import
     if not records:
         raise ValueError("write_report needs at least one run")
@@ -121,11 +126,15 @@ def write_report(out_dir: str | Path, records: list[RunRecord], meta: dict,
         write_jsonl(rec.run.results, out / "results" / f"{rec.name}.jsonl")
     rates = sorted({r.rate for r in records})
     vs_peer = None if peer is None else peer_comparison(records, attainment_target, peer)
+    table = mode_ratios(records)
+    noise = None if control is None else control_band(table, control)
+    judged = None if noise is None else mode_verdicts(table, noise)
     write_summary_json({
         "meta": meta,
         "attainment_target": attainment_target,
         "best_rate": best_rates(records, attainment_target),
         "peer": peer, "vs_peer": vs_peer,
+        "ratios": table, "control": noise, "verdicts": judged,
         "runs": [{"series": r.series, "rate": r.rate, "summary": r.summary} for r in records],
     }, out / "summary.json")
 
@@ -144,6 +153,14 @@ def write_report(out_dir: str | Path, records: list[RunRecord], meta: dict,
                f"each series against {peer} (rates tried: "
                f"{', '.join(f'{r:g}' for r in rates)} req/s):\n",
                "\n".join(peer_lines(vs_peer, peer, attainment_target)) + "\n"]
+    if table:
+        md += ["## Series against each other\n",
+               "Each pair's ratio side / reference at every offered rate (throughputs and "
+               "goodput: higher is better; latencies: lower is better)"
+               + (f"; each judged against the control series {control}: ahead, level "
+                  "(within the difference between two identical deployments) or behind."
+                  if noise else ".") + "\n",
+               *comparison_lines(table, noise, judged)]
     md += ["![TTFT CDF](ttft_cdf.png)\n", "![TPOT CDF](tpot_cdf.png)\n",
            "![goodput against rate](goodput_vs_rate.png)\n"]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")

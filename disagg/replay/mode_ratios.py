@@ -1,0 +1,133 @@
+"""``disagg experiment``'s series against each other, rate by rate, judged against
+an A/A control (:mod:`disagg.bench.aa_control`).
+
+The pairs compared are the default deployment (``conditional``) against every
+other series the experiment ran, and a control series (``MODE#2``: mode MODE
+deployed a second time, with the very same configuration, after every other
+series) against MODE. Per offered rate and pair, the ratio side / reference of::
+
+    goodput              requests/s that met the SLO        higher is better
+    slo_attainment       fraction of requests that met it   higher is better
+    request_throughput   requests/s completed               higher is better
+    ttft_p50, ttft_p99   time to first token                lower is better
+    tpot_p50             time per output token              lower is better
+
+(``None`` where either side has no figure or a zero). The control's band per
+metric is the widest gap among its ratios over the rates; every other pair's
+ratio is then ``ahead``, ``level`` or ``behind`` against that band. Each series
+is measured once per rate, so the band holds one ratio per rate, and it includes
+the machine's drift over the whole experiment (the control runs last).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from disagg.bench.aa_control import band, is_control, series_of, verdict
+
+if TYPE_CHECKING:
+    from disagg.replay.report_files import RunRecord
+
+DEFAULT_SERIES = "conditional"
+
+# name → (summary key, stat key or None, higher is better)
+METRICS: dict[str, tuple[str, str | None, bool]] = {
+    "goodput": ("goodput_rps", None, True),
+    "slo_attainment": ("slo_attainment", None, True),
+    "request_throughput": ("request_throughput_rps", None, True),
+    "ttft_p50": ("ttft_s", "p50", False),
+    "ttft_p99": ("ttft_s", "p99", False),
+    "tpot_p50": ("tpot_s", "p50", False),
+}
+
+
+def pairs(series: list[str]) -> list[tuple[str, str]]:
+    """(side, reference) pairs: the default series against every other one but the
+    control, then the control against its series."""
+    pairs = [(DEFAULT_SERIES, s) for s in series
+             if DEFAULT_SERIES in series and s != DEFAULT_SERIES and not is_control(s)]
+    return pairs + [(s, series_of(s)) for s in series if is_control(s)]
+
+
+def mode_ratios(records: list[RunRecord]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per rate (``"0.2"``), ``"side/reference"`` → metric → side / reference, for
+    the :func:`pairs` of the series in ``records``."""
+    series = list(dict.fromkeys(r.series for r in records))
+    by = {(r.series, r.rate): r.summary for r in records}
+    out: dict[str, dict] = {}
+    for rate in sorted({r.rate for r in records}):
+        row = {f"{side}/{ref}": {name: _ratio(by.get((side, rate)), by.get((ref, rate)), name)
+                                 for name in METRICS}
+               for side, ref in pairs(series)}
+        if row:
+            out[f"{rate:g}"] = row
+    return out
+
+
+def control_band(table: dict[str, dict], control: str) -> dict:
+    """The band of the ``control`` series (``MODE#2``) per metric: the widest gap
+    among its ratios to MODE over every rate of ``table`` (:func:`mode_ratios`)."""
+    own = f"{control}/{series_of(control)}"
+    found = {name: [row[own][name] for row in table.values()
+                    if own in row and row[own][name] is not None] for name in METRICS}
+    return {"side": control, "of": series_of(control),
+            "band": {name: band(values) for name, values in found.items()},
+            "samples": max((len(v) for v in found.values()), default=0)}
+
+
+def mode_verdicts(table: dict[str, dict], noise: dict) -> dict:
+    """Per rate and pair of ``table`` but the control's own, per metric: ``ahead``,
+    ``level`` or ``behind`` against the band of ``noise`` (:func:`control_band`)."""
+    own = f"{noise['side']}/{noise['of']}"
+    return {rate: {pair: {name: verdict(figures[name], noise["band"][name], METRICS[name][2])
+                          for name in METRICS}
+                   for pair, figures in row.items() if pair != own}
+            for rate, row in table.items()}
+
+
+def comparison_lines(table: dict[str, dict], noise: dict | None,
+                     judged: dict | None) -> list[str]:
+    """Markdown: per pair, a table of its ratios per rate (with the verdict after
+    each where there is a control), then the control's band."""
+    lines: list[str] = []
+    names = list(METRICS)
+    for pair in dict.fromkeys(p for row in table.values() for p in row):
+        lines += [f"**{pair}**\n", "| rate (req/s) | " + " | ".join(names) + " |",
+                  "| ---: | " + " | ".join("---:" for _ in names) + " |"]
+        for rate, row in table.items():
+            if pair not in row:
+                continue
+            marks = (judged or {}).get(rate, {}).get(pair, {})
+            cells = [_cell(row[pair][n], marks.get(n)) for n in names]
+            lines.append(f"| {rate} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if noise is not None:
+        widths = ", ".join(f"{n} {_pct(w)}" for n, w in noise["band"].items())
+        lines.append(f"Control band ({noise['side']} against {noise['of']}, {noise['samples']} "
+                     f"rates): {widths}. A ratio within its metric's band is level.\n")
+    return lines
+
+
+def _cell(ratio: float | None, mark: str | None) -> str:
+    if ratio is None:
+        return "n/a"
+    return f"{ratio:.3f}" + (f" ({mark})" if mark else "")
+
+
+def _pct(width: float | None) -> str:
+    return "n/a" if width is None else f"{100 * width:.1f} %"
+
+
+def _ratio(mine: dict | None, theirs: dict | None, name: str) -> float | None:
+    if not mine or not theirs:
+        return None
+    a, b = (_figure(s, name) for s in (mine, theirs))
+    return None if not a or not b else round(a / b, 3)
+
+
+def _figure(summary: dict, name: str) -> float | None:
+    key, stat, _ = METRICS[name]
+    value = summary.get(key)
+    if stat is not None:
+        value = value.get(stat) if isinstance(value, dict) else None
+    return value

@@ -31,7 +31,6 @@ the summary sets each mode's against the peer's.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from disagg.engine_args import add_dtype_arg, add_kv_transport_arg
 from disagg.replay.commands import (EXPERIMENT_SHAPING, add_shaping_args, offered_rate, run_one,
                                     served_model, shape_runs, slo_bounds)
 from disagg.replay.loadgen import TargetConfig, replay
+from disagg.replay.mode_ratios import judge, verdict_lines
 from disagg.replay.peer import PEER_MODE, PeerConfig, add_peer_args, running_peer, series_plan
 from disagg.replay.report_files import RunRecord, peer_comparison, peer_lines, write_report
 from disagg.replay.shaping import ShapedRequest
@@ -201,7 +201,9 @@ def run_experiment(a: argparse.Namespace) -> int:
                                a.attainment_target):
             print(f"[experiment] {line[2:].replace('**', '')}", file=sys.stderr)
     if twin is not None:
-        _print_verdicts(json.loads((out / "summary.json").read_text()))
+        _, noise, judged = judge(records, twin)
+        for line in verdict_lines(noise, judged):
+            print(f"[experiment] {line}", file=sys.stderr)
     print(f"[experiment] report written to {out}/report.md", file=sys.stderr)
     return 130 if interrupted else 0
 
@@ -217,19 +219,6 @@ def _run_mode(series: str, a: argparse.Namespace, dtype: str, cpus: list[int], r
         target = TargetConfig(base_url=cluster.http_url, model=served_model(cluster.http_url, {}),
                               timeout_s=a.timeout_s)
         return _run_rates(series, target, a, runs, slo, records)
-
-
-def _print_verdicts(summary: dict) -> None:
-    """One line per rate and pair of the report's verdicts (stderr)."""
-    noise = summary["control"]
-    widths = ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f} %'}"
-                       for k, v in noise["band"].items())
-    print(f"[experiment] control band ({noise['side']} against {noise['of']}): {widths}",
-          file=sys.stderr)
-    for rate, row in summary["verdicts"].items():
-        for pair, marks in row.items():
-            text = ", ".join(f"{k} {v or 'n/a'}" for k, v in marks.items())
-            print(f"[experiment] {pair} @ {rate} req/s: {text}", file=sys.stderr)
 
 
 def _run_peer(peer: PeerConfig, model: str | None, a: argparse.Namespace, dtype: str,

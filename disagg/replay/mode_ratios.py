@@ -89,6 +89,25 @@ def mode_verdicts(table: dict[str, dict], noise: dict) -> dict:
             for rate, row in table.items()}
 
 
+def judge(records: list[RunRecord], control: str | None) -> tuple[dict, dict | None, dict | None]:
+    """:func:`mode_ratios` of ``records``, and with a ``control`` series its
+    :func:`control_band` and :func:`mode_verdicts` (else ``None`` for both)."""
+    table = mode_ratios(records)
+    noise = None if control is None else control_band(table, control)
+    return table, noise, None if noise is None else mode_verdicts(table, noise)
+
+
+def verdict_lines(noise: dict, judged: dict) -> list[str]:
+    """Plain text: the control's band, then one line per rate and pair with its verdicts."""
+    widths = ", ".join(f"{name} {_pct(width)}" for name, width in noise["band"].items())
+    lines = [f"control band ({noise['side']} against {noise['of']}): {widths}"]
+    for rate, row in judged.items():
+        for pair, marks in row.items():
+            lines.append(f"{pair} @ {rate} req/s: "
+                         + ", ".join(f"{name} {mark or 'n/a'}" for name, mark in marks.items()))
+    return lines
+
+
 def comparison_lines(table: dict[str, dict], noise: dict | None,
                      judged: dict | None) -> list[str]:
     """Markdown: per pair, a table of its ratios per rate (with the verdict after

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from disagg.replay.loadgen import ReplayRun
-from disagg.replay.mode_ratios import comparison_lines, control_band, mode_ratios, mode_verdicts
+from disagg.replay.mode_ratios import comparison_lines, judge
 from disagg.replay.report import markdown_table, write_jsonl, write_summary_json
 
 FILES = ("summary.json", "report.md", "ttft_cdf.png", "tpot_cdf.png", "goodput_vs_rate.png")
@@ -126,9 +126,7 @@ def write_report(out_dir: str | Path, records: list[RunRecord], meta: dict,
         write_jsonl(rec.run.results, out / "results" / f"{rec.name}.jsonl")
     rates = sorted({r.rate for r in records})
     vs_peer = None if peer is None else peer_comparison(records, attainment_target, peer)
-    table = mode_ratios(records)
-    noise = None if control is None else control_band(table, control)
-    judged = None if noise is None else mode_verdicts(table, noise)
+    table, noise, judged = judge(records, control)
     write_summary_json({
         "meta": meta,
         "attainment_target": attainment_target,

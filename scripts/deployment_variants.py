@@ -29,49 +29,57 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from disagg.cluster import ClusterConfig, LocalCluster
+from disagg.config import resolve_dtype
 from disagg.cpus import format_cpus, usable_cpus
 from disagg.replay.commands import run_one, served_model, shape_runs, slo_bounds
-from disagg.replay.experiment import add_experiment_args, warm_up
+from disagg.replay.experiment import add_experiment_args, mode_config, warm_up
 from disagg.replay.loadgen import TargetConfig
 
 
-def variants(cpus: str) -> dict[str, ClusterConfig]:
-    """The deployments compared, all on ``cpus`` (see the module docstring)."""
-    common = dict(kv_transport="shm", node_args=("--dtype", "float32"))
-    alone = dict(num_prefill=0, policy="local", decode_args=("--cpus", cpus))
-    both = dict(num_prefill=1, prefill_args=("--cpus", cpus), decode_args=("--cpus", cpus))
-    return {"colo": ClusterConfig(**alone, **common),
-            "colo+turns": ClusterConfig(**alone, compute_turns=True, **common),
-            "two-local": ClusterConfig(**both, policy="local", **common),
-            "cond": ClusterConfig(**both, policy="cost", compute_turns=True, **common)}
+def variants(a: argparse.Namespace, cpus: list[int], dtype: str) -> dict[str, ClusterConfig]:
+    """The deployments compared, all on ``cpus`` (see the module docstring): the
+    experiment's colocated and conditional modes (``a``: its flags), and each with one
+    part of the other."""
+    colo = replace(mode_config("colocated", a, cpus, Path("logs"), dtype), log_dir=None)
+    cond = replace(mode_config("conditional", a, cpus, Path("logs"), dtype), log_dir=None)
+    if cond.prefill_args != cond.decode_args:
+        raise ValueError(f"cores {format_cpus(cpus)} are enough to split the nodes; these "
+                         "variants are for a machine where they share every core")
+    return {"colo": colo, "colo+turns": replace(colo, compute_turns=True),
+            "two-local": replace(cond, policy="local", compute_turns=False), "cond": cond}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rate", default="0.6", help="offered rate, req/s (default 0.6)")
-    p.add_argument("--order", default="colo,cond,two-local,colo+turns,colo,cond,two-local,colo+turns",
+    p.add_argument("--order",
+                   default="colo,cond,two-local,colo+turns,colo,cond,two-local,colo+turns",
                    help="variants to run, in this order (names may repeat)")
     p.add_argument("--out", default=None, help="write every request's figures here (JSON)")
     a = p.parse_args()
-    cpus = format_cpus(usable_cpus())
-    known = variants(cpus)
+    shaping = argparse.ArgumentParser()
+    add_experiment_args(shaping)
+    trace = shaping.parse_args(["--rates", a.rate])
+    cpus = usable_cpus()
+    try:
+        known = variants(trace, cpus, resolve_dtype(trace.dtype, "cpu"))
+    except ValueError as exc:
+        p.error(str(exc))
     order = [v.strip() for v in a.order.split(",") if v.strip()]
     unknown = [v for v in order if v not in known]
     if unknown or not order:
         p.error(f"--order takes names among {', '.join(known)}; got {a.order!r}")
-    shaping = argparse.ArgumentParser()
-    add_experiment_args(shaping)
-    trace = shaping.parse_args(["--rates", a.rate])
     (rate, requests), = shape_runs(trace)
     slo = slo_bounds(trace)
     per_request: dict[str, list[dict]] = {}
     figures: dict[str, list[tuple[float, float, float]]] = {}
     for i, name in enumerate(order, 1):
-        print(f"[variants] {name} ({i}/{len(order)}): starting on cores {cpus}", file=sys.stderr,
-              flush=True)
+        print(f"[variants] {name} ({i}/{len(order)}): starting on cores {format_cpus(cpus)}",
+              file=sys.stderr, flush=True)
         with LocalCluster(known[name]) as cluster:
             cluster.start()
             target = TargetConfig(base_url=cluster.http_url,

@@ -27,9 +27,6 @@ from collections.abc import Iterable
 CONTROL_SUFFIX = "#2"
 """A control series' name is its series' name and this: ``disagg-local#2``."""
 
-VERDICTS = ("ahead", "level", "behind")
-
-
 def control_name(series: str) -> str:
     """The name of the control series that runs ``series`` a second time."""
     return series + CONTROL_SUFFIX

@@ -89,8 +89,9 @@ def control(runs: dict[str, dict[str, list[dict]]], results: dict[str, dict[str,
     """How far apart two identical deployments came out: for the control ``side``
     against its server, per metric of RATIO_KEYS, the largest relative difference
     (``band``) among their best-of ratios (every rate) and the ratios of their runs of
-    the same round (every rate and round), as :func:`disagg.bench.aa_control.band`. ``band`` is ``None`` for a
-    metric no ratio could be formed for. ``samples`` counts the ratios."""
+    the same round (every rate and round), as :func:`disagg.bench.aa_control.band`.
+    ``band`` is ``None`` for a metric no ratio could be formed for. ``samples`` counts
+    the ratios."""
     server = series_of(side)
     found: dict[str, list[float]] = {k: [] for k in RATIO_KEYS}
     for rate in rates:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from disagg.bench.aa_control import band, is_control, series_of, verdict
+from disagg.replay.report import summary_figure
 
 if TYPE_CHECKING:
     from disagg.replay.report_files import RunRecord
@@ -99,8 +100,7 @@ def judge(records: list[RunRecord], control: str | None) -> tuple[dict, dict | N
 
 def verdict_lines(noise: dict, judged: dict) -> list[str]:
     """Plain text: the control's band, then one line per rate and pair with its verdicts."""
-    widths = ", ".join(f"{name} {_pct(width)}" for name, width in noise["band"].items())
-    lines = [f"control band ({noise['side']} against {noise['of']}): {widths}"]
+    lines = [f"control band ({noise['side']} against {noise['of']}): {_widths(noise)}"]
     for rate, row in judged.items():
         for pair, marks in row.items():
             lines.append(f"{pair} @ {rate} req/s: "
@@ -125,9 +125,8 @@ def comparison_lines(table: dict[str, dict], noise: dict | None,
             lines.append(f"| {rate} | " + " | ".join(cells) + " |")
         lines.append("")
     if noise is not None:
-        widths = ", ".join(f"{n} {_pct(w)}" for n, w in noise["band"].items())
         lines.append(f"Control band ({noise['side']} against {noise['of']}, {noise['samples']} "
-                     f"rates): {widths}. A ratio within its metric's band is level. The band "
+                     f"rates): {_widths(noise)}. A ratio within its metric's band is level. The band "
                      "is one second deployment's spread, a lower bound of the run-to-run "
                      "spread: a verdict near its edge may not hold in another run.\n")
     return lines
@@ -139,20 +138,15 @@ def _cell(ratio: float | None, mark: str | None) -> str:
     return f"{ratio:.3f}" + (f" ({mark})" if mark else "")
 
 
-def _pct(width: float | None) -> str:
-    return "n/a" if width is None else f"{100 * width:.1f} %"
+def _widths(noise: dict) -> str:
+    """The control's band per metric as text: ``goodput 0.1 %, ...``."""
+    return ", ".join(f"{name} {'n/a' if width is None else f'{100 * width:.1f} %'}"
+                     for name, width in noise["band"].items())
 
 
 def _ratio(mine: dict | None, theirs: dict | None, name: str) -> float | None:
     if not mine or not theirs:
         return None
-    a, b = (_figure(s, name) for s in (mine, theirs))
-    return None if not a or not b else round(a / b, 3)
-
-
-def _figure(summary: dict, name: str) -> float | None:
     key, stat, _ = METRICS[name]
-    value = summary.get(key)
-    if stat is not None:
-        value = value.get(stat) if isinstance(value, dict) else None
-    return value
+    a, b = (summary_figure(s, key, stat) for s in (mine, theirs))
+    return None if not a or not b else round(a / b, 3)

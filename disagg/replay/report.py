@@ -204,11 +204,18 @@ _ROWS: list[tuple[str, str, str | None, float, str]] = [
 ]
 
 
-def _cell(summary: dict, key: str, stat: str | None, mult: float, fmt: str) -> str:
-    """Format one table cell; ``n/a`` when the value is missing."""
+def summary_figure(summary: dict, key: str, stat: str | None = None) -> float | None:
+    """One figure of a :func:`summarize` result: ``summary[key]``, or with ``stat``
+    (e.g. ``"p50"``) ``summary[key][stat]``; ``None`` when missing."""
     value = summary.get(key)
     if stat is not None:
         value = value.get(stat) if isinstance(value, dict) else None
+    return value
+
+
+def _cell(summary: dict, key: str, stat: str | None, mult: float, fmt: str) -> str:
+    """Format one table cell; ``n/a`` when the value is missing."""
+    value = summary_figure(summary, key, stat)
     if value is None:
         return "n/a"
     return fmt.format(value * mult)
